@@ -1,0 +1,170 @@
+"""Thin Python wrappers of the torch.ops.mla_ext ops, with their fake (meta) implementations.
+
+Each wrapper documents shapes, then calls the registered op. Where the extension has no kernel
+for the tensors' device (a CPU-only build given CUDA tensors, an op whose kernel is not built),
+the wrapper runs the PyTorch reference instead, explicitly: ``has_kernel`` says which is used.
+Argument errors come from the C++ entry points and name the argument.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._loader import load_extension
+
+load_extension()
+
+_LIB = "mla_ext"
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """Whether torch.ops.mla_ext.<op> has a compiled kernel for ``device``."""
+    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{op}", key)
+    except RuntimeError:
+        return False
+
+
+def _op(name):
+    return getattr(torch.ops.mla_ext, name).default
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on compact partial-RoPE vectors.
+
+    x: (N, heads, d_r), [x1 | x2] per head; cos, sin: (N, H_kv, r) with d_r = 2 r; head h uses
+    KV head h // (heads // H_kv). Returns a new (N, heads, d_r) tensor in x's dtype.
+    """
+    if not has_kernel("partial_rope", x.device):
+        return reference.partial_rope(x, cos, sin)
+    return _op("partial_rope")(x, cos, sin)
+
+
+def partial_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In-place partial_rope; returns x."""
+    if not has_kernel("partial_rope_", x.device):
+        x.copy_(reference.partial_rope(x, cos, sin))
+        return x
+    _op("partial_rope_")(x, cos, sin)
+    return x
+
+
+def _check_slots(slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
+    # Device kernels cannot raise a message; check the range here unless a CUDA graph is being
+    # captured (the capturing caller built slot_mapping itself, from the cache's own tables).
+    if slot_mapping.numel() == 0 or _capturing() or torch.compiler.is_compiling():
+        return
+    capacity = latent.shape[0] * latent.shape[1]
+    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+    if lo < -1 or hi >= capacity:
+        raise ValueError(f"slot_mapping holds slots in [{lo}, {hi}], but the cache has "
+                         f"{capacity} slots ({latent.shape[0]} blocks of {latent.shape[1]}); "
+                         "-1 is the only negative value allowed")
+
+
+def latent_cache_write(c, k_rope, slot_mapping, latent, latent_scale, latent_zero,
+                       k_rope_cache, k_rope_scale) -> None:
+    """Quantize and write N tokens into the paged latent cache, in place.
+
+    c: (N, D_c) float; k_rope: (N, H_kv, d_r) float, already rotated;
+    slot_mapping: (N,) int64 = block * block_size + offset, -1 skips a token;
+    latent: (num_blocks, block_size, D_c) float/int8/fp8, or (.., D_c/2) uint8 for int4;
+    latent_scale, latent_zero: (num_blocks, block_size, D_c/g) fp16 or None (format of
+    reference.py); k_rope_cache: (num_blocks, block_size, H_kv, d_r); k_rope_scale:
+    (num_blocks, block_size, H_kv) fp16 for an fp8 k_rope_cache, else None.
+    """
+    _check_slots(slot_mapping, latent)
+    args = (c, k_rope, slot_mapping, latent, latent_scale, latent_zero, k_rope_cache,
+            k_rope_scale)
+    if not has_kernel("latent_cache_write", c.device):
+        return reference.latent_cache_write(*args)
+    _op("latent_cache_write")(*args)
+
+
+def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent_scale,
+                   latent_zero, k_rope_cache, k_rope_scale) -> None:
+    """Fused ``c = x W_down^T``, ``k_r = rope(x W_kr^T + b_kr)``, quantize, write to the cache.
+
+    x: (N, d); w_down: (D_c, d); w_kr: (H_kv d_r, d); b_kr: (H_kv d_r,) or None;
+    cos, sin: (N, H_kv, r); the cache arguments as in latent_cache_write.
+    """
+    _check_slots(slot_mapping, latent)
+    args = (x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent_scale, latent_zero,
+            k_rope_cache, k_rope_scale)
+    if not has_kernel("latent_project", x.device):
+        return reference.latent_project(*args)
+    _op("latent_project")(*args)
+
+
+def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
+               block_table, seq_lens, softmax_scale: float):
+    """Absorbed MLA attention over the paged latent cache.
+
+    q_lat: (B, s_q, H, D_c); q_rope: (B, s_q, H, d_r), rotated; cache tensors as in
+    latent_cache_write; block_table: (B, max_blocks) int32; seq_lens: (B,) int32, the context
+    length including the s_q new tokens (causal among them).
+    Returns (o_lat (B, s_q, H, D_c) in q_lat's dtype, lse (B, s_q, H) fp32).
+    """
+    args = (q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
+            block_table, seq_lens, float(softmax_scale))
+    if not has_kernel("mla_decode", q_lat.device):
+        return reference.mla_decode(*args)
+    return _op("mla_decode")(*args)
+
+
+def latent_gather(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
+                  seq_lens, max_len: int):
+    """Dequantized context of each sequence: (c (B, max_len, D_c), k_rope (B, max_len, H_kv,
+    d_r)), both fp32, zero at and past seq_lens[b]."""
+    args = (latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
+            seq_lens, int(max_len))
+    if not has_kernel("latent_gather", latent.device):
+        return reference.latent_gather(*args)
+    return _op("latent_gather")(*args)
+
+
+# ---------------------------------------------------------------- fake implementations
+
+@torch.library.register_fake("mla_ext::partial_rope")
+def _partial_rope_fake(x, cos, sin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mla_ext::partial_rope_")
+def _partial_rope_inplace_fake(x, cos, sin):
+    return None
+
+
+@torch.library.register_fake("mla_ext::latent_cache_write")
+def _latent_cache_write_fake(c, k_rope, slot_mapping, latent, latent_scale, latent_zero,
+                             k_rope_cache, k_rope_scale):
+    return None
+
+
+@torch.library.register_fake("mla_ext::latent_project")
+def _latent_project_fake(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent_scale,
+                         latent_zero, k_rope_cache, k_rope_scale):
+    return None
+
+
+@torch.library.register_fake("mla_ext::mla_decode")
+def _mla_decode_fake(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache,
+                     k_rope_scale, block_table, seq_lens, softmax_scale):
+    b, s_q, h, _ = q_lat.shape
+    return (torch.empty_like(q_lat, memory_format=torch.contiguous_format),
+            q_lat.new_empty((b, s_q, h), dtype=torch.float32))
+
+
+@torch.library.register_fake("mla_ext::latent_gather")
+def _latent_gather_fake(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
+                        block_table, seq_lens, max_len):
+    b = block_table.shape[0]
+    d_c = latent.shape[-1] * (2 if latent.dtype == torch.uint8 else 1)
+    h_kv, d_r = k_rope_cache.shape[2], k_rope_cache.shape[3]
+    return (latent.new_empty((b, max_len, d_c), dtype=torch.float32),
+            latent.new_empty((b, max_len, h_kv, d_r), dtype=torch.float32))
