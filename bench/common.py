@@ -1,0 +1,89 @@
+"""Shared benchmark machinery: CUDA-event timing with the L2 flushed, the measured peak read
+bandwidth, and a JSON writer that records where and with what the numbers were taken."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+# Larger than the H200's 60 MB L2 (and the H100's 50 MB), so one write evicts everything.
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+class Timer:
+    """Median of CUDA-event timings of ``fn`` with the L2 flushed before every call."""
+
+    def __init__(self, warmup: int = 5, repeat: int = 50):
+        self.warmup, self.repeat = warmup, repeat
+        self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
+        for s, e in zip(starts, ends):
+            self._flush.zero_()
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        times_us = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+        return {"median_us": statistics.median(times_us),
+                "p20_us": times_us[len(times_us) // 5],
+                "p80_us": times_us[(4 * len(times_us)) // 5]}
+
+
+def measure_peak_read_bandwidth(nbytes: int = 4 * 2**30, timer: Timer | None = None) -> float:
+    """Bytes per second of the fastest plain read the device sustains: a sum over a large
+    buffer (reads only; the result is a few bytes). The ceiling used for '% of peak'."""
+    timer = timer or Timer(warmup=3, repeat=20)
+    buf = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    t = timer(lambda: buf.sum(dtype=torch.float32))
+    copy_dst = torch.empty_like(buf)
+    t_copy = timer(lambda: copy_dst.copy_(buf))
+    read_bw = nbytes / (t["median_us"] * 1e-6)
+    copy_bw = 2 * nbytes / (t_copy["median_us"] * 1e-6)  # read + write
+    del buf, copy_dst
+    return max(read_bw, copy_bw)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       cwd=Path(__file__).parent, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MLA_EXT_COMMIT", "unknown")
+
+
+def metadata() -> dict:
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "host": platform.node(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, rows: list[dict], extra: dict | None = None,
+                  out_dir: Path | None = None) -> Path:
+    """Write ``<out_dir>/<name>.json`` (default bench/results) with metadata and rows."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    payload = {"metadata": metadata(), **(extra or {}), "rows": rows}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+    return path
