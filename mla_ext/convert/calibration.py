@@ -1,0 +1,274 @@
+"""Calibration statistics for the conversion, gathered in one streaming pass over ordinary text.
+
+Per decoder layer (ARCHITECTURE section 2):
+
+- the 2-norm statistic of partial RoPE: the mean over tokens of the norm of every frequency pair
+  of the pre-RoPE query and key vectors (pair ``j`` = dims ``j`` and ``j + d_h/2``, rotate-half);
+- optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with.
+
+Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` fold each batch into float64
+accumulators and drop it, so memory does not grow with the number of calibration tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+MIN_SEQUENCE_TOKENS = 16  # a shorter tail carries too little context to be worth a forward pass
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one decoder layer.
+
+    q_pair_norm: (H, d_h/2) float64, mean over tokens of ``||q_t[pair j]||`` (q_proj output, bias
+        included, before RoPE).
+    k_pair_norm: (H_kv, d_h/2) float64, the same for the k_proj output.
+    xtx: (d, d) float64, ``sum_t x_t x_t^T`` of the attention input; None if not collected.
+    num_tokens: tokens that went into the statistics.
+    """
+
+    q_pair_norm: torch.Tensor
+    k_pair_norm: torch.Tensor
+    xtx: torch.Tensor | None
+    num_tokens: int
+
+
+@dataclass
+class Calibration:
+    """Statistics of every decoder layer, plus the shapes they were taken at."""
+
+    layers: list[LayerStats]
+    num_tokens: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def check_matches(self, model_config) -> None:
+        """Raise ValueError unless this calibration was taken on a model of this shape.
+
+        model_config: a transformers config, or a model (its ``.config`` is used).
+        """
+        is_model = hasattr(model_config, "config")
+        if is_model and not hasattr(model_config, "num_attention_heads"):
+            model_config = model_config.config
+        shape = _attention_shape(model_config, "model_config")
+        expected = {
+            "hidden_size": shape[0],
+            "num_heads": shape[1],
+            "num_kv_heads": shape[2],
+            "head_dim": shape[3],
+            "num_layers": getattr(model_config, "num_hidden_layers", len(self.layers)),
+        }
+        got = {
+            "hidden_size": self.hidden_size,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "num_layers": len(self.layers),
+        }
+        diff = [f"{k}: calibration {got[k]}, model {expected[k]}"
+                for k in got if got[k] != expected[k]]
+        if diff:
+            raise ValueError("calibration does not match model_config (" + "; ".join(diff) + ")")
+
+
+def _attention_shape(config, arg_name: str) -> tuple[int, int, int, int]:
+    try:
+        d = int(config.hidden_size)
+        h = int(config.num_attention_heads)
+    except AttributeError as e:
+        raise ValueError(f"{arg_name} has no hidden_size / num_attention_heads: {e}") from None
+    h_kv = getattr(config, "num_key_value_heads", None) or h
+    head_dim = getattr(config, "head_dim", None) or d // h
+    return d, h, int(h_kv), int(head_dim)
+
+
+def token_sequences(tokenizer, texts: str | Iterable[str], *, max_length: int = 512,
+                    max_sequences: int = 128) -> list[list[int]]:
+    """Tokenize ``texts`` into calibration sequences.
+
+    Documents are joined with the tokenizer's EOS (no separator if it has none) and cut into
+    sequences of ``max_length`` tokens; a last partial sequence is kept if it has at least
+    ``MIN_SEQUENCE_TOKENS`` tokens; at most ``max_sequences``. ``texts`` is consumed lazily:
+    reading stops once enough tokens are in hand, so a large corpus iterator is fine.
+    """
+    _check_positive_int(max_length, "max_length")
+    _check_positive_int(max_sequences, "max_sequences")
+    if max_length < MIN_SEQUENCE_TOKENS:
+        raise ValueError(f"max_length must be >= {MIN_SEQUENCE_TOKENS}, got {max_length}")
+    if isinstance(texts, str):
+        texts = [texts]
+    elif not isinstance(texts, Iterable):
+        raise ValueError(f"texts must be a str or an iterable of str, got {type(texts).__name__}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    budget = max_length * max_sequences
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts must contain str, item {i} is {type(text).__name__}")
+        if not text:
+            continue
+        if ids and eos is not None:
+            ids.append(int(eos))
+        ids.extend(_encode(tokenizer, text))
+        if len(ids) >= budget:
+            break
+    if len(ids) < MIN_SEQUENCE_TOKENS:
+        raise ValueError(f"texts give {len(ids)} tokens; calibration needs at least "
+                         f"{MIN_SEQUENCE_TOKENS}")
+    seqs = [ids[s:s + max_length] for s in range(0, min(len(ids), budget), max_length)]
+    if len(seqs[-1]) < MIN_SEQUENCE_TOKENS:
+        seqs.pop()
+    return seqs
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: whole documents exceed model_max_length by design; they are cut afterwards.
+    out = tokenizer(text, add_special_tokens=False, verbose=False)
+    ids = out["input_ids"] if not isinstance(out, list) else out
+    return [int(t) for t in ids]
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-style model (``LlamaForCausalLM`` or ``LlamaModel``)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"model ({type(model).__name__}) has no decoder layers at "
+                         "model.base_model.layers; a Llama-style model is needed")
+    return layers
+
+
+def _projections(layers: nn.ModuleList) -> list[tuple[nn.Module, nn.Module]]:
+    out = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+        if not isinstance(q, nn.Module) or not isinstance(k, nn.Module):
+            raise ValueError(f"model layer {i} has no self_attn.q_proj / self_attn.k_proj; "
+                             "calibrate the original model, not an already converted one")
+        out.append((q, k))
+    return out
+
+
+class _Accumulator:
+    """Running sums of one layer, kept on the device the layer's activations arrive on."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool):
+        self.shape_q = (num_heads, 2, head_dim // 2)
+        self.shape_k = (num_kv_heads, 2, head_dim // 2)
+        self.collect_xtx = collect_xtx
+        self.q_sum: torch.Tensor | None = None
+        self.k_sum: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None
+        self.q_tokens = 0
+        self.k_tokens = 0
+
+    @staticmethod
+    def _pair_norm_sum(y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        # The two dims of pair j sit d_h/2 apart (rotate-half), hence the (2, d_h/2) split.
+        y = y.reshape(-1, *shape).to(torch.float64)
+        return torch.linalg.vector_norm(y, dim=2).sum(dim=0)
+
+    def q_hook(self, module, args, output):
+        s = self._pair_norm_sum(output.detach(), self.shape_q)
+        self.q_sum = s if self.q_sum is None else self.q_sum.add_(s)
+        self.q_tokens += output.numel() // (self.shape_q[0] * 2 * self.shape_q[2])
+
+    def k_hook(self, module, args, kwargs, output):
+        s = self._pair_norm_sum(output.detach(), self.shape_k)
+        self.k_sum = s if self.k_sum is None else self.k_sum.add_(s)
+        self.k_tokens += output.numel() // (self.shape_k[0] * 2 * self.shape_k[2])
+        if self.collect_xtx:
+            x = args[0] if args else kwargs["input"]
+            x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+            if self.xtx is None:
+                self.xtx = x.T @ x
+            else:
+                self.xtx.addmm_(x.T, x)
+
+    def result(self, layer_idx: int) -> LayerStats:
+        if self.q_sum is None or self.k_sum is None or self.q_tokens != self.k_tokens:
+            raise RuntimeError(f"layer {layer_idx}: q_proj/k_proj hooks saw {self.q_tokens} / "
+                               f"{self.k_tokens} tokens; the layer was not run as expected")
+        n = self.q_tokens
+        return LayerStats(
+            q_pair_norm=(self.q_sum / n).cpu(),
+            k_pair_norm=(self.k_sum / n).cpu(),
+            xtx=None if self.xtx is None else self.xtx.cpu(),
+            num_tokens=n,
+        )
+
+
+def _batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
+    # Only equal-length sequences share a batch: no padding, so no mask has to reach the hooks.
+    batch: list[list[int]] = []
+    for s in seqs:
+        if batch and (len(batch) == batch_size or len(s) != len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_length: int = 512,
+              max_sequences: int = 128, batch_size: int = 4, collect_xtx: bool = True,
+              progress: bool = True) -> Calibration:
+    """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
+
+    model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
+        dtype and device (a ``device_map``-split model works: each layer accumulates where it runs).
+    tokenizer: a transformers tokenizer; ``texts``: a str or an iterable of str (read lazily).
+    max_length / max_sequences: see :func:`token_sequences`.
+    batch_size: sequences per forward pass (the last batches may be smaller).
+    collect_xtx: also sum ``x x^T`` of the attention input (needed by the activation-aware SVD;
+        costs ``d^2`` float64 per layer).
+    Returns a :class:`Calibration` with float64 statistics on the CPU.
+    """
+    _check_positive_int(batch_size, "batch_size")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError("model has no .config; a transformers model is needed")
+    d, h, h_kv, head_dim = _attention_shape(config, "model.config")
+    if head_dim % 2:
+        raise ValueError(f"model head_dim must be even for RoPE pairs, got {head_dim}")
+    layers = decoder_layers(model)
+    projections = _projections(layers)
+    seqs = token_sequences(tokenizer, texts, max_length=max_length, max_sequences=max_sequences)
+
+    base = getattr(model, "base_model", model)
+    device = base.get_input_embeddings().weight.device
+    accs = [_Accumulator(h, h_kv, head_dim, collect_xtx) for _ in projections]
+    handles = []
+    was_training = model.training
+    try:
+        for acc, (q_proj, k_proj) in zip(accs, projections):
+            handles.append(q_proj.register_forward_hook(acc.q_hook))
+            handles.append(k_proj.register_forward_hook(acc.k_hook, with_kwargs=True))
+        model.eval()
+        batches = list(_batches(seqs, batch_size))
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch", disable=not progress):
+                input_ids = torch.tensor(batch, dtype=torch.long, device=device)
+                # The base model skips the LM head: its logits are large and not needed here.
+                base(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    stats = [acc.result(i) for i, acc in enumerate(accs)]
+    return Calibration(layers=stats, num_tokens=stats[0].num_tokens, hidden_size=d, num_heads=h,
+                       num_kv_heads=h_kv, head_dim=head_dim)

@@ -1,0 +1,212 @@
+"""MLAAttention: the converted attention layer, a drop-in for transformers' LlamaAttention.
+
+Per head, queries and keys are laid out ``[x1 (r) | x2 (r) | nope (d_h - d_r)]`` (ARCHITECTURE
+2.1): the first ``d_r`` dims carry partial RoPE, the rest are position-free. Keys' NoPE part and
+the values come from one shared latent ``c = kv_down(x)`` (section 2.2).
+
+Two ways to attend (section 3):
+- reconstruct: rebuild K and V from the latent and call the model's attention function (SDPA,
+  eager, ...); used for prefill, training and whenever the mask is not plain causal;
+- absorbed: fold ``k_up`` into the query and ``v_up`` into the output and attend over the
+  latent cache directly (``ops.mla_decode``); used for decode steps over a LatentCache.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .. import ops, reference
+from .cache import LatentCache
+
+# Decode steps with at most this many new tokens per sequence use the absorbed kernel.
+MAX_ABSORBED_QUERIES = 8
+DECODE_MODES = ("auto", "absorbed", "reconstruct")
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial RoPE on x (B, T, heads, d_r) with cos/sin (B, T, H_kv, r).
+
+    The compiled op has no autograd formula, so anything that needs gradients takes the
+    differentiable PyTorch math."""
+    b, t, heads, d_r = x.shape
+    flat = x.reshape(b * t, heads, d_r)
+    # the rotary embedding may broadcast one set of positions over the batch
+    c = cos.expand(b, t, *cos.shape[2:]).reshape(b * t, *cos.shape[2:])
+    s = sin.expand(b, t, *sin.shape[2:]).reshape(b * t, *sin.shape[2:])
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = reference.partial_rope(flat, c, s)
+    else:
+        out = ops.partial_rope(flat.contiguous(), c.contiguous(), s.contiguous())
+    return out.view(b, t, heads, d_r)
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention converted from a LlamaAttention (MHA2MLA).
+
+    Weights (the checkpoint contract, ARCHITECTURE 2.3): q_proj [H d_h, d], kr_proj [H_kv d_r, d],
+    kv_down [D_c, d], k_up [H_kv (d_h - d_r), D_c], v_up [H_kv d_h, D_c], o_proj [d, H d_h],
+    buffer rope_pairs [H_kv, r] int64 (the kept frequency pairs, ascending).
+    """
+
+    def __init__(self, config, layer_idx: int, rope_pairs: int, latent_dim: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.rope_pairs_count = rope_pairs
+        self.rope_dim = 2 * rope_pairs
+        self.nope_dim = self.head_dim - self.rope_dim
+        self.latent_dim = latent_dim
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.decode_mode = "auto"
+
+        d, bias = config.hidden_size, config.attention_bias
+        with warnings.catch_warnings():
+            # full RoPE leaves k_up with no rows; torch warns that it cannot initialise them
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self._make_projections(d, latent_dim, bias)
+        self.register_buffer(
+            "rope_pairs", torch.zeros(self.num_kv_heads, rope_pairs, dtype=torch.long))
+
+    def _make_projections(self, d, latent_dim, bias):
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.kr_proj = nn.Linear(d, self.num_kv_heads * self.rope_dim, bias=bias)
+        self.kv_down = nn.Linear(d, latent_dim, bias=False)
+        self.k_up = nn.Linear(latent_dim, self.num_kv_heads * self.nope_dim, bias=bias)
+        self.v_up = nn.Linear(latent_dim, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, rope_pairs={self.rope_pairs_count}, "
+                f"latent_dim={self.latent_dim}")
+
+    # ------------------------------------------------------------------ pieces
+
+    def rope_angles(self, position_embeddings):
+        """cos/sin of the kept pairs, (B, T, H_kv, r), gathered from the model's own rotary
+        embedding so that every rope scaling type stays exact."""
+        cos, sin = position_embeddings
+        half = self.head_dim // 2
+        return cos[..., :half][..., self.rope_pairs], sin[..., :half][..., self.rope_pairs]
+
+    def project(self, hidden_states, position_embeddings):
+        """Rotated queries (B, T, H, d_h), rotated RoPE keys (B, T, H_kv, d_r), latent (B, T, D_c)."""
+        b, t, _ = hidden_states.shape
+        cos, sin = self.rope_angles(position_embeddings)
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
+        q = torch.cat([_rope(q[..., :self.rope_dim], cos, sin), q[..., self.rope_dim:]], dim=-1)
+        k_rope = self.kr_proj(hidden_states).view(b, t, self.num_kv_heads, self.rope_dim)
+        k_rope = _rope(k_rope, cos, sin)
+        return q, k_rope, self.kv_down(hidden_states)
+
+    def reconstruct_kv(self, latent, k_rope):
+        """Keys (B, H_kv, T, d_h) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h)."""
+        b, t, _ = latent.shape
+        k_nope = self.k_up(latent).view(b, t, self.num_kv_heads, self.nope_dim)
+        keys = torch.cat([k_rope.to(k_nope.dtype), k_nope], dim=-1)
+        values = self.v_up(latent).view(b, t, self.num_kv_heads, self.head_dim)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def absorb_query(self, q_nope):
+        """q_lat[h] = q_nope[h] @ W_uk[g]: (B, T, H, d_h - d_r) -> (B, T, H, D_c). k_up's bias adds
+        the same score to every key of a query, which softmax cancels, so it is left out."""
+        b, t = q_nope.shape[:2]
+        w_uk = self.k_up.weight.view(self.num_kv_heads, self.nope_dim, self.latent_dim)
+        q = q_nope.reshape(b, t, self.num_kv_heads, self.num_key_value_groups, self.nope_dim)
+        return torch.einsum("btgqn,gnc->btgqc", q, w_uk.to(q.dtype)).reshape(
+            b, t, self.num_heads, self.latent_dim)
+
+    def expand_output(self, o_lat):
+        """o[h] = o_lat[h] @ W_uv[g]^T + b_v: (B, T, H, D_c) -> (B, T, H d_h)."""
+        b, t = o_lat.shape[:2]
+        w_uv = self.v_up.weight.view(self.num_kv_heads, self.head_dim, self.latent_dim)
+        o = o_lat.reshape(b, t, self.num_kv_heads, self.num_key_value_groups, self.latent_dim)
+        out = torch.einsum("btgqc,gdc->btgqd", o, w_uv.to(o.dtype))
+        if self.v_up.bias is not None:
+            out = out + self.v_up.bias.view(self.num_kv_heads, 1, self.head_dim).to(out.dtype)
+        return out.reshape(b, t, self.num_heads * self.head_dim)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                past_key_values=None, **kwargs):
+        b, t, _ = hidden_states.shape
+        q, k_rope, latent = self.project(hidden_states, position_embeddings)
+
+        if isinstance(past_key_values, LatentCache):
+            layer = past_key_values.layers[self.layer_idx]
+            past_len = layer.get_seq_length()
+            if self._use_absorbed(t, past_len, attention_mask):
+                layer.append(latent.detach(), k_rope.detach())
+                return self._absorbed(q, layer), None
+            if past_len:
+                past_c, past_kr = layer.gather()
+                latent_all = torch.cat([past_c.to(latent.dtype), latent], dim=1)
+                k_rope_all = torch.cat([past_kr.to(k_rope.dtype), k_rope], dim=1)
+            else:
+                latent_all, k_rope_all = latent, k_rope
+            layer.append(latent.detach(), k_rope.detach())
+            keys, values = self.reconstruct_kv(latent_all, k_rope_all)
+        else:
+            keys, values = self.reconstruct_kv(latent, k_rope)
+            if isinstance(past_key_values, Cache):
+                # Another cache type (e.g. generate()'s default DynamicCache) stores the rebuilt
+                # K/V: correct, but none of the latent cache's memory saving.
+                keys, values = past_key_values.update(keys, values, self.layer_idx)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention_interface(
+            self, q.transpose(1, 2), keys, values, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
+
+    def _use_absorbed(self, t, past_len, attention_mask) -> bool:
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        if self.decode_mode == "reconstruct":
+            return False
+        if self.decode_mode == "absorbed":
+            if not _is_plain_causal(attention_mask, t, past_len):
+                raise ValueError("decode_mode='absorbed' needs a plain causal mask (no padding); "
+                                 "use 'auto' or 'reconstruct' for padded batches")
+            return True
+        return (t <= MAX_ABSORBED_QUERIES and past_len > 0 and not self.training
+                and _is_plain_causal(attention_mask, t, past_len))
+
+    def _absorbed(self, q, layer):
+        q_rope, q_nope = q[..., :self.rope_dim], q[..., self.rope_dim:]
+        q_lat = self.absorb_query(q_nope)
+        o_lat, _ = ops.mla_decode(q_lat.contiguous(), q_rope.contiguous(), *layer.tensors(),
+                                  layer.block_table, layer.seq_lens, self.scaling)
+        return self.o_proj(self.expand_output(o_lat.to(q.dtype)))
+
+
+def _is_plain_causal(attention_mask, t: int, past_len: int) -> bool:
+    """Whether the mask lets query i see exactly positions 0..past_len+i (no padding): the only
+    mask the absorbed kernel implements."""
+    if attention_mask is None:
+        return True
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 4:
+        return False
+    kv_len = past_len + t
+    mask = attention_mask[..., -t:, :kv_len]
+    if mask.shape[-1] != kv_len:
+        return False
+    visible = mask if mask.dtype == torch.bool else mask == 0
+    pos_q = past_len + torch.arange(t, device=mask.device)
+    causal = torch.arange(kv_len, device=mask.device)[None, :] <= pos_q[:, None]
+    return bool((visible == causal).all())

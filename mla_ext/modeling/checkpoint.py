@@ -1,0 +1,133 @@
+"""Self-contained checkpoints of converted models: config.json (with the MLA settings),
+model.safetensors (rope_pairs included) and the tokenizer.
+
+Writing goes to a temporary sibling directory that is renamed into place only when complete,
+so a failure never leaves a half-written checkpoint at ``path``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from .cache import mla_layers
+from .patch import CONFIG_KEY, build_mla_structure
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a readable mla_ext checkpoint."""
+
+
+def save_pretrained(model, path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write a converted model (and optionally its tokenizer) to the directory ``path``.
+
+    Refuses to replace an existing directory unless ``overwrite``; the replacement is atomic.
+    """
+    mla_layers(model)  # ValueError for an unconverted model
+    settings = getattr(model.config, CONFIG_KEY, None)
+    if not settings:
+        raise ValueError(f"model.config has no {CONFIG_KEY!r} settings: convert it with "
+                         "mla_ext.convert_to_mla or load it with mla_ext.load_pretrained")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = model.config.to_dict()
+        config[CONFIG_KEY] = {**settings, "format_version": FORMAT_VERSION}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mla_ext": "1"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_config(path) -> dict:
+    """The config.json of an mla_ext checkpoint; CheckpointError for anything else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    file = path / CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no {CONFIG}: not a model checkpoint")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
+    settings = config.get(CONFIG_KEY) if isinstance(config, dict) else None
+    if not isinstance(settings, dict) or "layers" not in settings:
+        raise CheckpointError(f"{path} is not an mla_ext checkpoint (its {CONFIG} has no "
+                              f"{CONFIG_KEY!r} section); convert the model first")
+    if settings.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer mla_ext (format "
+                              f"{settings['format_version']} > {FORMAT_VERSION})")
+    return config
+
+
+def load_pretrained(path, dtype: torch.dtype | None = None, device=None,
+                    return_tokenizer: bool = False):
+    """Rebuild a converted model saved by ``save_pretrained``.
+
+    dtype: parameter dtype (default: the saved one); device: where to put it (default CPU).
+    With ``return_tokenizer`` returns (model, tokenizer), the tokenizer None if none was saved.
+    """
+    path = Path(path)
+    config_dict = read_config(path)
+    settings = config_dict.pop(CONFIG_KEY)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    try:
+        config = LlamaConfig.from_dict(config_dict)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / CONFIG} is not a Llama config: {exc}") from exc
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    build_mla_structure(model, settings["layers"])
+    model.to_empty(device=device or "cpu")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {weights}: {exc}") from exc
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # Non-persistent buffers (the rotary inv_freq) are not in the file: build them afresh.
+    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device or "cpu")
+    if dtype is not None:
+        model.to(dtype)
+    setattr(model.config, CONFIG_KEY, settings)
+    model.eval()
+    if not return_tokenizer:
+        return model
+    tokenizer = None
+    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,196 @@
+"""convert_to_mla: swap every LlamaAttention of a model for an MLAAttention, in one call.
+
+Everything that can be wrong with the request (model type, RoPE variant, sizes, calibration) is
+checked before the first module is touched, so a failed conversion leaves the model as it was.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+from ..config import MLAConfig
+from ..convert import factorize_kv, max_rank, select_rope_pairs
+from .attention import MLAAttention
+
+# RoPE variants whose cos/sin are rotate-half over the full head (cat(freqs, freqs)); the
+# conversion gathers the kept pairs from the model's own rotary output, so scaling is preserved.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+CONFIG_KEY = "mla_ext"
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
+                         "mla_ext converts Llama-architecture models (LlamaForCausalLM)")
+    return layers
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return dict(params)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _check_model(model) -> None:
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, MLAAttention):
+            raise ValueError(f"layer {i} is already converted to MLA")
+        if not isinstance(attn, LlamaAttention):
+            raise ValueError(f"layer {i}'s attention is {type(attn).__name__}, not LlamaAttention: "
+                             "mla_ext converts Llama-architecture attention only")
+    rope = _rope_parameters(model.config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("models whose RoPE covers only part of each head "
+                         "(partial_rotary_factor != 1) cannot be converted")
+    if _head_dim(model.config) % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {_head_dim(model.config)}")
+
+
+def plan_layers(model, config: MLAConfig) -> list[dict]:
+    """Per-layer sizes ({"rope_pairs": r, "latent_dim": D_c}) for ``config``; ValueError when a
+    size does not fit the model."""
+    cfg = model.config
+    d_h, h_kv, d = _head_dim(cfg), cfg.num_key_value_heads, cfg.hidden_size
+    half = d_h // 2
+    r = half if config.rope_pairs is None else config.rope_pairs
+    if r > half:
+        raise ValueError(f"rope_pairs={r} exceeds the {half} frequency pairs of head_dim {d_h}")
+    rows_k, rows_v = h_kv * (d_h - 2 * r), h_kv * d_h
+    limit = max_rank(config.svd, rows_k, rows_v, d)
+    latent = limit if config.d_kv is None else config.d_kv * h_kv
+    if latent > limit:
+        raise ValueError(f"d_kv={config.d_kv} gives a latent of {latent} = d_kv * {h_kv} KV heads, "
+                         f"above the full rank {limit} of svd={config.svd!r} for this model "
+                         f"(d_kv <= {limit // h_kv}); use d_kv=None for full rank")
+    if config.svd.endswith("split") and latent % 2:
+        raise ValueError(f"svd={config.svd!r} splits the latent in two halves: D_c={latent} must be even")
+    return [{"rope_pairs": r, "latent_dim": latent} for _ in range(cfg.num_hidden_layers)]
+
+
+def _head_order(pairs_row: torch.Tensor, d_h: int):
+    """Dims of one head in the converted order [x1 | x2 | nope], and the rope / nope parts."""
+    half = d_h // 2
+    rope = torch.cat([pairs_row, pairs_row + half])
+    keep = torch.ones(d_h, dtype=torch.bool)
+    keep[rope] = False
+    nope = torch.arange(d_h)[keep]
+    return rope, nope
+
+
+def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: MLAConfig,
+                   stats, rope_scaling: float) -> MLAAttention:
+    cfg = attn.config
+    d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    group = h // h_kv
+    pairs = select_rope_pairs(config.rope_strategy, config.rope_pairs, head_dim=d_h,
+                              num_heads=h, num_kv_heads=h_kv, stats=stats)
+    q_rows, kr_rows, kn_rows, q_nope_rows = [], [], [], []
+    for g in range(h_kv):
+        rope, nope = _head_order(pairs[g].cpu(), d_h)
+        kr_rows.append(g * d_h + rope)
+        kn_rows.append(g * d_h + nope)
+        for q in range(g * group, (g + 1) * group):
+            q_rows.append(q * d_h + torch.cat([rope, nope]))
+            q_nope_rows.append(q * d_h + 2 * len(pairs[g]) + torch.arange(len(nope)))
+    q_rows, kr_rows, kn_rows = torch.cat(q_rows), torch.cat(kr_rows), torch.cat(kn_rows)
+
+    def weight(lin):
+        return lin.weight.detach().to("cpu", torch.float64)
+
+    def bias(lin):
+        return None if lin.bias is None else lin.bias.detach().to("cpu", torch.float64)
+
+    w_q, w_k, w_v = weight(attn.q_proj), weight(attn.k_proj), weight(attn.v_proj)
+    b_q, b_k, b_v = bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)
+    xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
+    low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx)
+
+    new_q_w, new_q_b = w_q[q_rows].clone(), None if b_q is None else b_q[q_rows].clone()
+    if rope_scaling != 1.0:
+        # Scaled RoPE (yarn, longrope) multiplies every rotated q and k by the same factor; the
+        # NoPE dims lose the rotation but keep that factor, folded into q once (squared).
+        nope = torch.cat(q_nope_rows) if q_nope_rows else torch.empty(0, dtype=torch.long)
+        new_q_w[nope] *= rope_scaling ** 2
+        if new_q_b is not None:
+            new_q_b[nope] *= rope_scaling ** 2
+
+    param = attn.q_proj.weight
+    mla = MLAAttention(cfg, layer_idx, sizes["rope_pairs"], sizes["latent_dim"])
+    with torch.no_grad():
+        mla.q_proj.weight.copy_(new_q_w)
+        mla.kr_proj.weight.copy_(w_k[kr_rows])
+        mla.kv_down.weight.copy_(low.w_down)
+        mla.k_up.weight.copy_(low.w_uk)
+        mla.v_up.weight.copy_(low.w_uv)
+        mla.o_proj.load_state_dict(attn.o_proj.state_dict())
+        if b_q is not None:
+            mla.q_proj.bias.copy_(new_q_b)
+            mla.kr_proj.bias.copy_(b_k[kr_rows])
+            mla.k_up.bias.copy_(b_k[kn_rows])
+            mla.v_up.bias.copy_(b_v)
+        mla.rope_pairs.copy_(pairs)
+    mla.train(attn.training)
+    return mla.to(device=param.device, dtype=param.dtype)
+
+
+def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
+                   progress: bool = True):
+    """Convert ``model`` (a transformers LlamaForCausalLM) to MLA in place and return it.
+
+    config: the MLAConfig (default: the paper's 2-norm, r = 4, joint SVD, d_kv = 16).
+    calibration: ``mla_ext.calibrate(model, tokenizer, texts)`` of this model, needed by the
+        2-norm RoPE selection and the activation-aware SVD.
+    The decoder layers then call MLAAttention unchanged; ``model.config.mla_ext`` records the
+    settings so that ``save_pretrained`` / ``load_pretrained`` can rebuild the model.
+    """
+    config = config or MLAConfig()
+    if not isinstance(config, MLAConfig):
+        raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
+    _check_model(model)
+    plan = plan_layers(model, config)
+    layers = _decoder_layers(model)
+    if config.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"rope_strategy={config.rope_strategy!r} / svd={config.svd!r} need "
+                             "calibration statistics: pass calibration=mla_ext.calibrate(model, "
+                             "tokenizer, texts)")
+        calibration.check_matches(model.config)
+        if config.svd.startswith("activation") and any(s.xtx is None for s in calibration.layers):
+            raise ValueError(f"svd={config.svd!r} needs activation statistics: calibrate with "
+                             "collect_xtx=True")
+    stats = calibration.layers if calibration is not None else [None] * len(layers)
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    converted = [
+        _convert_layer(layer.self_attn, i, plan[i], config, stats[i], rope_scaling)
+        for i, layer in enumerate(tqdm(layers, desc="converting layers", disable=not progress))
+    ]
+    for layer, mla in zip(layers, converted):  # swap only once every layer converted
+        layer.self_attn = mla
+    setattr(model.config, CONFIG_KEY, {"mla_config": config.to_dict(), "layers": plan})
+    return model
+
+
+def build_mla_structure(model, layer_sizes: list[dict]) -> None:
+    """Replace each LlamaAttention by an MLAAttention of the given sizes with uninitialised
+    weights (loading a checkpoint fills them)."""
+    layers = _decoder_layers(model)
+    if len(layer_sizes) != len(layers):
+        raise ValueError(f"{len(layer_sizes)} layer sizes for a model of {len(layers)} layers")
+    for i, (layer, sizes) in enumerate(zip(layers, layer_sizes)):
+        old = layer.self_attn.q_proj.weight
+        mla = MLAAttention(model.config, i, int(sizes["rope_pairs"]), int(sizes["latent_dim"]))
+        mla.train(layer.self_attn.training)
+        layer.self_attn = mla.to(device=old.device, dtype=old.dtype)

