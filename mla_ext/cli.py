@@ -179,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(2-norm, r=4, joint SVD, d_kv=16: -81.25 %% cache) and print "
                                    "cache sizes, perplexities and a chat answer of each model.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--eval-tokens", type=int, default=16384,
-                   help="held-out tokens to score (default 16384; --full scores all)")
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="held-out tokens to score (default 8192; --full scores all)")
     p.add_argument("--full", action="store_true", help="score the whole held-out text")
-    p.add_argument("--calib-sequences", type=int, default=32,
-                   help="calibration sequences of 512 tokens (default 32)")
+    p.add_argument("--calib-sequences", type=int, default=16,
+                   help="calibration sequences of 512 tokens (default 16)")
     p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -24,7 +24,7 @@ def _per_layer(model, cache_dtype: str) -> float:
     return kv_cache_bytes_per_token(model, cache_dtype) / model.config.num_hidden_layers
 
 
-def run_demo(device: str = "cpu", eval_tokens: int | None = 16384, calib_sequences: int = 32,
+def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequences: int = 16,
              context: int = 512, config: MLAConfig = PAPER_DEFAULTS) -> dict:
     """Run the demo, print its table and return the numbers."""
     t0 = time.time()

@@ -51,7 +51,9 @@ def perplexity(model, tokenizer, text, context: int = 1024, stride: int = 512,
             window = ids[begin:end].to(device).unsqueeze(0)
             logits = model(window, use_cache=False).logits[0, :-1].float()
             targets = window[0, 1:]
-            first = scored_to - begin - 1          # first target index not scored yet
+            # first target not scored yet; a window's own first token has no context in it, so
+            # with stride == context each window's first token goes unscored (standard protocol)
+            first = max(0, scored_to - begin - 1)
             losses = torch.nn.functional.cross_entropy(logits[first:], targets[first:],
                                                        reduction="sum")
             nll += float(losses)

@@ -9,7 +9,7 @@ import mla_ext
 VOCAB = 101
 
 
-def tiny_config(heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, bias=False,
+def tiny_config(heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, bias=False, vocab_size=VOCAB,
                 rope_scaling=None, **extra):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if rope_scaling == "llama3":
@@ -18,7 +18,7 @@ def tiny_config(heads=4, kv_heads=2, head_dim=16, hidden=64, layers=2, bias=Fals
                 "original_max_position_embeddings": 32}
     return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                       vocab_size=VOCAB, attention_bias=bias, rope_parameters=rope,
+                       vocab_size=vocab_size, attention_bias=bias, rope_parameters=rope,
                        max_position_embeddings=256, **extra)
 
 

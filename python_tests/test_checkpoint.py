@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+import mla_ext
+from mla_ext.modeling import CheckpointError
+from tiny import VOCAB, converted, tiny_model
+
+
+@pytest.fixture
+def mla():
+    return converted(tiny_model(bias=True), rope_strategy="uniform", rope_pairs=2, d_kv=6,
+                     svd="split")
+
+
+def test_roundtrip_is_exact(mla, tmp_path):
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    loaded = mla_ext.load_pretrained(path)
+    ref, got = mla.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(mla(ids).logits, loaded(ids).logits)
+    assert loaded.config.mla_ext["layers"] == mla.config.mla_ext["layers"]
+    cache = mla_ext.LatentCache(loaded, cache_dtype="int4")
+    loaded.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp left
+
+
+def test_refuses_to_overwrite_and_replaces_atomically(mla, tmp_path):
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError):
+        mla_ext.save_pretrained(mla, path)
+    mla_ext.save_pretrained(mla, path, overwrite=True)
+    assert mla_ext.load_pretrained(path) is not None
+
+
+def test_failed_save_leaves_nothing(mla, tmp_path, monkeypatch):
+    import mla_ext.modeling.checkpoint as ckpt
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unconverted_model_cannot_be_saved(tmp_path):
+    with pytest.raises(ValueError, match="MLAAttention"):
+        mla_ext.save_pretrained(tiny_model(), tmp_path / "x")
+
+
+def test_bad_directories(mla, tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        mla_ext.load_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        mla_ext.load_pretrained(tmp_path / "empty")
+    foreign = tmp_path / "foreign"
+    tiny_model().save_pretrained(foreign)
+    with pytest.raises(CheckpointError, match="not an mla_ext checkpoint"):
+        mla_ext.load_pretrained(foreign)
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        mla_ext.load_pretrained(path)
+
+
+def test_corrupt_or_mismatched_weights(mla, tmp_path):
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    (path / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        mla_ext.load_pretrained(path)
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt2")
+    config = json.loads((path / "config.json").read_text())
+    config["mla_ext"]["layers"][0]["latent_dim"] = 8
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError):
+        mla_ext.load_pretrained(path)

