@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from .convert.rope_selection import STRATEGIES
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_CHOICES = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -28,9 +30,10 @@ def _add_model_args(p, default_dtype="fp32"):
 
 
 def _add_mla_args(p):
-    p.add_argument("--rope-strategy", default="2-norm",
-                   choices=("2-norm", "high", "low", "uniform", "full"),
-                   help="which RoPE frequency pairs each KV head keeps (default 2-norm)")
+    p.add_argument("--rope-strategy", default="2-norm", choices=STRATEGIES,
+                   help="which RoPE frequency pairs each KV head keeps (default 2-norm; "
+                        "'rotation' weights 2-norm by how much each pair turns over the "
+                        "distances the heads attend to)")
     p.add_argument("--rope-pairs", type=_optional_int, default=4,
                    help="pairs kept per KV head, r (default 4; 'all' keeps every pair)")
     p.add_argument("--d-kv", type=_optional_int, default=16,
@@ -81,8 +84,7 @@ def _calibration(args, model, tokenizer, cfg):
         return None
     texts = load_texts(args.calib_text) if args.calib_text else default_calibration_text()
     return calibrate(model, tokenizer, texts, max_length=args.calib_length,
-                     max_sequences=args.calib_sequences,
-                     collect_xtx=cfg.svd.startswith("activation"))
+                     max_sequences=args.calib_sequences, **cfg.calibration_options())
 
 
 def _eval_text(path):
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sequences of 512 tokens (default 16)")
     p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
     p.set_defaults(func=cmd_demo)
+
+    from .train.cli import add_finetune_parsers
+    add_finetune_parsers(sub)
     return parser
 
 

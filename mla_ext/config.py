@@ -13,7 +13,9 @@ class MLAConfig:
     """Settings of an MHA2MLA conversion (ARCHITECTURE section 2).
 
     rope_strategy: which frequency pairs keep RoPE: "2-norm" (default, needs calibration),
-        "high", "low", "uniform" or "full".
+        "rotation" (2-norm weighted by how much each pair turns over the distances the heads
+        attend to; needs calibration with attention distances), "high", "low", "uniform" or
+        "full".
     rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE).
     d_kv: latent width per KV head; the layer's latent is ``D_c = d_kv * H_kv``. None keeps
         full rank (lossless).
@@ -39,8 +41,18 @@ class MLAConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        partial = self.rope_pairs is not None and self.rope_strategy == "2-norm"
+        partial = self.rope_pairs is not None and self.rope_strategy in ("2-norm", "rotation")
         return partial or self.svd.startswith("activation")
+
+    @property
+    def needs_distances(self) -> bool:
+        """Whether calibration must record attention distances (the "rotation" selection)."""
+        return self.rope_pairs is not None and self.rope_strategy == "rotation"
+
+    def calibration_options(self) -> dict:
+        """The keyword arguments of ``calibrate`` that this config needs."""
+        return {"collect_xtx": self.svd.startswith("activation"),
+                "collect_distances": self.needs_distances}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

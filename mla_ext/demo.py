@@ -39,8 +39,7 @@ def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequence
     print(f"calibrating on {calib_sequences} x 512 tokens and converting ({config}) ...")
     model = copy.deepcopy(original)
     calib = calibrate(model, tokenizer, default_calibration_text(), max_length=512,
-                      max_sequences=calib_sequences,
-                      collect_xtx=config.svd.startswith("activation"))
+                      max_sequences=calib_sequences, **config.calibration_options())
     convert_to_mla(model, config, calibration=calib)
     ppl_mla = perplexity(model, tokenizer, eval_text, context=context, stride=context,
                          max_tokens=eval_tokens)

@@ -4,7 +4,8 @@ Per decoder layer (ARCHITECTURE section 2):
 
 - the 2-norm statistic of partial RoPE: the mean over tokens of the norm of every frequency pair
   of the pre-RoPE query and key vectors (pair ``j`` = dims ``j`` and ``j + d_h/2``, rotate-half);
-- optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with.
+- optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with;
+- optionally the attention mass at each relative distance (the rotation-aware RoPE selection).
 
 Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` fold each batch into float64
 accumulators and drop it, so memory does not grow with the number of calibration tokens.
@@ -30,12 +31,18 @@ class LayerStats:
     k_pair_norm: (H_kv, d_h/2) float64, the same for the k_proj output.
     xtx: (d, d) float64, ``sum_t x_t x_t^T`` of the attention input; None if not collected.
     num_tokens: tokens that went into the statistics.
+    distance_mass: (H, L) float64, for each query head the attention probability at relative
+        distance ``0..L-1`` (original model, RoPE applied), averaged over query positions: each
+        row sums to 1. None if not collected.
+    inv_freq: (d_h/2,) float64, the rotary frequency of each pair (radians per position).
     """
 
     q_pair_norm: torch.Tensor
     k_pair_norm: torch.Tensor
     xtx: torch.Tensor | None
     num_tokens: int
+    distance_mass: torch.Tensor | None = None
+    inv_freq: torch.Tensor | None = None
 
 
 @dataclass
@@ -165,10 +172,16 @@ def _projections(layers: nn.ModuleList) -> list[tuple[nn.Module, nn.Module]]:
 class _Accumulator:
     """Running sums of one layer, kept on the device the layer's activations arrive on."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool,
+                 max_length: int | None = None):
         self.shape_q = (num_heads, 2, head_dim // 2)
         self.shape_k = (num_kv_heads, 2, head_dim // 2)
         self.collect_xtx = collect_xtx
+        self.max_length = max_length            # set: collect attention mass per distance
+        self.rotary = None
+        self.last_q: torch.Tensor | None = None
+        self.distance_sum: torch.Tensor | None = None
+        self.queries = 0
         self.q_sum: torch.Tensor | None = None
         self.k_sum: torch.Tensor | None = None
         self.xtx: torch.Tensor | None = None
@@ -181,7 +194,12 @@ class _Accumulator:
         y = y.reshape(-1, *shape).to(torch.float64)
         return torch.linalg.vector_norm(y, dim=2).sum(dim=0)
 
+    def attn_pre_hook(self, module, args, kwargs):
+        self.rotary = kwargs.get("position_embeddings")
+
     def q_hook(self, module, args, output):
+        if self.max_length:
+            self.last_q = output.detach()
         s = self._pair_norm_sum(output.detach(), self.shape_q)
         self.q_sum = s if self.q_sum is None else self.q_sum.add_(s)
         self.q_tokens += output.numel() // (self.shape_q[0] * 2 * self.shape_q[2])
@@ -197,17 +215,51 @@ class _Accumulator:
                 self.xtx = x.T @ x
             else:
                 self.xtx.addmm_(x.T, x)
+        if self.max_length:
+            self._add_distances(self.last_q, output.detach())
+            self.last_q = None
+
+    def _add_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Fold the original attention's probability at each query-key distance into the sums;
+        one sequence at a time so that only one (H, T, T) score tensor is alive."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        if self.rotary is None:
+            raise RuntimeError("self_attn was called without position_embeddings")
+        h, h_kv, d_h = self.shape_q[0], self.shape_k[0], 2 * self.shape_q[2]
+        b, t = q.shape[0], q.shape[1]
+        cos, sin = self.rotary
+        qs = q.reshape(b, t, h, d_h).transpose(1, 2).float()
+        ks = k.reshape(b, t, h_kv, d_h).transpose(1, 2).float()
+        qs, ks = apply_rotary_pos_emb(qs, ks, cos.float().expand(b, -1, -1),
+                                      sin.float().expand(b, -1, -1))
+        ks = ks.repeat_interleave(h // h_kv, dim=1)
+        pos = torch.arange(t, device=q.device)
+        dist = pos[:, None] - pos[None, :]                       # (T, T): query i, key j
+        causal = dist >= 0
+        if self.distance_sum is None:
+            self.distance_sum = torch.zeros(h, self.max_length, dtype=torch.float64,
+                                            device=q.device)
+        for i in range(b):
+            scores = (qs[i] @ ks[i].transpose(-1, -2)) * d_h ** -0.5
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            self.distance_sum.index_add_(1, dist[causal], probs[:, causal].double())
+        self.queries += b * t
 
     def result(self, layer_idx: int) -> LayerStats:
         if self.q_sum is None or self.k_sum is None or self.q_tokens != self.k_tokens:
             raise RuntimeError(f"layer {layer_idx}: q_proj/k_proj hooks saw {self.q_tokens} / "
                                f"{self.k_tokens} tokens; the layer was not run as expected")
         n = self.q_tokens
+        mass = None
+        if self.distance_sum is not None:
+            mass = (self.distance_sum / self.queries).cpu()
         return LayerStats(
             q_pair_norm=(self.q_sum / n).cpu(),
             k_pair_norm=(self.k_sum / n).cpu(),
             xtx=None if self.xtx is None else self.xtx.cpu(),
             num_tokens=n,
+            distance_mass=mass,
         )
 
 
@@ -225,7 +277,7 @@ def _batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]
 
 def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_length: int = 512,
               max_sequences: int = 128, batch_size: int = 4, collect_xtx: bool = True,
-              progress: bool = True) -> Calibration:
+              collect_distances: bool = False, progress: bool = True) -> Calibration:
     """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
 
     model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
@@ -235,6 +287,8 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     batch_size: sequences per forward pass (the last batches may be smaller).
     collect_xtx: also sum ``x x^T`` of the attention input (needed by the activation-aware SVD;
         costs ``d^2`` float64 per layer).
+    collect_distances: also record the attention mass at each query-key distance (needed by the
+        "rotation" RoPE selection; recomputes every layer's attention scores once more).
     Returns a :class:`Calibration` with float64 statistics on the CPU.
     """
     _check_positive_int(batch_size, "batch_size")
@@ -250,13 +304,18 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
 
     base = getattr(model, "base_model", model)
     device = base.get_input_embeddings().weight.device
-    accs = [_Accumulator(h, h_kv, head_dim, collect_xtx) for _ in projections]
+    accs = [_Accumulator(h, h_kv, head_dim, collect_xtx,
+                         max_length if collect_distances else None) for _ in projections]
     handles = []
     was_training = model.training
     try:
         for acc, (q_proj, k_proj) in zip(accs, projections):
             handles.append(q_proj.register_forward_hook(acc.q_hook))
             handles.append(k_proj.register_forward_hook(acc.k_hook, with_kwargs=True))
+        if collect_distances:
+            for acc, layer in zip(accs, layers):
+                handles.append(layer.self_attn.register_forward_pre_hook(
+                    acc.attn_pre_hook, with_kwargs=True))
         model.eval()
         batches = list(_batches(seqs, batch_size))
         with torch.no_grad():
@@ -270,5 +329,9 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
         model.train(was_training)
 
     stats = [acc.result(i) for i, acc in enumerate(accs)]
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None and hasattr(rotary, "inv_freq"):
+        for s in stats:
+            s.inv_freq = rotary.inv_freq.detach().to("cpu", torch.float64).clone()
     return Calibration(layers=stats, num_tokens=stats[0].num_tokens, hidden_size=d, num_heads=h,
                        num_kv_heads=h_kv, head_dim=head_dim)

@@ -11,7 +11,7 @@ import torch
 
 from .calibration import LayerStats
 
-STRATEGIES = ("high", "low", "uniform", "2-norm", "full")
+STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation", "full")
 
 
 def _check_heads(head_dim: int, num_heads: int, num_kv_heads: int) -> None:
@@ -50,13 +50,35 @@ def two_norm_scores(stats: LayerStats, num_heads: int, num_kv_heads: int) -> tor
     return q.reshape(num_kv_heads, group, pairs).sum(dim=1) * k
 
 
+def rotation_scores(stats: LayerStats, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Rotation-aware score of every pair of every KV head, (H_kv, d_h/2) float64.
+
+    The 2-norm score times ``1 - |E_w[exp(i theta_j Delta)]|``, with ``w`` the attention mass at
+    each query-key distance ``Delta`` (averaged over the group's query heads). A pair whose
+    rotation barely moves over the distances the head attends to (``|E| ~ 1``) loses little when
+    its rotation is removed, so it scores low; a pair that turns a lot is worth keeping.
+    """
+    if stats.distance_mass is None or stats.inv_freq is None:
+        raise ValueError('strategy "rotation" needs stats with distance_mass and inv_freq: '
+                         "calibrate(..., collect_distances=True)")
+    mass, theta = stats.distance_mass.to(torch.float64), stats.inv_freq.to(torch.float64)
+    if mass.shape[0] != num_heads:
+        raise ValueError(f"stats.distance_mass has {mass.shape[0]} heads, expected {num_heads}")
+    w = mass.reshape(num_kv_heads, num_heads // num_kv_heads, -1).mean(1)   # (H_kv, L)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
+    angle = theta[:, None] * torch.arange(w.shape[1], dtype=torch.float64)  # (d_h/2, L)
+    coherence = torch.complex(w @ angle.cos().T, w @ angle.sin().T).abs()   # (H_kv, d_h/2)
+    return two_norm_scores(stats, num_heads, num_kv_heads) * (1 - coherence)
+
+
 def select_rope_pairs(strategy: str, rope_pairs: int | None, *, head_dim: int, num_heads: int,
                       num_kv_heads: int, stats: LayerStats | None = None) -> torch.Tensor:
     """Kept RoPE pairs of one layer, int64 (H_kv, r) on the CPU, ascending per row.
 
     strategy: one of ``STRATEGIES``; rope_pairs: ``r``, or None for all ``d_h/2`` pairs (then
     every strategy gives the full set and "2-norm" needs no stats; same for ``r = d_h/2``).
-    stats: the layer's calibration statistics, needed by "2-norm" (ties go to the lower pair).
+    stats: the layer's calibration statistics, needed by "2-norm" and "rotation" (ties go to
+    the lower pair).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -79,8 +101,9 @@ def select_rope_pairs(strategy: str, rope_pairs: int | None, *, head_dim: int, n
         row = torch.arange(r) * half // r
     else:
         if stats is None:
-            raise ValueError('strategy "2-norm" needs stats (calibration of this layer)')
-        scores = two_norm_scores(stats, num_heads, num_kv_heads).cpu()
+            raise ValueError(f'strategy "{strategy}" needs stats (calibration of this layer)')
+        score_fn = rotation_scores if strategy == "rotation" else two_norm_scores
+        scores = score_fn(stats, num_heads, num_kv_heads).cpu()
         if scores.shape[1] != half:
             raise ValueError(f"stats have {scores.shape[1]} pairs per head, head_dim {head_dim} "
                              f"needs {half}")

@@ -169,6 +169,9 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
         if config.svd.startswith("activation") and any(s.xtx is None for s in calibration.layers):
             raise ValueError(f"svd={config.svd!r} needs activation statistics: calibrate with "
                              "collect_xtx=True")
+        if config.needs_distances and any(s.distance_mass is None for s in calibration.layers):
+            raise ValueError('rope_strategy="rotation" needs attention distances: calibrate '
+                             "with collect_distances=True")
     stats = calibration.layers if calibration is not None else [None] * len(layers)
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))

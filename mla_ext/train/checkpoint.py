@@ -33,7 +33,7 @@ MODEL = "model.pt"
 OPTIMIZER = "optimizer.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that change what an optimizer step computes: a resume must use the same values.
-RESUME_INVARIANTS = ("seq_len", "global_batch", "lr", "warmup", "decay", "weight_decay",
+RESUME_INVARIANTS = ("steps", "seq_len", "global_batch", "lr", "warmup", "decay", "weight_decay",
                      "betas", "eps", "clip", "train_only", "seed")
 # Config entries that fix the shapes and the math of the network (not its dtype or its name).
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -180,10 +180,13 @@ def write_manifest_and_publish(tmp: Path, final: Path) -> Path:
 
 
 def prune(out_dir, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints (keep 0 keeps all)."""
+    """Delete all but the newest ``keep`` complete checkpoints (keep 0 keeps all), and what
+    crashed writes left behind. Call it only while no checkpoint is being written."""
     if keep > 0:
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    for leftover in (Path(out_dir) / CHECKPOINTS).glob(".step_*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def temp_dir(out_dir, step: int) -> Path:
