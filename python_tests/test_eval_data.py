@@ -63,6 +63,21 @@ def test_perplexity_with_stride_equal_to_context():
     assert got == pytest.approx(math.exp(nll / (19 + 19 + 9)), rel=1e-5)
 
 
+@torch.no_grad()
+def test_perplexity_through_the_latent_cache():
+    from tiny import converted
+
+    mla, tok = converted(tiny_model(), rope_strategy="high", rope_pairs=2, d_kv=8), CharTokenizer()
+    text = "some text that goes through the cache in chunks " * 3
+    exact = perplexity(mla, tok, text, context=64, stride=64, progress=False)
+    fp32 = perplexity(mla, tok, text, context=64, stride=64, progress=False, cache_dtype="fp32",
+                      chunk_size=8)
+    int4 = perplexity(mla, tok, text, context=64, stride=64, progress=False, cache_dtype="int4",
+                      chunk_size=8)
+    assert fp32 == pytest.approx(exact, rel=1e-5)
+    assert int4 != pytest.approx(exact, rel=1e-6) and int4 == pytest.approx(exact, rel=0.2)
+
+
 def test_perplexity_rejects_bad_arguments():
     model, tok = tiny_model(), CharTokenizer()
     with pytest.raises(ValueError, match="stride"):

@@ -27,6 +27,9 @@ def test_edge_fractions():
     assert lr_factor(0, 10, 0.0, 1.0) == 1.0
     assert lr_factor(9, 10, 0.0, 1.0) == pytest.approx(1 - math.sqrt(0.9))
     assert phase_steps(18000, 0.06, 0.15) == (1080, 2700)
+    # a decay fraction that rounds to no step; the scheduler also asks for step == steps
+    assert [lr_factor(s, 3, 0.06, 0.15) for s in range(4)] == [1.0] * 4
+    assert lr_factor(10, 10, 0.0, 0.5) == 0.0
 
 
 @pytest.mark.parametrize("args, match", [

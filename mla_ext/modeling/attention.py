@@ -101,15 +101,32 @@ class MLAAttention(nn.Module):
         half = self.head_dim // 2
         return cos[..., :half][..., self.rope_pairs], sin[..., :half][..., self.rope_pairs]
 
-    def project(self, hidden_states, position_embeddings):
-        """Rotated queries (B, T, H, d_h), rotated RoPE keys (B, T, H_kv, d_r), latent (B, T, D_c)."""
+    def query(self, hidden_states, cos, sin):
+        """Queries (B, T, H, d_h) with their first d_r dims rotated."""
         b, t, _ = hidden_states.shape
-        cos, sin = self.rope_angles(position_embeddings)
         q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
-        q = torch.cat([_rope(q[..., :self.rope_dim], cos, sin), q[..., self.rope_dim:]], dim=-1)
+        return torch.cat([_rope(q[..., :self.rope_dim], cos, sin), q[..., self.rope_dim:]], dim=-1)
+
+    def key_latent(self, hidden_states, cos, sin):
+        """Rotated RoPE keys (B, T, H_kv, d_r) and the latent (B, T, D_c)."""
+        b, t, _ = hidden_states.shape
         k_rope = self.kr_proj(hidden_states).view(b, t, self.num_kv_heads, self.rope_dim)
-        k_rope = _rope(k_rope, cos, sin)
-        return q, k_rope, self.kv_down(hidden_states)
+        return _rope(k_rope, cos, sin), self.kv_down(hidden_states)
+
+    def write_new_tokens(self, layer, hidden_states, cos, sin) -> None:
+        """Project the new tokens' latents and RoPE keys into the cache; one fused kernel
+        (ops.latent_project) where the extension has it, else the separate torch ops."""
+        b, t, d = hidden_states.shape
+        if not ops.has_kernel("latent_project", hidden_states.device):
+            k_rope, latent = self.key_latent(hidden_states, cos, sin)
+            layer.append(latent, k_rope)
+            return
+        slots = layer.reserve(b, t, hidden_states.device)
+        cos = cos.expand(b, t, *cos.shape[2:]).reshape(b * t, *cos.shape[2:])
+        sin = sin.expand(b, t, *sin.shape[2:]).reshape(b * t, *sin.shape[2:])
+        ops.latent_project(hidden_states.reshape(b * t, d).contiguous(), self.kv_down.weight,
+                           self.kr_proj.weight, self.kr_proj.bias, cos.contiguous(),
+                           sin.contiguous(), slots, *layer.tensors())
 
     def reconstruct_kv(self, latent, k_rope):
         """Keys (B, H_kv, T, d_h) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h)."""
@@ -143,14 +160,17 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, **kwargs):
         b, t, _ = hidden_states.shape
-        q, k_rope, latent = self.project(hidden_states, position_embeddings)
+        cos, sin = self.rope_angles(position_embeddings)
+        q = self.query(hidden_states, cos, sin)
 
         if isinstance(past_key_values, LatentCache):
             layer = past_key_values.layers[self.layer_idx]
             past_len = layer.get_seq_length()
             if self._use_absorbed(t, past_len, attention_mask):
-                layer.append(latent.detach(), k_rope.detach())
+                with torch.no_grad():
+                    self.write_new_tokens(layer, hidden_states, cos, sin)
                 return self._absorbed(q, layer), None
+            k_rope, latent = self.key_latent(hidden_states, cos, sin)
             if past_len:
                 past_c, past_kr = layer.gather()
                 latent_all = torch.cat([past_c.to(latent.dtype), latent], dim=1)
@@ -160,6 +180,7 @@ class MLAAttention(nn.Module):
             layer.append(latent.detach(), k_rope.detach())
             keys, values = self.reconstruct_kv(latent_all, k_rope_all)
         else:
+            k_rope, latent = self.key_latent(hidden_states, cos, sin)
             keys, values = self.reconstruct_kv(latent, k_rope)
             if isinstance(past_key_values, Cache):
                 # Another cache type (e.g. generate()'s default DynamicCache) stores the rebuilt

@@ -147,6 +147,21 @@ class LatentCacheLayer(CacheLayerMixin):
         new_ids = first + torch.arange(self._batch * extra, dtype=torch.int32, device=self.device)
         self.block_table = torch.cat([self.block_table, new_ids.view(extra, self._batch).t()], 1)
 
+    def reserve(self, batch_size: int, num_tokens: int, device) -> torch.Tensor:
+        """Claim the next ``num_tokens`` positions of every sequence and return their slots,
+        (B * T,) int64 in batch-major order, for a cache write (ops.latent_cache_write or the
+        fused ops.latent_project)."""
+        if not self.is_initialized:
+            self.lazy_initialization(batch_size, device)
+        elif batch_size != self._batch:
+            raise ValueError(f"the cache holds {self._batch} sequences, got a batch of {batch_size}")
+        self._reserve(self.length + num_tokens)
+        pos = self.length + torch.arange(num_tokens, device=self.device)
+        blocks = self.block_table[:, pos // self.block_size].long()              # (B, T)
+        self.length += num_tokens
+        self.seq_lens.fill_(self.length)
+        return (blocks * self.block_size + pos % self.block_size).reshape(-1)
+
     def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Write T new tokens of every sequence. latent: (B, T, D_c); k_rope: (B, T, H_kv, d_r),
         already rotated."""
@@ -156,19 +171,10 @@ class LatentCacheLayer(CacheLayerMixin):
                 f"expected latent (B, T, {self.latent_dim}) and k_rope (B, T, "
                 f"{self.num_kv_heads}, {self.rope_dim}), got {tuple(latent.shape)} and "
                 f"{tuple(k_rope.shape)}")
-        if not self.is_initialized:
-            self.lazy_initialization(b, latent.device)
-        elif b != self._batch:
-            raise ValueError(f"the cache holds {self._batch} sequences, got a batch of {b}")
-        self._reserve(self.length + t)
-        pos = self.length + torch.arange(t, device=self.device)
-        blocks = self.block_table[:, pos // self.block_size].long()              # (B, T)
-        slots = (blocks * self.block_size + pos % self.block_size).reshape(-1)
+        slots = self.reserve(b, t, latent.device)
         ops.latent_cache_write(latent.reshape(b * t, d_c).contiguous(),
                                k_rope.reshape(b * t, self.num_kv_heads, self.rope_dim).contiguous(),
                                slots, *self.tensors())
-        self.length += t
-        self.seq_lens.fill_(self.length)
 
     def tensors(self):
         """(latent, latent_scale, latent_zero, k_rope, k_rope_scale), the ops' cache arguments."""

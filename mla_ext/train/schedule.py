@@ -35,7 +35,9 @@ def lr_factor(step: int, total_steps: int, warmup: float, decay: float) -> float
     if step < n_warmup:
         return (step + 1) / n_warmup
     decay_start = total_steps - n_decay
-    if step < decay_start:
+    # LambdaLR also asks for the step after the last one, which has no decay phase to be in
+    # when the decay fraction rounds to zero steps.
+    if step < decay_start or n_decay == 0:
         return 1.0
     progress = min(step - decay_start, n_decay) / n_decay
     return 1.0 - math.sqrt(progress)
