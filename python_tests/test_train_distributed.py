@@ -28,11 +28,19 @@ def fresh_model():
 
 
 def worker(packed: str, out: str):
+    import torch.distributed as dist
+
     from mla_ext.train import finetune
 
-    for engine in ("ddp", "fsdp"):
-        finetune(fresh_model(), None, packed, run_config(grad_accum=1, distributed=engine),
-                 Path(out) / engine)
+    # One process group for both runs: finetune uses a group it finds and leaves it open (a
+    # second init after a destroy would meet the first group's stale keys in torchrun's store).
+    dist.init_process_group("gloo")
+    try:
+        for engine in ("ddp", "fsdp"):
+            finetune(fresh_model(), None, packed, run_config(grad_accum=1, distributed=engine),
+                     Path(out) / engine)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow

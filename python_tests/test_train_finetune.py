@@ -139,6 +139,10 @@ def test_bad_inputs_fail_before_any_work(tmp_path, text):
         finetune(mla_model(), tok, text, TrainConfig(steps=2, distributed="ddp", **SMALL), out)
     with pytest.raises(ValueError, match="does not exist"):
         finetune(mla_model(), tok, tmp_path / "nope.txt", TrainConfig(steps=2, **SMALL), out)
+    with pytest.raises(ValueError, match="tokenizer is None"):
+        finetune(mla_model(), None, text, TrainConfig(steps=2, **SMALL), out)
+    with pytest.raises(ValueError, match="stop_after must be in 1..steps"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, stop_after=3, **SMALL), out)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         finetune(mla_model(), tok, text, TrainConfig(steps=2, resume="latest", **SMALL), out)
     assert not out.exists()

@@ -158,7 +158,9 @@ class MLAAttention(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
+        # transformers renamed the decoder layer's `past_key_values` argument to `cache` (5.2x)
+        past_key_values = cache if cache is not None else past_key_values
         b, t, _ = hidden_states.shape
         cos, sin = self.rope_angles(position_embeddings)
         q = self.query(hidden_states, cos, sin)

@@ -253,10 +253,10 @@ def pack(data, tokenizer, out_dir, seq_len: int, *, max_sequences: int | None = 
             if ids.size and int(ids.max()) >= vocab:
                 raise DataError(f"the tokenizer produced id {int(ids.max())} >= its vocabulary "
                                 f"size {vocab}")
+            before = writer.sequences
             done = writer.add(ids)
             if bar is not None:
-                bar.n = writer.sequences
-                bar.refresh()
+                bar.update(writer.sequences - before)
             if done:
                 break
         writer.close()

@@ -209,6 +209,8 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
     log.jsonl, loss.png and final/ (the trained model: ``mla_ext.load_pretrained`` reads it
     when the model is converted; an unconverted model is saved in Hugging Face format).
     Under FSDP the passed model is left sharded; the saved final/ is the result to use.
+    With distributed "ddp"/"fsdp" under torchrun, a process group that already exists is used
+    and left open; otherwise one is made (gloo on CPU, NCCL on GPU) and closed at the end.
     """
     config = config or TrainConfig()
     config.validate()
@@ -224,6 +226,9 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
                                    dataset.index["tokenizer_hash"], config.seq_len,
                                    dataset.index["max_sequences"])
     else:
+        if tokenizer is None:
+            raise ValueError("tokenizer is None: it is needed to pack the data (pass the "
+                             "model's tokenizer, or data packed already)")
         source = resolve_source(data, hf_config=config.hf_config, hf_split=config.hf_split,
                                 text_field=config.text_field)
         max_sequences = config.max_sequences
@@ -527,6 +532,8 @@ def _save_checkpoint(wrapped, optimizer, scheduler, config, out, env, step, toke
         torch.save(msd, tmp / ckpt.MODEL)
         torch.save(osd, tmp / ckpt.OPTIMIZER)
         state = {"step": step, "tokens": tokens, "elapsed_s": elapsed,
+                 # the data position: the global batch of step s starts at s * global_batch
+                 "sequences_seen": step * config.resume_settings(env.world)["global_batch"],
                  "scheduler": scheduler.state_dict(), "model": model_sig,
                  "settings": config.resume_settings(env.world), "steps": config.steps,
                  "world_size": env.world, "data_signature": data_sig,
@@ -592,7 +599,8 @@ def _write_final(model, tokenizer, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
+        with _dense_gguf_as_plain(model):
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if path.exists():
@@ -602,6 +610,32 @@ def _write_final(model, tokenizer, path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def _dense_gguf_as_plain(model):
+    """Present a model loaded from GGUF as an ordinary one while it is saved.
+
+    The default model comes from a GGUF file, dequantized into ordinary fp32 tensors, yet
+    transformers keeps the GGUF quantizer on it, refuses to save it and would write a
+    quantization_config that makes the directory unloadable without the GGUF file. Weights
+    still packed in GGUF blocks stay refused."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer" \
+            or getattr(quantizer, "packed_modules", None):
+        yield
+        return
+    had_config = hasattr(model.config, "quantization_config")
+    saved_config = getattr(model.config, "quantization_config", None)
+    model.hf_quantizer = None
+    if had_config:
+        del model.config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_config:
+            model.config.quantization_config = saved_config
 
 
 def read_log(path) -> list[dict]:

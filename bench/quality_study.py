@@ -1,0 +1,187 @@
+"""Training-free quality study on the default model (SmolLM2-135M-Instruct).
+
+Held-out perplexity of the original model and of converted ones, the way the paper's ablations
+are laid out (its Tables 1, 3, 5), with perplexity in place of benchmark suites:
+  1. partial RoPE only (full-rank latent): every strategy at r = 2, 4, 8;
+  2. partial RoPE r = 4 + low rank: weight SVD (joint, split; the paper) and activation-aware
+     SVD (ours) at d_kv = 8, 16, 32, with the 2-norm and the rotation-aware selection;
+  3. the cache formats on the best d_kv = 16 configuration, read back through the LatentCache.
+
+    python bench/quality_study.py                     # writes bench/results/quality_smollm2.json
+    python bench/quality_study.py --render            # JSON -> docs/results.md tables
+
+One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
+configuration. Texts: the held-out part of pydoc_data.topics and, when present,
+../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import metadata  # noqa: E402
+
+DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
+DEFAULT_DOC = ROOT / "docs" / "results.md"
+SHAKESPEARE_CANDIDATES = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
+                          ROOT / "carry" / "data" / "tinyshakespeare.txt"]
+STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation")
+SVDS = ("joint", "split", "activation", "activation-split")
+CACHE_DTYPES = ("bf16", "int8", "fp8", "int4")
+
+
+def _configs(quick: bool):
+    from mla_ext import MLAConfig
+
+    rs = (4,) if quick else (2, 4, 8)
+    for strategy in STRATEGIES:
+        for r in rs:
+            yield "partial_rope", MLAConfig(rope_strategy=strategy, rope_pairs=r, d_kv=None)
+    for strategy in ("2-norm", "rotation") if not quick else ("2-norm",):
+        for svd in SVDS if not quick else ("joint", "activation"):
+            for d_kv in (8, 16, 32) if not quick else (16,):
+                yield "low_rank", MLAConfig(rope_strategy=strategy, rope_pairs=4, d_kv=d_kv,
+                                            svd=svd)
+    yield "low_rank", MLAConfig(rope_strategy="high", rope_pairs=4, d_kv=16, svd="joint")
+
+
+def run(args) -> dict:
+    import mla_ext
+    from mla_ext.data import load_texts
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = mla_ext.load_default_model(dtype=torch.float32, device=device)
+    texts = {"pydoc": mla_ext.default_evaluation_text()}
+    shakespeare = next((p for p in SHAKESPEARE_CANDIDATES if p.exists()), None)
+    if args.shakespeare:
+        shakespeare = Path(args.shakespeare)
+    if shakespeare is not None:
+        texts["shakespeare"] = load_texts(shakespeare)[0]
+    limits = {"pydoc": args.max_tokens, "shakespeare": args.shakespeare_tokens}
+
+    def ppl(m, cache_dtype=None):
+        return {name: mla_ext.perplexity(m, tok, text, context=args.context, stride=args.context,
+                                         max_tokens=limits[name], progress=False,
+                                         cache_dtype=cache_dtype)
+                for name, text in texts.items()}
+
+    t0 = time.time()
+    calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
+                              max_sequences=args.calib_sequences, collect_xtx=True,
+                              collect_distances=True, progress=not args.quiet)
+    rows = [{"section": "original", "config": None, "ppl": ppl(model),
+             "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
+             / model.config.num_hidden_layers, "cache_dtype": "bf16"}]
+    print(_fmt(rows[-1]), flush=True)
+    best = None
+    for section, cfg in _configs(args.quick):
+        mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
+        row = {"section": section, "config": cfg.to_dict(), "ppl": ppl(mla), "cache_dtype": None,
+               "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
+               / model.config.num_hidden_layers}
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        if section == "low_rank" and cfg.d_kv == 16:
+            if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
+                best = (row, cfg)
+        del mla
+    if best is not None:
+        mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
+                                     progress=False)
+        for dtype in CACHE_DTYPES:
+            row = {"section": "cache_dtype", "config": best[1].to_dict(), "cache_dtype": dtype,
+                   "ppl": ppl(mla, cache_dtype=dtype),
+                   "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, dtype)
+                   / model.config.num_hidden_layers}
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return {"metadata": {**metadata(), "device": device, "seconds": round(time.time() - t0, 1)},
+            "protocol": {"context": args.context, "stride": args.context,
+                         "calibration": f"{args.calib_sequences} x 512 tokens of the calibration "
+                                        "part of pydoc_data.topics",
+                         "texts": {k: ("all held-out tokens" if limits[k] is None
+                                       else f"first {limits[k]} tokens") for k in texts},
+                         "command": "python bench/quality_study.py"},
+            "rows": rows}
+
+
+def _name(cfg: dict | None) -> str:
+    if cfg is None:
+        return "original"
+    d_kv = "full" if cfg["d_kv"] is None else cfg["d_kv"]
+    return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} d_kv={d_kv}"
+
+
+def _fmt(row: dict) -> str:
+    ppl = "  ".join(f"{k} {v:10.2f}" for k, v in row["ppl"].items())
+    return f"{row['section']:13s} {_name(row['config']):40s} {row['cache_dtype'] or '':5s} {ppl}"
+
+
+def render(data: dict) -> str:
+    rows = data["rows"]
+    texts = list(rows[0]["ppl"])
+    orig = rows[0]["ppl"]
+    head = "| configuration | cache B/token/layer | " + " | ".join(
+        f"ppl {t} (x original)" for t in texts) + " |\n|---|---|" + "---|" * len(texts) + "\n"
+
+    def line(r):
+        cells = " | ".join(f"{r['ppl'][t]:.2f} ({r['ppl'][t] / orig[t]:.1f}x)" for t in texts)
+        label = _name(r["config"]) + (f", {r['cache_dtype']} cache" if r["cache_dtype"] and
+                                      r["section"] == "cache_dtype" else "")
+        return f"| {label} | {r['bytes_per_token_layer']:.0f} | {cells} |\n"
+
+    proto = data["protocol"]
+    out = ["# Quality results (training-free)\n\n",
+           f"Model SmolLM2-135M-Instruct (fp32), perplexity with context {proto['context']} and "
+           f"stride {proto['stride']}; texts: " + ", ".join(f"{k}: {v}" for k, v in
+                                                             proto["texts"].items()) + "; "
+           f"calibration: {proto['calibration']}.\n",
+           f"Produced by `{proto['command']}` on {data['metadata'].get('gpu') or 'CPU'} "
+           f"({data['metadata']['timestamp']}, commit {data['metadata']['git_commit']}); "
+           "rendered by `python bench/quality_study.py --render`.\n\n"]
+    titles = {"original": "Original model", "partial_rope": "1. Partial RoPE only (full-rank latent)",
+              "low_rank": "2. Partial RoPE r = 4 + low-rank keys/values",
+              "cache_dtype": "3. Cache formats on the best d_kv = 16 configuration (through the "
+                             "LatentCache, 64-token chunks)"}
+    for section, title in titles.items():
+        part = [r for r in rows if r["section"] == section]
+        if part:
+            out.append(f"## {title}\n\n{head}" + "".join(line(r) for r in part) + "\n")
+    return "".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_JSON), help="JSON output (default %(default)s)")
+    p.add_argument("--render", action="store_true", help="only render --out into --doc")
+    p.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown output of --render")
+    p.add_argument("--device", default=None)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=None, help="pydoc tokens (default: all)")
+    p.add_argument("--shakespeare", default=None, help="path of tinyshakespeare.txt")
+    p.add_argument("--shakespeare-tokens", type=int, default=65536)
+    p.add_argument("--calib-sequences", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="a few configurations (smoke test)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.render:
+        Path(args.doc).write_text(render(json.loads(Path(args.out).read_text())))
+        print(f"wrote {args.doc}")
+        return
+    data = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(data, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
