@@ -52,6 +52,9 @@ def _configs(quick: bool):
                 yield "low_rank", MLAConfig(rope_strategy=strategy, rope_pairs=4, d_kv=d_kv,
                                             svd=svd)
     yield "low_rank", MLAConfig(rope_strategy="high", rope_pairs=4, d_kv=16, svd="joint")
+    for strategy in ("2-norm", "rotation"):
+        yield "budget", MLAConfig(rope_strategy=strategy, rope_pairs=4, svd="activation",
+                                  cache_ratio=0.1875)
 
 
 def run(args) -> dict:
@@ -90,7 +93,7 @@ def run(args) -> dict:
                / model.config.num_hidden_layers}
         rows.append(row)
         print(_fmt(row), flush=True)
-        if section == "low_rank" and cfg.d_kv == 16:
+        if section == "low_rank" and cfg.d_kv == 16 or section == "budget":
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
         del mla
@@ -117,6 +120,8 @@ def run(args) -> dict:
 def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
+    if cfg.get("cache_ratio") is not None:
+        return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} cache_ratio={cfg['cache_ratio']}"
     d_kv = "full" if cfg["d_kv"] is None else cfg["d_kv"]
     return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} d_kv={d_kv}"
 
@@ -150,6 +155,7 @@ def render(data: dict) -> str:
            "rendered by `python bench/quality_study.py --render`.\n\n"]
     titles = {"original": "Original model", "partial_rope": "1. Partial RoPE only (full-rank latent)",
               "low_rank": "2. Partial RoPE r = 4 + low-rank keys/values",
+              "budget": "2b. A cache budget of -81.25 % spread over the layers (ours)",
               "cache_dtype": "3. Cache formats on the best d_kv = 16 configuration (through the "
                              "LatentCache, 64-token chunks)"}
     for section, title in titles.items():

@@ -42,6 +42,10 @@ def _add_mla_args(p):
                    choices=("joint", "split", "activation", "activation-split"),
                    help="low-rank method: the paper's joint/split weight SVD, or the "
                         "activation-aware variants (default joint)")
+    p.add_argument("--cache-ratio", type=float, default=None,
+                   help="a cache budget instead of --d-kv: the converted bf16 cache as a fraction "
+                        "of the original (0.1875 = -81.25 %%), the latent width spread over the "
+                        "layers (needs --svd joint or activation)")
     p.add_argument("--calib-text", default=None,
                    help="calibration text: a file, directory or JSONL (default: the calibration "
                         "part of pydoc_data.topics)")
@@ -73,7 +77,7 @@ def _mla_config(args):
     from .config import MLAConfig
 
     return MLAConfig(rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs,
-                     d_kv=args.d_kv, svd=args.svd)
+                     d_kv=args.d_kv, svd=args.svd, cache_ratio=args.cache_ratio)
 
 
 def _calibration(args, model, tokenizer, cfg):

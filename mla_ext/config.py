@@ -21,12 +21,17 @@ class MLAConfig:
         full rank (lossless).
     svd: "joint" (the paper's default), "split", or the activation-aware "activation"
         (joint) / "activation-split", which need calibration activations.
+    cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
+        included) is this fraction of the original one (0.1875 = -81.25 %), the latent width
+        spread over the layers by their spectra; d_kv is then ignored. Needs svd "joint" or
+        "activation".
     """
 
     rope_strategy: str = "2-norm"
     rope_pairs: int | None = 4
     d_kv: int | None = 16
     svd: str = "joint"
+    cache_ratio: float | None = None
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -38,6 +43,11 @@ class MLAConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.cache_ratio is not None:
+            if isinstance(self.cache_ratio, bool) or not 0 < float(self.cache_ratio) <= 1:
+                raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
+            if self.svd not in ("joint", "activation"):
+                raise ValueError(f"cache_ratio needs svd 'joint' or 'activation', got {self.svd!r}")
 
     @property
     def needs_calibration(self) -> bool:

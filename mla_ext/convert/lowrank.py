@@ -209,3 +209,20 @@ def factorize_kv(w_kn: torch.Tensor, w_v: torch.Tensor, rank: int, method: str =
         w_uk=w_uk.to(torch.float32).contiguous(),
         w_uv=w_uv.to(torch.float32).contiguous(),
     )
+
+
+def joint_spectrum(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "joint", *,
+                   xtx: torch.Tensor | None = None, ridge: float = 1e-6) -> torch.Tensor:
+    """Singular values (descending, float64) of the matrix the joint methods truncate:
+    ``[w_kn; w_v]``, whitened by the activations for "activation". The squared tail beyond a
+    rank is that rank's error (in output energy for "activation"), which is what a cache budget
+    trades between layers."""
+    if method not in ("joint", "activation"):
+        raise ValueError(f"joint_spectrum needs method 'joint' or 'activation', got {method!r}")
+    _check_weight(w_kn, "w_kn")
+    _check_weight(w_v, "w_v")
+    d = w_v.shape[1]
+    w = torch.cat([w_kn.to(torch.float64), w_v.to(device=w_kn.device, dtype=torch.float64)])
+    if method == "activation":
+        w = w @ _whitening(xtx, d, ridge, w.device)
+    return torch.linalg.svdvals(w)

@@ -11,6 +11,8 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..config import MLAConfig
 from ..convert import factorize_kv, max_rank, select_rope_pairs
+from ..convert.budget import LATENT_STEP, allocate_latent_widths, latent_budget
+from ..convert.lowrank import joint_spectrum
 from .attention import MLAAttention
 
 # RoPE variants whose cos/sin are rotate-half over the full head (cat(freqs, freqs)); the
@@ -88,13 +90,12 @@ def _head_order(pairs_row: torch.Tensor, d_h: int):
     return rope, nope
 
 
-def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: MLAConfig,
-                   stats, rope_scaling: float) -> MLAAttention:
-    cfg = attn.config
-    d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
-    group = h // h_kv
-    pairs = select_rope_pairs(config.rope_strategy, config.rope_pairs, head_dim=d_h,
-                              num_heads=h, num_kv_heads=h_kv, stats=stats)
+def _layout(pairs: torch.Tensor, d_h: int, num_heads: int):
+    """Row indices of the converted projections in the original ones: q rows per head in
+    [x1 | x2 | nope] order, the kept key rows, the NoPE key rows, and the NoPE rows of the new
+    q_proj."""
+    h_kv = pairs.shape[0]
+    group = num_heads // h_kv
     q_rows, kr_rows, kn_rows, q_nope_rows = [], [], [], []
     for g in range(h_kv):
         rope, nope = _head_order(pairs[g].cpu(), d_h)
@@ -102,8 +103,47 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
         kn_rows.append(g * d_h + nope)
         for q in range(g * group, (g + 1) * group):
             q_rows.append(q * d_h + torch.cat([rope, nope]))
-            q_nope_rows.append(q * d_h + 2 * len(pairs[g]) + torch.arange(len(nope)))
-    q_rows, kr_rows, kn_rows = torch.cat(q_rows), torch.cat(kr_rows), torch.cat(kn_rows)
+            q_nope_rows.append(q * d_h + len(rope) + torch.arange(len(nope)))
+    return torch.cat(q_rows), torch.cat(kr_rows), torch.cat(kn_rows), torch.cat(q_nope_rows)
+
+
+def _select_pairs(attn, config: MLAConfig, stats) -> torch.Tensor:
+    cfg = attn.config
+    return select_rope_pairs(config.rope_strategy, config.rope_pairs, head_dim=_head_dim(cfg),
+                             num_heads=cfg.num_attention_heads,
+                             num_kv_heads=cfg.num_key_value_heads, stats=stats)
+
+
+def budget_plan(model, config: MLAConfig, stats: list) -> list[dict]:
+    """Per-layer sizes under ``config.cache_ratio``: every layer keeps ``rope_pairs`` pairs and
+    the latent width is spread over the layers by their spectra (convert/budget.py)."""
+    cfg = model.config
+    d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    r = d_h // 2 if config.rope_pairs is None else config.rope_pairs
+    if r > d_h // 2:
+        raise ValueError(f"rope_pairs={r} exceeds the {d_h // 2} frequency pairs of head_dim {d_h}")
+    layers = _decoder_layers(model)
+    budget = latent_budget(config.cache_ratio, len(layers), h_kv, d_h, [2 * r] * len(layers))
+    spectra, maximum = [], []
+    for layer, layer_stats in zip(layers, stats):
+        attn = layer.self_attn
+        kn_rows = _layout(_select_pairs(attn, config, layer_stats), d_h, h)[2]
+        w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
+        w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
+        xtx = getattr(layer_stats, "xtx", None) if config.svd == "activation" else None
+        spectra.append(joint_spectrum(w_k[kn_rows], w_v, config.svd, xtx=xtx))
+        top = max_rank(config.svd, len(kn_rows), w_v.shape[0], cfg.hidden_size)
+        maximum.append(top - top % LATENT_STEP)
+    widths = allocate_latent_widths(spectra, budget, maximum=maximum)
+    return [{"rope_pairs": r, "latent_dim": w} for w in widths]
+
+
+def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: MLAConfig,
+                   stats, rope_scaling: float) -> MLAAttention:
+    cfg = attn.config
+    d_h, h = _head_dim(cfg), cfg.num_attention_heads
+    pairs = _select_pairs(attn, config, stats)
+    q_rows, kr_rows, kn_rows, q_nope_rows = _layout(pairs, d_h, h)
 
     def weight(lin):
         return lin.weight.detach().to("cpu", torch.float64)
@@ -120,10 +160,9 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
     if rope_scaling != 1.0:
         # Scaled RoPE (yarn, longrope) multiplies every rotated q and k by the same factor; the
         # NoPE dims lose the rotation but keep that factor, folded into q once (squared).
-        nope = torch.cat(q_nope_rows) if q_nope_rows else torch.empty(0, dtype=torch.long)
-        new_q_w[nope] *= rope_scaling ** 2
+        new_q_w[q_nope_rows] *= rope_scaling ** 2
         if new_q_b is not None:
-            new_q_b[nope] *= rope_scaling ** 2
+            new_q_b[q_nope_rows] *= rope_scaling ** 2
 
     param = attn.q_proj.weight
     mla = MLAAttention(cfg, layer_idx, sizes["rope_pairs"], sizes["latent_dim"])
@@ -158,7 +197,7 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
     if not isinstance(config, MLAConfig):
         raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
     _check_model(model)
-    plan = plan_layers(model, config)
+    plan = None if config.cache_ratio is not None else plan_layers(model, config)
     layers = _decoder_layers(model)
     if config.needs_calibration:
         if calibration is None:
@@ -173,6 +212,8 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
             raise ValueError('rope_strategy="rotation" needs attention distances: calibrate '
                              "with collect_distances=True")
     stats = calibration.layers if calibration is not None else [None] * len(layers)
+    if plan is None:
+        plan = budget_plan(model, config, stats)
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
 
