@@ -24,11 +24,13 @@ def workload():
     from mla_ext import ops
 
     cases = []
-    for D_c, H, H_kv in ((24, 9, 3), (200, 32, 8), (512, 16, 16), (1000, 8, 2), (2048, 16, 4)):
-        for dt in (torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8):
-            cases.append(DecodeParam(3, 2, H, H_kv, 16, D_c, 16, (0, 37, 700), dt,
-                                     torch.float8_e4m3fn if dt == torch.uint8 else torch.bfloat16,
-                                     torch.bfloat16, 8, seed=D_c))
+    dtypes = (torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8)
+    shapes = ((24, 9, 3), (200, 32, 8), (512, 16, 16), (1000, 8, 2), (2048, 16, 4))
+    for i, (D_c, H, H_kv) in enumerate(shapes):
+        dt = dtypes[i % len(dtypes)]
+        cases.append(DecodeParam(3, 2, H, H_kv, 16, D_c, 16, (0, 37, 700), dt,
+                                 torch.float8_e4m3fn if i % 2 else torch.bfloat16,
+                                 torch.bfloat16, 8, seed=D_c))
     for p in cases:
         args, _ = make_inputs(p, "cuda")
         ops.mla_decode(*args)

@@ -6,6 +6,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "args/mla_decode.h"
 #include "cuda/mla_decode/launch.h"
 #include "cuda/mla_decode/split_plan.h"
@@ -78,12 +82,26 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
               ", d_r = ", p.d_r, " need ", p.smem.total, " bytes of shared memory per CTA; ",
               "this GPU allows ", smem_limit);
   p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
+  // The occupancy query costs microseconds of host time per call: remember its answers.
+  static std::mutex cache_mutex;
+  static std::map<std::tuple<int, int, int, int>, int> occupancy_cache;
+  const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype),
+                                   bucket, p.smem.total);
   int ctas_per_sm = 0;
-  MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-    MLA_DECODE_BUCKET_SWITCH(bucket, [&] {
-      ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket>(p.smem.total);
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = occupancy_cache.find(key);
+    if (it != occupancy_cache.end()) ctas_per_sm = it->second;
+  }
+  if (ctas_per_sm == 0) {
+    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
+      MLA_DECODE_BUCKET_SWITCH(bucket, [&] {
+        ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket>(p.smem.total);
+      });
     });
-  });
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    occupancy_cache[key] = ctas_per_sm;
+  }
   TORCH_CHECK(ctas_per_sm >= 1, kOp, ": the kernel does not fit on an SM of this GPU");
   const int slots = props->multiProcessorCount * ctas_per_sm;
   const int target = std::min(decode::kPlanSlots, std::max(1, slots / p.row_chunks));

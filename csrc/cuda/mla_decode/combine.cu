@@ -1,5 +1,5 @@
 // LSE merge of split sequences: o = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s).
-// One CTA per (sequence, row); the split weights are computed once into shared memory.
+// One CTA per (sequence, row, slice of channels); split weights go to shared memory first.
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -53,15 +53,24 @@ __global__ void __launch_bounds__(kCombineThreads)
   __syncthreads();
   const int64_t out_row = static_cast<int64_t>(b) * p.rows + row;
   T* o = reinterpret_cast<T*>(p.o_lat) + out_row * p.D_c;
-  for (int c = threadIdx.x; c < p.D_c; c += kCombineThreads) {
+  // Channels of this CTA's slice; the split loop is unrolled so several loads are in flight.
+  const int c = blockIdx.y * kCombineThreads + threadIdx.x;
+  if (c < p.D_c) {
+    const float* src = p.ws_o + (static_cast<int64_t>(first) * p.rows + row) * p.D_c + c;
+    const int64_t stride = static_cast<int64_t>(p.rows) * p.D_c;
     float acc = 0.f;
-    for (int s = 0; s < n; ++s) {
-      const float w = weights[s];
-      if (w != 0.f) acc += w * p.ws_o[(static_cast<int64_t>(first + s) * p.rows + row) * p.D_c + c];
+    int s = 0;
+    for (; s + 4 <= n; s += 4) {
+      float v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = weights[s + j] != 0.f ? src[(s + j) * stride] : 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc += weights[s + j] * v[j];
     }
+    for (; s < n; ++s) acc += weights[s] != 0.f ? weights[s] * src[s * stride] : 0.f;
     o[c] = to_out<T>(acc);
   }
-  if (threadIdx.x == 0) p.lse[out_row] = lse_total;
+  if (threadIdx.x == 0 && blockIdx.y == 0) p.lse[out_row] = lse_total;
 }
 
 }  // namespace
@@ -73,7 +82,8 @@ void launch_combine(const MlaDecodeParams& params, cudaStream_t stream) {
   const int smem = params.max_parts * static_cast<int>(sizeof(float));
   auto kernel = mla_decode_combine_kernel<T>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<static_cast<unsigned>(grid), kCombineThreads, smem, stream>>>(params);
+  const dim3 blocks(static_cast<unsigned>(grid), (params.D_c + kCombineThreads - 1) / kCombineThreads);
+  kernel<<<blocks, kCombineThreads, smem, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

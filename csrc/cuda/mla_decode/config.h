@@ -22,7 +22,7 @@ constexpr int kBucketTileTokens[kNumBuckets] = {64, 32, 32, 16, 16};
 // Tokens per cp.async piece: a piece never crosses a cache block (block_size is a multiple).
 constexpr int kPieceTokens = 16;
 // The fewest tiles a split takes, so that the query load and the merge stay small next to it.
-constexpr int kMinTilesPerSplit = 2;
+constexpr int kMinTilesPerSplit = 4;
 
 constexpr int bucket_of(int64_t latent_dim) {
   for (int i = 0; i < kNumBuckets; ++i) {

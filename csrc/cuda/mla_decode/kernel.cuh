@@ -109,10 +109,15 @@ struct DecodeKernel {
   static constexpr int kRows = kRowTiles * 8;
   static constexpr int kTokTiles = kTileTokens / 16;
   static constexpr int kPieces = kTileTokens / kPieceTokens;
-  static constexpr int kThreadsPerRow = kThreads / kRows;
+  // Threads sharing one row's softmax: a power of two within a warp, at most one per token; with
+  // more threads than rows * tokens the surplus threads sit the softmax out.
+  static constexpr int kThreadsPerRow =
+      kThreads / kRows < kTileTokens ? kThreads / kRows : kTileTokens;
+  static constexpr int kSoftmaxThreads = kRows * kThreadsPerRow;
   static constexpr int kTokensPerThread = kTileTokens / kThreadsPerRow;
   static_assert(kTileTokens % 16 == 0 && kTileTokens % kPieceTokens == 0);
   static_assert(kThreadsPerRow >= 1 && kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0);
+  static_assert(kSoftmaxThreads % 32 == 0 && kSoftmaxThreads <= kThreads);
   static_assert(kTileTokens % kThreadsPerRow == 0);
 
   // Slot (block * block_size + offset) of the first token of piece `piece` of tile `tile`, or -1
@@ -298,7 +303,7 @@ struct DecodeKernel {
     const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
     {
       const int chunks = L.ld_tile / 8;
-      for (int idx = tid; idx < kRows * chunks; idx += kThreads) {
+      for (int idx = tid; idx < p.rows_per_cta * chunks; idx += kThreads) {
         const int r = idx / chunks, c8 = (idx % chunks) * 8;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r < rows_here && c8 < p.D_c) {
@@ -330,9 +335,10 @@ struct DecodeKernel {
         for (int k = 0; k < 4; ++k) acc[i][j][k] = 0.f;
 
     // Softmax state of this thread's row, replicated over the row's threads.
-    const int my_row = tid / kThreadsPerRow, my_sub = tid % kThreadsPerRow;
+    const bool softmax_thread = tid < kSoftmaxThreads;
+    const int my_row = softmax_thread ? tid / kThreadsPerRow : 0, my_sub = tid % kThreadsPerRow;
     const int my_grow = row0 + my_row;
-    const bool my_row_valid = my_row < rows_here;
+    const bool my_row_valid = softmax_thread && my_row < rows_here;
     const int my_i = my_grow / p.H, my_h = my_grow % p.H;
     int my_kl = (my_h / group - kv_lo + p.H_kv) % p.H_kv;
     if (my_kl >= kv_cnt) my_kl = 0;  // rows past the end: any in-range head, masked anyway
@@ -399,8 +405,8 @@ struct DecodeKernel {
           }
       __syncthreads();
 
-      // 4. scores, mask, online softmax; P^T[row][token] in T.
-      {
+      // 4. scores, mask, online softmax; P^T[row][token] in T. Whole warps take part or not.
+      if (softmax_thread) {
         const uint8_t* rope = smem + L.rope[st];
         const __half* rscale = reinterpret_cast<const __half*>(smem + L.rope_scale[st]);
         const int kv_global = (kv_lo + my_kl) % p.H_kv;
@@ -487,7 +493,7 @@ struct DecodeKernel {
     // Finalize: o = acc / l; lse = m + log l; o = 0, lse = -inf where nothing was visible.
     float* l_s = reinterpret_cast<float*>(smem + L.stats) + kRows;
     float* m_s = l_s + kRows;
-    if (my_sub == 0) {
+    if (softmax_thread && my_sub == 0) {
       l_s[my_row] = l_run;
       m_s[my_row] = m_run;
     }
@@ -526,7 +532,9 @@ struct DecodeKernel {
 };
 
 template <typename T, int kWarps, int kChanTiles, int kRowTiles, int kTileTokens>
-__global__ void __launch_bounds__(kWarps * 32, 1)
+// At most 128 registers per thread: 512 threads fill the register file, and smaller CTAs should
+// leave room for a second or fourth CTA per SM to hide memory latency.
+__global__ void __launch_bounds__(kWarps * 32, 512 / (kWarps * 32))
     mla_decode_kernel(const __grid_constant__ MlaDecodeParams params) {
   DecodeKernel<T, kWarps, kChanTiles, kRowTiles, kTileTokens>::run(params);
 }

@@ -69,7 +69,9 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int warps, int row_
   s.rope_bytes_per_kv = p.d_r * p.rope_esize;
   int off = 0;
   auto take = [&](int bytes) { int at = off; off += align16(bytes); return at; };
-  s.q = take(rows * s.ld_tile * 2);
+  // Only rows_per_cta query rows are stored; ldmatrix of the rows past them (up to rows) reads
+  // the regions that follow, inside the allocation, and those rows' scores are masked.
+  s.q = take(p.rows_per_cta * s.ld_tile * 2);
   s.q_rope = take(rows * p.d_r * 4);
   const int tile_bytes = tile_tokens * s.ld_tile * 2;
   s.tile[0] = take(tile_bytes);
