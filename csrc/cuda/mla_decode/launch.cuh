@@ -29,15 +29,9 @@ template <typename T, int kBucket>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream) {
   auto kernel = bucket_kernel<T, kBucket>();
   const int smem = params.smem.total;
-  // The attribute is per device and only has to grow; skip the driver call when it is set.
-  static int configured[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device >= 64 || smem > configured[device]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem));
-    if (device < 64) configured[device] = smem;
-  }
+  // Set on every launch: decode_ctas_per_sm sets the same attribute for other sizes, so a
+  // remembered value could be stale (a launch above the attribute fails with invalid argument).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
   kernel<<<static_cast<unsigned>(grid), kBucketWarps[kBucket] * 32, smem, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
