@@ -177,13 +177,72 @@ def run(args):
     return rows, notes, peak
 
 
+PROFILE_SHAPES = [  # (model, D_c, B, S, latent, rope)
+    ("llama2", 512, 1, 4096, "bf16", "bf16"),
+    ("llama2", 512, 32, 16384, "bf16", "bf16"),
+    ("llama2", 512, 32, 16384, "int4", "fp8"),
+    ("llama3", 256, 32, 16384, "bf16", "bf16"),
+    ("llama3", 256, 32, 16384, "int8", "bf16"),
+]
+
+
+def profile(args):
+    """Where the time goes: device time of each kernel (torch.profiler), the op timed eagerly
+    and as a replayed CUDA graph (their difference is host overhead), and the launch grid."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    timer = Timer(warmup=3, repeat=args.repeat)
+    op = torch.ops.mla_ext.mla_decode.default
+    for name, D_c, B, S, lname, rname in PROFILE_SHAPES:
+        m = MODELS[name]
+        H, H_kv, d_r = m["H"], m["H_kv"], m["d_r"]
+        latent, ls, lz, kr, ks, table, lens = make_cache(B, S, H_kv, d_r, D_c, LATENT[lname],
+                                                         ROPE[rname])
+        q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
+        q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
+        call = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, 1.0 / math.sqrt(128))
+        plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
+        nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
+        eager = timer(lambda: op(*call, plan))["median_us"]
+        graph = torch.cuda.CUDAGraph()
+        op(*call, plan)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            op(*call, plan)
+        replay = timer(graph.replay)["median_us"]
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                op(*call, plan)
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+            if t and e.count:
+                kernels[e.key[:60]] = (round(t, 1), e.count)
+        used = int(plan[2])
+        floor_us = nbytes / 4.3e12 * 1e6
+        print(f"PROFILE {name} D_c={D_c} B={B} S={S} {lname}/{rname}: {nbytes / 2**20:.0f} MiB, "
+              f"floor {floor_us:.1f} us; eager {eager:.1f} us, graph {replay:.1f} us, "
+              f"parts used {used}, tile {int(plan[1])}", flush=True)
+        for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+            print(f"    {t:9.1f} us avg x{n:3d}  {k}", flush=True)
+        del latent, ls, lz, kr, ks, table, lens, call, plan, graph
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="one D_c per model, two (B, S), two dtypes")
     ap.add_argument("--models", default="smollm2,llama2,llama3")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     args = ap.parse_args()
+    if args.profile:
+        profile(args)
+        return
     rows, notes, peak = run(args)
     path = write_results("decode_h200", rows, extra={"peak_read_GBps": round(peak / 1e9, 1),
                                                      "notes": notes, "quick": args.quick},

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/mla_decode/launch.h"
+#include "cuda/mla_decode/smem_attribute.h"
 #include "cuda/mla_decode/split_plan.h"
 
 namespace mla_ext::decode {
@@ -81,7 +82,7 @@ void launch_combine(const MlaDecodeParams& params, cudaStream_t stream) {
   if (grid == 0) return;
   const int smem = params.max_parts * static_cast<int>(sizeof(float));
   auto kernel = mla_decode_combine_kernel<T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const dim3 blocks(static_cast<unsigned>(grid), (params.D_c + kCombineThreads - 1) / kCombineThreads);
   kernel<<<blocks, kCombineThreads, smem, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

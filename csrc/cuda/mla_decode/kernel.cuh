@@ -111,14 +111,15 @@ struct DecodeKernel {
   static constexpr int kPieces = kTileTokens / kPieceTokens;
   // Threads sharing one row's softmax: a power of two within a warp, at most one per token; with
   // more threads than rows * tokens the surplus threads sit the softmax out.
-  static constexpr int kThreadsPerRow =
-      kThreads / kRows < kTileTokens ? kThreads / kRows : kTileTokens;
+  static constexpr int kThreadsPerRow = softmax_threads_per_row(kThreads, kRows, kTileTokens);
+  static constexpr int kSpartLd = spart_row_floats(kThreads, kRows, kTileTokens);
   static constexpr int kSoftmaxThreads = kRows * kThreadsPerRow;
   static constexpr int kTokensPerThread = kTileTokens / kThreadsPerRow;
   static_assert(kTileTokens % 16 == 0 && kTileTokens % kPieceTokens == 0);
   static_assert(kThreadsPerRow >= 1 && kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0);
   static_assert(kSoftmaxThreads % 32 == 0 && kSoftmaxThreads <= kThreads);
   static_assert(kTileTokens % kThreadsPerRow == 0);
+  static_assert(kThreads % kRows == 0);  // the RoPE pass gives each thread one fixed row
 
   // Slot (block * block_size + offset) of the first token of piece `piece` of tile `tile`, or -1
   // when the piece starts at or past the sequence end (its block-table entry may be garbage).
@@ -174,7 +175,7 @@ struct DecodeKernel {
     }
     // RoPE keys of the KV heads this CTA's rows use: [token][kv_local][d_r].
     const int kvb = L.rope_bytes_per_kv;
-    const int csize = kvb >= 16 ? 16 : 8;
+    const int csize = kvb % 16 == 0 ? 16 : 8;  // api.cu checks kvb % 8 == 0
     const int per_kv = kvb / csize;
     const int row_bytes = p.H_kv * kvb;
     for (int idx = tid; idx < kTileTokens * kv_cnt * per_kv; idx += kThreads) {
@@ -258,15 +259,51 @@ struct DecodeKernel {
     }
   }
 
-  static __device__ __forceinline__ float rope_key(const MlaDecodeParams& p, const uint8_t* rope,
-                                                   int t, int kl, int kv_cnt, int j) {
-    const int e = (t * kv_cnt + kl) * p.d_r + j;
-    switch (p.rope_kind) {
-      case kRopeBf16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(rope)[e]);
-      case kRopeFp16: return __half2float(reinterpret_cast<const __half*>(rope)[e]);
-      case kRopeFp32: return reinterpret_cast<const float*>(rope)[e];
-      default: return fp8_to_float(rope[e]);
+  // q_rope . k_rope of one (token, row): the key is read in 8-byte pieces (rows of a warp read
+  // neighbouring keys: few bank conflicts), the query from the transposed qr_s [d_r][kRows].
+  static __device__ __forceinline__ float rope_dot(const MlaDecodeParams& p, const uint8_t* key,
+                                                   const float* qr_col) {
+    float dot = 0.f;
+    const int kvb = p.smem.rope_bytes_per_kv;
+    for (int c = 0; c < kvb; c += 8) {
+      const uint2 w = *reinterpret_cast<const uint2*>(key + c);
+      switch (p.rope_kind) {
+        case kRopeBf16:
+        case kRopeFp16: {
+          const int j = c / 2;
+          const uint32_t words[2] = {w.x, w.y};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const uint16_t bits = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
+            float k;
+            if (p.rope_kind == kRopeBf16) {
+              k = __uint_as_float(static_cast<uint32_t>(bits) << 16);
+            } else {
+              __half_raw raw;
+              raw.x = bits;
+              k = __half2float(__half(raw));
+            }
+            dot += qr_col[(j + e) * kRows] * k;
+          }
+          break;
+        }
+        case kRopeFp32: {
+          const int j = c / 4;
+          dot += qr_col[j * kRows] * __uint_as_float(w.x) +
+                 qr_col[(j + 1) * kRows] * __uint_as_float(w.y);
+          break;
+        }
+        default: {
+          const uint32_t words[2] = {w.x, w.y};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const uint8_t b = static_cast<uint8_t>(words[e / 4] >> (8 * (e % 4)));
+            dot += qr_col[(c + e) * kRows] * fp8_to_float(b);
+          }
+        }
+      }
     }
+    return dot;
   }
 
   static __device__ void run(const MlaDecodeParams& p) {
@@ -313,7 +350,8 @@ struct DecodeKernel {
       }
       for (int idx = tid; idx < kRows * p.d_r; idx += kThreads) {
         const int r = idx / p.d_r, j = idx % p.d_r;
-        qr_s[idx] = r < rows_here ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + j]) : 0.f;
+        qr_s[j * kRows + r] =
+            r < rows_here ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + j]) : 0.f;
       }
       if (p.format == kFmtFloat) {
         const int pad = L.ld_tile - p.D_c;  // channels cp.async never writes
@@ -339,9 +377,7 @@ struct DecodeKernel {
     const int my_row = softmax_thread ? tid / kThreadsPerRow : 0, my_sub = tid % kThreadsPerRow;
     const int my_grow = row0 + my_row;
     const bool my_row_valid = softmax_thread && my_row < rows_here;
-    const int my_i = my_grow / p.H, my_h = my_grow % p.H;
-    int my_kl = (my_h / group - kv_lo + p.H_kv) % p.H_kv;
-    if (my_kl >= kv_cnt) my_kl = 0;  // rows past the end: any in-range head, masked anyway
+    const int my_i = my_grow / p.H;
     const int my_last_visible = len - p.s_q + my_i;  // positions <= this are visible
     float m_run = -INFINITY, l_run = 0.f;
 
@@ -349,6 +385,12 @@ struct DecodeKernel {
     T* pt = reinterpret_cast<T*>(smem + L.pt);
     float* alpha_s = reinterpret_cast<float*>(smem + L.stats);
     const int chan_base = warp * kChanTiles * 16;
+
+    // The RoPE pass: this thread's fixed row (kThreads is a multiple of kRows) and its KV head.
+    const int rope_row = tid % kRows;
+    int rope_kl = (((row0 + rope_row) % p.H) / group - kv_lo + p.H_kv) % p.H_kv;
+    if (rope_kl >= kv_cnt) rope_kl = 0;  // rows past the end: masked anyway
+    const int rope_kv_global = (kv_lo + rope_kl) % p.H_kv;
 
     if (tile_begin < tile_end) load_tile(p, smem, 0, b, len, tile_begin, kv_lo, kv_cnt);
     cp_async_commit();
@@ -401,15 +443,24 @@ struct DecodeKernel {
           for (int k = 0; k < 4; ++k) {
             const int t = mt * 16 + lane / 4 + (k / 2) * 8;
             const int r = nt * 8 + 2 * (lane % 4) + (k % 2);
-            spart[(warp * kTileTokens + t) * kRows + r] = sacc[mt][nt][k];
+            spart[(warp * kTileTokens + t) * kSpartLd + r] = sacc[mt][nt][k];
           }
+      // RoPE scores into the extra slice: one (token, row) per thread and step, rows fastest.
+      {
+        const uint8_t* rope = smem + L.rope[st];
+        const __half* rscale = reinterpret_cast<const __half*>(smem + L.rope_scale[st]);
+        float* srope = spart + kWarps * kTileTokens * kSpartLd;
+        const float* qr_col = qr_s + rope_row;
+        for (int t = tid / kRows; t < kTileTokens; t += kThreads / kRows) {
+          float dot = rope_dot(p, rope + (t * kv_cnt + rope_kl) * L.rope_bytes_per_kv, qr_col);
+          if (p.rope_kind == kRopeFp8) dot *= __half2float(rscale[t * p.H_kv + rope_kv_global]);
+          srope[t * kSpartLd + rope_row] = dot;
+        }
+      }
       __syncthreads();
 
       // 4. scores, mask, online softmax; P^T[row][token] in T. Whole warps take part or not.
       if (softmax_thread) {
-        const uint8_t* rope = smem + L.rope[st];
-        const __half* rscale = reinterpret_cast<const __half*>(smem + L.rope_scale[st]);
-        const int kv_global = (kv_lo + my_kl) % p.H_kv;
         const int tok0 = tile * kTileTokens;
         float s[kTokensPerThread];
         float tile_max = -INFINITY;
@@ -420,15 +471,12 @@ struct DecodeKernel {
           const bool visible = my_row_valid && pos < len && pos <= my_last_visible;
           float v = -INFINITY;
           if (visible) {
-            float dot = 0.f;
-#pragma unroll 4
-            for (int w = 0; w < kWarps; ++w) dot += spart[(w * kTileTokens + t) * kRows + my_row];
-            float rdot = 0.f;
-            for (int j = 0; j < p.d_r; ++j) {
-              rdot += qr_s[my_row * p.d_r + j] * rope_key(p, rope, t, my_kl, kv_cnt, j);
+            float dot = 0.f;  // kWarps channel slices + the RoPE slice
+#pragma unroll
+            for (int w = 0; w <= kWarps; ++w) {
+              dot += spart[(w * kTileTokens + t) * kSpartLd + my_row];
             }
-            if (p.rope_kind == kRopeFp8) rdot *= __half2float(rscale[t * p.H_kv + kv_global]);
-            v = (dot + rdot) * p.softmax_scale;
+            v = dot * p.softmax_scale;
           }
           s[k] = v;
           tile_max = fmaxf(tile_max, v);

@@ -5,6 +5,7 @@
 
 #include "cuda/mla_decode/kernel.cuh"
 #include "cuda/mla_decode/launch.h"
+#include "cuda/mla_decode/smem_attribute.h"
 
 namespace mla_ext::decode {
 
@@ -17,8 +18,7 @@ constexpr auto bucket_kernel() {
 template <typename T, int kBucket>
 int decode_ctas_per_sm(int smem_bytes) {
   auto kernel = bucket_kernel<T, kBucket>();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      smem_bytes));
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &n, kernel, kBucketWarps[kBucket] * 32, smem_bytes));
@@ -28,12 +28,10 @@ int decode_ctas_per_sm(int smem_bytes) {
 template <typename T, int kBucket>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream) {
   auto kernel = bucket_kernel<T, kBucket>();
-  const int smem = params.smem.total;
-  // Set on every launch: decode_ctas_per_sm sets the same attribute for other sizes, so a
-  // remembered value could be stale (a launch above the attribute fails with invalid argument).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
-  kernel<<<static_cast<unsigned>(grid), kBucketWarps[kBucket] * 32, smem, stream>>>(params);
+  kernel<<<static_cast<unsigned>(grid), kBucketWarps[kBucket] * 32, params.smem.total, stream>>>(
+      params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

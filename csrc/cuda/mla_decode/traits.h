@@ -52,6 +52,17 @@ struct MlaDecodeParams {
 
 C10_HOST_DEVICE inline int align16(int x) { return (x + 15) / 16 * 16; }
 
+// Threads sharing one row's softmax: a power of two within a warp, at most one per token.
+C10_HOST_DEVICE constexpr int softmax_threads_per_row(int threads, int rows, int tile_tokens) {
+  return threads / rows < tile_tokens ? threads / rows : tile_tokens;
+}
+
+// Floats per token of the partial-score buffer: rows plus the rows one warp's softmax reads, so
+// that a warp reading (its rows) x (its tokens) hits 32 distinct banks.
+C10_HOST_DEVICE constexpr int spart_row_floats(int threads, int rows, int tile_tokens) {
+  return rows + 32 / softmax_threads_per_row(threads, rows, tile_tokens);
+}
+
 // KV heads a CTA's rows use form a cyclic range of at most rows_per_cta + 1 heads.
 C10_HOST_DEVICE inline int max_kv_per_cta(int rows_per_cta, int H, int H_kv) {
   const int group = H / H_kv;
@@ -84,7 +95,8 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int warps, int row_
     s.rope[st] = take(tile_tokens * kv * s.rope_bytes_per_kv);
     s.rope_scale[st] = p.rope_kind == kRopeFp8 ? take(tile_tokens * p.H_kv * 2) : 0;
   }
-  s.spart = take(warps * tile_tokens * rows * 4);
+  // One slice per warp (its channels' partial scores) plus one for the RoPE scores.
+  s.spart = take((warps + 1) * tile_tokens * spart_row_floats(warps * 32, rows, tile_tokens) * 4);
   s.pt = take(rows * s.ld_pt * 2);
   s.stats = take(3 * rows * 4);
   s.total = off;

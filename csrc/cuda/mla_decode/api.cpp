@@ -1,6 +1,9 @@
 // Host entry of mla_decode on CUDA: checks, the kernel configuration (bucket, rows per CTA, shared
 // memory, split count), the split plan, then decode + combine on the current stream. Nothing here
 // reads device memory, so a call can be captured in a CUDA graph.
+// A .cpp, compiled by the host compiler: on the H200 image, a failing TORCH_CHECK whose message
+// formats integers segfaulted when the check sat in an nvcc-compiled translation unit (inside
+// std::ostream number formatting); .cu files therefore hold no TORCH_CHECK.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -106,6 +109,9 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   const int slots = props->multiProcessorCount * ctas_per_sm;
   const int target = std::min(decode::kPlanSlots, std::max(1, slots / p.row_chunks));
   p.max_parts = target + p.B;
+  // The merge keeps one weight per split of a sequence in shared memory.
+  TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
+              " is too large for the split-KV merge on this GPU");
   return {bucket, tile_tokens, target};
 }
 
@@ -132,7 +138,8 @@ MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype) 
   return p;
 }
 
-void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const at::Tensor& latent) {
+void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const at::Tensor& latent,
+                        at::ScalarType k_rope_dtype) {
   constexpr const char* kOp = "mla_decode";
   TORCH_CHECK(q_lat.scalar_type() == at::kBFloat16 || q_lat.scalar_type() == at::kHalf, kOp,
               ": the CUDA kernel computes in bf16 or fp16; q_lat must be one of them, got ",
@@ -147,6 +154,10 @@ void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const a
   TORCH_CHECK(d.block_size % decode::kPieceTokens == 0, kOp,
               ": the CUDA kernel needs block_size to be a multiple of ", decode::kPieceTokens,
               ", got ", d.block_size);
+  const int64_t rope_row_bytes = d.d_r * c10::elementSize(k_rope_dtype);
+  TORCH_CHECK(rope_row_bytes % 8 == 0, kOp, ": the CUDA kernel copies RoPE keys in 8-byte pieces; "
+              "d_r * element size of k_rope_cache must be a multiple of 8 bytes, got d_r = ",
+              d.d_r, " with ", k_rope_dtype);
   TORCH_CHECK(d.B * d.s_q * d.H < (int64_t{1} << 31) && d.max_blocks < (int64_t{1} << 31) &&
                   d.num_blocks * d.block_size < (int64_t{1} << 31),
               kOp, ": sizes exceed the kernel's 32-bit index range");
@@ -167,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
     const std::optional<at::Tensor>& sched_meta_opt) {
   const MlaDecodeDims d = check_mla_decode_args(q_lat, q_rope, latent, latent_scale, latent_zero,
                                                 k_rope_cache, k_rope_scale, block_table, seq_lens);
-  check_cuda_support(d, q_lat, latent);
+  check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
   const at::cuda::OptionalCUDAGuard guard(q_lat.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor o_lat = at::empty_like(q_lat, at::MemoryFormat::Contiguous);
@@ -248,7 +259,7 @@ at::Tensor mla_decode_plan_cuda(const at::Tensor& q_lat, const at::Tensor& laten
   TORCH_CHECK(d.H_kv >= 1 && d.H % d.H_kv == 0 && d.num_groups >= 1, kOp,
               ": H must be a multiple of H_kv and latent_scale must have >= 1 group");
   d.group_size = d.D_c / d.num_groups;
-  check_cuda_support(d, q_lat, latent);
+  check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
   const at::cuda::OptionalCUDAGuard guard(q_lat.device());
   MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type());
   const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
