@@ -22,7 +22,11 @@ TORCH_LIBRARY(mla_ext, m) {
   m.def(
       "mla_decode(Tensor q_lat, Tensor q_rope, Tensor latent, Tensor? latent_scale, "
       "Tensor? latent_zero, Tensor k_rope_cache, Tensor? k_rope_scale, Tensor block_table, "
-      "Tensor seq_lens, float softmax_scale) -> (Tensor, Tensor)");
+      "Tensor seq_lens, float softmax_scale, Tensor? sched_meta=None) -> (Tensor, Tensor)");
+  // Split-KV schedule of mla_decode for one step (int32), reusable by every layer of that step.
+  m.def(
+      "mla_decode_plan(Tensor q_lat, Tensor latent, Tensor? latent_scale, Tensor k_rope_cache, "
+      "Tensor seq_lens) -> Tensor");
   // Dequantized context of each sequence, zero-padded to max_len; returns (c, k_rope).
   m.def(
       "latent_gather(Tensor latent, Tensor? latent_scale, Tensor? latent_zero, "
@@ -33,12 +37,16 @@ TORCH_LIBRARY(mla_ext, m) {
 TORCH_LIBRARY_IMPL(mla_ext, CPU, m) {
   m.impl("partial_rope", &mla_ext::partial_rope_cpu);
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cpu);
+  m.impl("mla_decode", &mla_ext::mla_decode_cpu);
+  m.impl("mla_decode_plan", &mla_ext::mla_decode_plan_cpu);
 }
 
 #ifdef MLA_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(mla_ext, CUDA, m) {
   m.impl("partial_rope", &mla_ext::partial_rope_cuda);
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cuda);
+  m.impl("mla_decode", &mla_ext::mla_decode_cuda);
+  m.impl("mla_decode_plan", &mla_ext::mla_decode_plan_cuda);
 }
 #endif
 

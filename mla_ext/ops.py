@@ -121,20 +121,62 @@ def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent
     _op("latent_project")(*args)
 
 
+def _check_decode_ranges(latent, block_table, seq_lens) -> None:
+    # The CUDA kernel cannot raise a message: check seq_lens and the block-table entries a
+    # sequence uses here (one small sync), unless a CUDA graph is being captured.
+    if not seq_lens.is_cuda or seq_lens.numel() == 0 or _capturing() \
+            or torch.compiler.is_compiling():
+        return
+    if seq_lens.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or latent.dim() != 3:
+        return  # the C++ checks name the argument
+    num_blocks, block_size = latent.shape[0], latent.shape[1]
+    max_blocks = block_table.shape[1]
+    lens = seq_lens.long()
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 0 or hi > max_blocks * block_size:
+        raise RuntimeError(f"mla_decode: seq_lens must be in [0, max_blocks * block_size = "
+                           f"{max_blocks * block_size}], got values in [{lo}, {hi}]")
+    used = torch.arange(max_blocks, device=lens.device) < ((lens + block_size - 1) // block_size)[:, None]
+    entries = block_table[used]
+    if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_blocks):
+        raise RuntimeError(f"mla_decode: block_table holds block ids in [{int(entries.min())}, "
+                           f"{int(entries.max())}] in slots that seq_lens uses, but the cache has "
+                           f"{num_blocks} blocks")
+
+
 def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
-               block_table, seq_lens, softmax_scale: float):
+               block_table, seq_lens, softmax_scale: float, sched_meta=None):
     """Absorbed MLA attention over the paged latent cache.
 
     q_lat: (B, s_q, H, D_c); q_rope: (B, s_q, H, d_r), rotated; cache tensors as in
     latent_cache_write; block_table: (B, max_blocks) int32; seq_lens: (B,) int32, the context
     length including the s_q new tokens (causal among them).
+    sched_meta: optional int32 split plan from ``mla_decode_plan`` for these inputs' shapes and
+    seq_lens; make it once per decode step and pass it to every layer (None: planned per call).
     Returns (o_lat (B, s_q, H, D_c) in q_lat's dtype, lse (B, s_q, H) fp32).
     """
     args = (q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
             block_table, seq_lens, float(softmax_scale))
     if not has_kernel("mla_decode", q_lat.device):
         return reference.mla_decode(*args)
-    return _op("mla_decode")(*args)
+    _check_decode_ranges(latent, block_table, seq_lens)
+    return _op("mla_decode")(*args, sched_meta)
+
+
+# Slots of a split plan beyond the batch; must equal kPlanSlots in csrc/cuda/mla_decode/split_plan.h.
+_PLAN_SLOTS = 2048
+
+
+def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
+    """Split-KV schedule of one decode step: (4 + 4 (2048 + B) + 2 B,) int32 on seq_lens' device.
+
+    Depends on the shapes and dtypes of q_lat, latent, latent_scale, k_rope_cache and on the
+    values of seq_lens (read on the device, no sync); reuse it for every layer of the step.
+    """
+    if not has_kernel("mla_decode_plan", q_lat.device):
+        raise RuntimeError(f"mla_decode_plan: no kernel for device {q_lat.device} in this build")
+    return _op("mla_decode_plan")(q_lat, latent, latent_scale, k_rope_cache, seq_lens)
 
 
 def latent_gather(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
@@ -174,10 +216,16 @@ def _latent_project_fake(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, 
 
 @torch.library.register_fake("mla_ext::mla_decode")
 def _mla_decode_fake(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache,
-                     k_rope_scale, block_table, seq_lens, softmax_scale):
+                     k_rope_scale, block_table, seq_lens, softmax_scale, sched_meta=None):
     b, s_q, h, _ = q_lat.shape
     return (torch.empty_like(q_lat, memory_format=torch.contiguous_format),
             q_lat.new_empty((b, s_q, h), dtype=torch.float32))
+
+
+@torch.library.register_fake("mla_ext::mla_decode_plan")
+def _mla_decode_plan_fake(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
+    b = q_lat.shape[0]
+    return seq_lens.new_empty((4 + 4 * (_PLAN_SLOTS + b) + 2 * b,), dtype=torch.int32)
 
 
 @torch.library.register_fake("mla_ext::latent_gather")

@@ -1,0 +1,259 @@
+"""Benchmark of mla_decode (ARCHITECTURE 5.1) on the three models' shapes, against torch SDPA
+decode over the original bf16 K/V cache and the PyTorch absorbed decode (dense einsum).
+
+  python bench/bench_mla_decode.py [--quick] [--models llama3,llama2,smollm2] [--out DIR]
+
+Writes DIR/decode_h200.json (default bench/results) and, when matplotlib is present, a PNG.
+The kernel is timed with a split plan made once per step (as every layer of a step reuses it),
+through torch.ops directly: the Python wrapper's range check syncs and is not part of the op.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import RESULTS, Timer, measure_peak_read_bandwidth, write_results  # noqa: E402
+from mla_ext import ops  # noqa: E402
+
+# ARCHITECTURE.md section 1: H, H_kv, d_h, d_r (default r) and D_c for each d_kv.
+MODELS = {
+    "smollm2": dict(H=9, H_kv=3, d_h=64, d_r=8, D_c=(24, 48, 96)),
+    "llama2": dict(H=32, H_kv=32, d_h=128, d_r=16, D_c=(512, 1024, 2048)),
+    "llama3": dict(H=32, H_kv=8, d_h=128, d_r=16, D_c=(128, 256, 512)),
+}
+BATCH_SEQ = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (32, 16384), (64, 4096)]
+LATENT = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8,
+          "int4": torch.uint8}
+ROPE = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+BLOCK_SIZE = 64
+
+
+def group_size(d_c: int) -> int:
+    return min(64, d_c) if d_c % min(64, d_c) == 0 else d_c
+
+
+def make_cache(B, S, H_kv, d_r, D_c, latent_dtype, rope_dtype):
+    """Random cache in the stored formats (values need not come from a quantizer to be timed)."""
+    nb_seq = (S + BLOCK_SIZE - 1) // BLOCK_SIZE
+    num_blocks = B * nb_seq
+    dev = "cuda"
+    width = D_c // 2 if latent_dtype == torch.uint8 else D_c
+    shape = (num_blocks, BLOCK_SIZE, width)
+    if latent_dtype in (torch.bfloat16, torch.float16):
+        latent = torch.randn(shape, device=dev, dtype=latent_dtype)
+    elif latent_dtype == torch.float8_e4m3fn:
+        latent = torch.randn(shape, device=dev).mul_(50).to(latent_dtype)
+    else:
+        latent = torch.randint(-127 if latent_dtype == torch.int8 else 0, 127, shape, device=dev,
+                               dtype=torch.int32).to(latent_dtype)
+    scale = zero = None
+    if latent_dtype not in (torch.bfloat16, torch.float16):
+        g = group_size(D_c)
+        scale = torch.rand(num_blocks, BLOCK_SIZE, D_c // g, device=dev, dtype=torch.float16) * 0.02
+        if latent_dtype == torch.uint8:
+            zero = -torch.rand_like(scale)
+    kr = torch.randn(num_blocks, BLOCK_SIZE, H_kv, d_r, device=dev)
+    k_scale = None
+    if rope_dtype == torch.float8_e4m3fn:
+        kr = kr.mul_(100).to(rope_dtype)
+        k_scale = torch.full((num_blocks, BLOCK_SIZE, H_kv), 0.01, device=dev, dtype=torch.float16)
+    else:
+        kr = kr.to(rope_dtype)
+    table = torch.randperm(num_blocks, device=dev, dtype=torch.int32).view(B, nb_seq)
+    lens = torch.full((B,), S, device=dev, dtype=torch.int32)
+    return latent, scale, zero, kr, k_scale, table, lens
+
+
+def cache_bytes(B, S, tensors) -> int:
+    """Bytes of the cache a decode step reads: every tensor's per-token bytes times B*S."""
+    per_token = 0
+    for t in tensors:
+        if t is not None:
+            per_token += t[0, 0].numel() * t.element_size()
+    return B * S * per_token
+
+
+def torch_absorbed(q_lat, q_rope, c, kr, scale):
+    """The PyTorch path: dense absorbed decode. q_lat [B,H,D_c], q_rope [B,H,d_r],
+    c [B,S,D_c] bf16, kr [B,S,H_kv,d_r] bf16."""
+    B, H, _ = q_lat.shape
+    H_kv = kr.shape[2]
+    s = torch.einsum("bhc,bsc->bhs", q_lat, c).float()
+    qr = q_rope.view(B, H_kv, H // H_kv, -1)
+    s = s + torch.einsum("bkgr,bskr->bkgs", qr, kr).reshape(B, H, -1).float()
+    p = torch.softmax(s * scale, dim=-1).to(c.dtype)
+    return torch.einsum("bhs,bsc->bhc", p, c)
+
+
+def run(args):
+    timer = Timer(warmup=3, repeat=args.repeat)
+    peak = measure_peak_read_bandwidth(timer=timer)
+    print(f"measured peak read bandwidth: {peak / 1e9:.0f} GB/s", flush=True)
+    rows, notes = [], []
+    models = args.models.split(",")
+    for name in models:
+        m = MODELS[name]
+        H, H_kv, d_h, d_r = m["H"], m["H_kv"], m["d_h"], m["d_r"]
+        d_cs = m["D_c"][1:2] if args.quick else m["D_c"]
+        batch_seq = [(1, 4096), (32, 16384)] if args.quick else BATCH_SEQ
+        for B, S in batch_seq:
+            # torch SDPA decode on the original model's bf16 K/V cache.
+            try:
+                q = torch.randn(B, H, 1, d_h, device="cuda", dtype=torch.bfloat16)
+                k = torch.randn(B, H_kv, S, d_h, device="cuda", dtype=torch.bfloat16)
+                v = torch.randn_like(k)
+                sdpa_us = timer(lambda: F.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=H != H_kv))["median_us"]
+                del q, k, v
+            except torch.OutOfMemoryError:
+                sdpa_us = None
+                notes.append(f"{name} B={B} S={S}: SDPA K/V cache does not fit, skipped")
+            torch.cuda.empty_cache()
+            for D_c in d_cs:
+                scale = 1.0 / math.sqrt(d_h)
+                q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
+                q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
+                torch_us, checked = None, False
+                for lname, ldt in LATENT.items():
+                    if args.quick and lname not in ("bf16", "int4"):
+                        continue
+                    for rname, rdt in ROPE.items():
+                        try:
+                            cache = make_cache(B, S, H_kv, d_r, D_c, ldt, rdt)
+                        except torch.OutOfMemoryError:
+                            notes.append(f"{name} D_c={D_c} B={B} S={S} {lname}/{rname}: "
+                                         "cache does not fit, skipped")
+                            torch.cuda.empty_cache()
+                            continue
+                        latent, ls, lz, kr, ks, table, lens = cache
+                        call = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, scale)
+                        plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
+                        op = torch.ops.mla_ext.mla_decode.default
+                        if lname == "bf16" and rname == "bf16":
+                            # Dense copies for the PyTorch path; outputs compared before timing.
+                            c_dense = latent[table.long()].reshape(B, -1, D_c)[:, :S]
+                            kr_dense = kr[table.long()].reshape(B, -1, H_kv, d_r)[:, :S]
+                            try:
+                                ref = torch_absorbed(q_lat[:, 0], q_rope[:, 0], c_dense, kr_dense,
+                                                     scale)
+                                out = op(*call, plan)[0][:, 0]
+                                cos = F.cosine_similarity(out.float().flatten(),
+                                                          ref.float().flatten(), dim=0).item()
+                                assert cos > 0.999, f"kernel disagrees with PyTorch path: cos {cos}"
+                                checked = True
+                                torch_us = timer(lambda: torch_absorbed(
+                                    q_lat[:, 0], q_rope[:, 0], c_dense, kr_dense,
+                                    scale))["median_us"]
+                            except torch.OutOfMemoryError:
+                                notes.append(f"{name} D_c={D_c} B={B} S={S}: PyTorch path "
+                                             "does not fit, skipped")
+                            del c_dense, kr_dense
+                            torch.cuda.empty_cache()
+                        t = timer(lambda: op(*call, plan))["median_us"]
+                        nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
+                        gbps = nbytes / (t * 1e-6) / 1e9
+                        row = dict(model=name, H=H, H_kv=H_kv, d_r=d_r, D_c=D_c, B=B, S=S,
+                                   latent=lname, rope=rname, median_us=round(t, 2),
+                                   cache_bytes=nbytes, GBps=round(gbps, 1),
+                                   frac_peak=round(gbps * 1e9 / peak, 3),
+                                   sdpa_us=sdpa_us and round(sdpa_us, 2),
+                                   speedup_vs_sdpa=sdpa_us and round(sdpa_us / t, 2),
+                                   torch_us=torch_us and round(torch_us, 2),
+                                   speedup_vs_torch=torch_us and round(torch_us / t, 2),
+                                   checked_vs_torch=checked)
+                        rows.append(row)
+                        print(f"{name:8s} D_c={D_c:5d} B={B:3d} S={S:6d} {lname:4s}/{rname:4s} "
+                              f"{t:9.1f} us {nbytes / 2**20:9.1f} MiB {gbps:7.0f} GB/s "
+                              f"{row['frac_peak']:5.2f} peak  x{row['speedup_vs_sdpa']} sdpa  "
+                              f"x{row['speedup_vs_torch']} torch", flush=True)
+                        del cache, latent, ls, lz, kr, ks, call, plan
+                        torch.cuda.empty_cache()
+    return rows, notes, peak
+
+
+PROFILE_SHAPES = [  # (model, D_c, B, S, latent, rope)
+    ("llama2", 512, 1, 4096, "bf16", "bf16"),
+    ("llama2", 512, 32, 16384, "bf16", "bf16"),
+    ("llama2", 512, 32, 16384, "int4", "fp8"),
+    ("llama3", 256, 32, 16384, "bf16", "bf16"),
+    ("llama3", 256, 32, 16384, "int8", "bf16"),
+]
+
+
+def profile(args):
+    """Where the time goes: device time of each kernel (torch.profiler), the op timed eagerly
+    and as a replayed CUDA graph (their difference is host overhead), and the launch grid."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    timer = Timer(warmup=3, repeat=args.repeat)
+    op = torch.ops.mla_ext.mla_decode.default
+    for name, D_c, B, S, lname, rname in PROFILE_SHAPES:
+        m = MODELS[name]
+        H, H_kv, d_r = m["H"], m["H_kv"], m["d_r"]
+        latent, ls, lz, kr, ks, table, lens = make_cache(B, S, H_kv, d_r, D_c, LATENT[lname],
+                                                         ROPE[rname])
+        q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
+        q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
+        call = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, 1.0 / math.sqrt(128))
+        plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
+        nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
+        eager = timer(lambda: op(*call, plan))["median_us"]
+        graph = torch.cuda.CUDAGraph()
+        op(*call, plan)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            op(*call, plan)
+        replay = timer(graph.replay)["median_us"]
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                op(*call, plan)
+            torch.cuda.synchronize()
+        kernels = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
+            if t and e.count:
+                kernels[e.key[:60]] = (round(t, 1), e.count)
+        used = int(plan[2])
+        floor_us = nbytes / 4.3e12 * 1e6
+        print(f"PROFILE {name} D_c={D_c} B={B} S={S} {lname}/{rname}: {nbytes / 2**20:.0f} MiB, "
+              f"floor {floor_us:.1f} us; eager {eager:.1f} us, graph {replay:.1f} us, "
+              f"parts used {used}, tile {int(plan[1])}", flush=True)
+        for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+            print(f"    {t:9.1f} us avg x{n:3d}  {k}", flush=True)
+        del latent, ls, lz, kr, ks, table, lens, call, plan, graph
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true", help="one D_c per model, two (B, S), two dtypes")
+    ap.add_argument("--models", default="smollm2,llama2,llama3")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
+    args = ap.parse_args()
+    if args.profile:
+        profile(args)
+        return
+    rows, notes, peak = run(args)
+    path = write_results("decode_h200", rows, extra={"peak_read_GBps": round(peak / 1e9, 1),
+                                                     "notes": notes, "quick": args.quick},
+                         out_dir=args.out)
+    print(f"wrote {path}")
+    try:
+        from bench.plot import plot
+        print(f"wrote {plot(path)}")
+    except ImportError as e:
+        print(f"no plot ({e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+// Host entry of mla_decode on CUDA: checks, the kernel configuration (bucket, rows per CTA, shared
+// memory, split count), the split plan, then decode + combine on the current stream. Nothing here
+// reads device memory, so a call can be captured in a CUDA graph.
+// A .cpp, compiled by the host compiler: on the H200 image, a failing TORCH_CHECK whose message
+// formats integers segfaulted when the check sat in an nvcc-compiled translation unit (inside
+// std::ostream number formatting); .cu files therefore hold no TORCH_CHECK.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "args/mla_decode.h"
+#include "cuda/mla_decode/launch.h"
+#include "cuda/mla_decode/split_plan.h"
+#include "ops.h"
+
+namespace mla_ext {
+namespace {
+
+using decode::MlaDecodeParams;
+
+#define MLA_DECODE_BUCKET_SWITCH(BUCKET, ...)                    \
+  switch (BUCKET) {                                              \
+    case 0: { constexpr int kBucket = 0; __VA_ARGS__(); break; } \
+    case 1: { constexpr int kBucket = 1; __VA_ARGS__(); break; } \
+    case 2: { constexpr int kBucket = 2; __VA_ARGS__(); break; } \
+    case 3: { constexpr int kBucket = 3; __VA_ARGS__(); break; } \
+    default: { constexpr int kBucket = 4; __VA_ARGS__(); break; } \
+  }
+
+#define MLA_DECODE_DTYPE_SWITCH(DTYPE, ...)                                    \
+  if ((DTYPE) == at::kBFloat16) {                                              \
+    using T = __nv_bfloat16;                                                   \
+    __VA_ARGS__();                                                             \
+  } else {                                                                     \
+    using T = __half;                                                          \
+    __VA_ARGS__();                                                             \
+  }
+
+int rope_kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return decode::kRopeBf16;
+    case at::kHalf: return decode::kRopeFp16;
+    case at::kFloat: return decode::kRopeFp32;
+    default: return decode::kRopeFp8;
+  }
+}
+
+int format_of(LatentFormat f) {
+  switch (f) {
+    case LatentFormat::kInt8: return decode::kFmtInt8;
+    case LatentFormat::kFp8: return decode::kFmtFp8;
+    case LatentFormat::kInt4: return decode::kFmtInt4;
+    default: return decode::kFmtFloat;
+  }
+}
+
+struct Config {
+  int bucket, tile_tokens, target_parts;
+};
+
+// Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
+Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
+  constexpr const char* kOp = "mla_decode";
+  const int bucket = decode::bucket_of(p.D_c);
+  TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
+              decode::kMaxLatentDim[decode::kNumBuckets - 1], ", got D_c = ", p.D_c);
+  const int row_tiles = decode::kBucketRowTiles[bucket];
+  const int warps = decode::kBucketWarps[bucket];
+  const int tile_tokens = decode::kBucketTileTokens[bucket];
+  const auto* props = at::cuda::getDeviceProperties(device.index());
+  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
+  // Fewer rows per CTA need fewer KV heads' RoPE keys in shared memory (MHA with many heads).
+  p.rows_per_cta = 0;
+  for (int rows = row_tiles * 8; rows >= 8; rows -= 8) {
+    p.rows_per_cta = rows;
+    p.smem = decode::make_smem_layout(p, warps, row_tiles, tile_tokens);
+    if (p.smem.total <= smem_limit) break;
+  }
+  TORCH_CHECK(p.smem.total <= smem_limit, kOp, ": D_c = ", p.D_c, ", H_kv = ", p.H_kv,
+              ", d_r = ", p.d_r, " need ", p.smem.total, " bytes of shared memory per CTA; ",
+              "this GPU allows ", smem_limit);
+  p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
+  // The occupancy query costs microseconds of host time per call: remember its answers.
+  static std::mutex cache_mutex;
+  static std::map<std::tuple<int, int, int, int>, int> occupancy_cache;
+  const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype),
+                                   bucket, p.smem.total);
+  int ctas_per_sm = 0;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = occupancy_cache.find(key);
+    if (it != occupancy_cache.end()) ctas_per_sm = it->second;
+  }
+  if (ctas_per_sm == 0) {
+    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
+      MLA_DECODE_BUCKET_SWITCH(bucket, [&] {
+        ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket>(p.smem.total);
+      });
+    });
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    occupancy_cache[key] = ctas_per_sm;
+  }
+  TORCH_CHECK(ctas_per_sm >= 1, kOp, ": the kernel does not fit on an SM of this GPU");
+  const int slots = props->multiProcessorCount * ctas_per_sm;
+  const int target = std::min(decode::kPlanSlots, std::max(1, slots / p.row_chunks));
+  p.max_parts = target + p.B;
+  // The merge keeps one weight per split of a sequence in shared memory.
+  TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
+              " is too large for the split-KV merge on this GPU");
+  return {bucket, tile_tokens, target};
+}
+
+MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype) {
+  MlaDecodeParams p{};
+  p.B = d.B;
+  p.s_q = d.s_q;
+  p.H = d.H;
+  p.H_kv = d.H_kv;
+  p.D_c = d.D_c;
+  p.D16 = (d.D_c + 15) / 16 * 16;
+  p.d_r = d.d_r;
+  p.block_size = d.block_size;
+  p.max_blocks = d.max_blocks;
+  p.num_groups = d.num_groups;
+  p.group_size = d.group_size;
+  p.rows = d.s_q * d.H;
+  p.format = format_of(d.format);
+  p.rope_kind = rope_kind_of(rope_dtype);
+  p.rope_esize = p.rope_kind == decode::kRopeFp32 ? 4 : (p.rope_kind == decode::kRopeFp8 ? 1 : 2);
+  p.latent_row_bytes = d.format == LatentFormat::kFloat ? d.D_c * 2
+                       : d.format == LatentFormat::kInt4 ? d.D_c / 2
+                                                          : d.D_c;
+  return p;
+}
+
+void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const at::Tensor& latent,
+                        at::ScalarType k_rope_dtype) {
+  constexpr const char* kOp = "mla_decode";
+  TORCH_CHECK(q_lat.scalar_type() == at::kBFloat16 || q_lat.scalar_type() == at::kHalf, kOp,
+              ": the CUDA kernel computes in bf16 or fp16; q_lat must be one of them, got ",
+              q_lat.scalar_type(), " (fp32 runs on CPU only)");
+  if (d.format == LatentFormat::kFloat) {
+    TORCH_CHECK(latent.scalar_type() == q_lat.scalar_type(), kOp,
+                ": on CUDA a float latent cache must have q_lat's dtype ", q_lat.scalar_type(),
+                " (fp32 latent caches are CPU-only), got ", latent.scalar_type());
+  }
+  TORCH_CHECK(d.D_c % 8 == 0, kOp, ": the CUDA kernel needs D_c to be a multiple of 8, got ",
+              d.D_c);
+  TORCH_CHECK(d.block_size % decode::kPieceTokens == 0, kOp,
+              ": the CUDA kernel needs block_size to be a multiple of ", decode::kPieceTokens,
+              ", got ", d.block_size);
+  const int64_t rope_row_bytes = d.d_r * c10::elementSize(k_rope_dtype);
+  TORCH_CHECK(rope_row_bytes % 8 == 0, kOp, ": the CUDA kernel copies RoPE keys in 8-byte pieces; "
+              "d_r * element size of k_rope_cache must be a multiple of 8 bytes, got d_r = ",
+              d.d_r, " with ", k_rope_dtype);
+  TORCH_CHECK(d.B * d.s_q * d.H < (int64_t{1} << 31) && d.max_blocks < (int64_t{1} << 31) &&
+                  d.num_blocks * d.block_size < (int64_t{1} << 31),
+              kOp, ": sizes exceed the kernel's 32-bit index range");
+}
+
+void check_alignment(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "mla_decode: ", name,
+              " must start at a 16-byte aligned address (cp.async / vector loads)");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
+    const at::Tensor& q_lat, const at::Tensor& q_rope, const at::Tensor& latent,
+    const std::optional<at::Tensor>& latent_scale, const std::optional<at::Tensor>& latent_zero,
+    const at::Tensor& k_rope_cache, const std::optional<at::Tensor>& k_rope_scale,
+    const at::Tensor& block_table, const at::Tensor& seq_lens, double softmax_scale,
+    const std::optional<at::Tensor>& sched_meta_opt) {
+  const MlaDecodeDims d = check_mla_decode_args(q_lat, q_rope, latent, latent_scale, latent_zero,
+                                                k_rope_cache, k_rope_scale, block_table, seq_lens);
+  check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
+  const at::cuda::OptionalCUDAGuard guard(q_lat.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor o_lat = at::empty_like(q_lat, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({d.B, d.s_q, d.H}, q_lat.options().dtype(at::kFloat));
+  if (d.B == 0) return {o_lat, lse};
+  check_alignment(q_lat, "q_lat");
+  check_alignment(latent, "latent");
+  check_alignment(k_rope_cache, "k_rope_cache");
+  if (latent_scale) check_alignment(*latent_scale, "latent_scale");
+  if (latent_zero) check_alignment(*latent_zero, "latent_zero");
+  if (k_rope_scale) check_alignment(*k_rope_scale, "k_rope_scale");
+
+  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type());
+  const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
+  const int64_t plan_numel = decode::plan_numel(d.B);
+  at::Tensor plan;
+  if (sched_meta_opt.has_value()) {
+    const at::Tensor& sched_meta = *sched_meta_opt;
+    MLA_CHECK_DTYPE("mla_decode", sched_meta, at::kInt);
+    MLA_CHECK_SAME_DEVICE("mla_decode", sched_meta, q_lat);
+    MLA_CHECK_CONTIGUOUS("mla_decode", sched_meta);
+    plan = sched_meta;
+    TORCH_CHECK(plan.dim() == 1 && plan.numel() == plan_numel,
+                "mla_decode: sched_meta must be the plan mla_decode_plan made for inputs of these "
+                "shapes ([", plan_numel, "] int32), got shape ", sizes_str(plan));
+  } else {
+    plan = at::empty({plan_numel}, seq_lens.options());
+    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, cfg.tile_tokens, cfg.target_parts,
+                        decode::plan_capacity(d.B), plan.data_ptr<int32_t>(), stream);
+  }
+  at::Tensor ws_o = at::empty({p.max_parts, p.rows, d.D_c}, q_lat.options().dtype(at::kFloat));
+  at::Tensor ws_lse = at::empty({p.max_parts, p.rows}, q_lat.options().dtype(at::kFloat));
+
+  p.q_lat = q_lat.data_ptr();
+  p.q_rope = q_rope.data_ptr();
+  p.latent = static_cast<const uint8_t*>(latent.data_ptr());
+  p.latent_scale = latent_scale ? static_cast<const uint8_t*>(latent_scale->data_ptr()) : nullptr;
+  p.latent_zero = latent_zero ? static_cast<const uint8_t*>(latent_zero->data_ptr()) : nullptr;
+  p.k_rope = static_cast<const uint8_t*>(k_rope_cache.data_ptr());
+  p.k_rope_scale = k_rope_scale ? static_cast<const uint8_t*>(k_rope_scale->data_ptr()) : nullptr;
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.plan = plan.data_ptr<int32_t>();
+  p.o_lat = o_lat.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.ws_o = ws_o.data_ptr<float>();
+  p.ws_lse = ws_lse.data_ptr<float>();
+  p.softmax_scale = static_cast<float>(softmax_scale);
+
+  MLA_DECODE_DTYPE_SWITCH(q_lat.scalar_type(), [&] {
+    MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] { decode::launch_decode<T, kBucket>(p, stream); });
+    decode::launch_combine<T>(p, stream);
+  });
+  return {o_lat, lse};
+}
+
+at::Tensor mla_decode_plan_cuda(const at::Tensor& q_lat, const at::Tensor& latent,
+                                const std::optional<at::Tensor>& latent_scale,
+                                const at::Tensor& k_rope_cache, const at::Tensor& seq_lens) {
+  constexpr const char* kOp = "mla_decode_plan";
+  MLA_CHECK_DIM("mla_decode_plan", q_lat, 4);
+  MLA_CHECK_DIM("mla_decode_plan", k_rope_cache, 4);
+  MLA_CHECK_DIM("mla_decode_plan", latent, 3);
+  MLA_CHECK_DTYPE("mla_decode_plan", seq_lens, at::kInt);
+  MLA_CHECK_SHAPE("mla_decode_plan", seq_lens, q_lat.size(0));
+  MLA_CHECK_SAME_DEVICE("mla_decode_plan", seq_lens, q_lat);
+  MLA_CHECK_CONTIGUOUS("mla_decode_plan", seq_lens);
+  MlaDecodeDims d{};
+  d.B = q_lat.size(0);
+  d.s_q = q_lat.size(1);
+  d.H = q_lat.size(2);
+  d.D_c = q_lat.size(3);
+  d.H_kv = k_rope_cache.size(2);
+  d.d_r = k_rope_cache.size(3);
+  d.block_size = latent.size(1);
+  d.format = latent_format_of(latent);
+  d.num_groups = latent_scale ? latent_scale->size(-1) : 1;
+  TORCH_CHECK(d.H_kv >= 1 && d.H % d.H_kv == 0 && d.num_groups >= 1, kOp,
+              ": H must be a multiple of H_kv and latent_scale must have >= 1 group");
+  d.group_size = d.D_c / d.num_groups;
+  check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
+  const at::cuda::OptionalCUDAGuard guard(q_lat.device());
+  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type());
+  const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
+  at::Tensor plan = at::empty({decode::plan_numel(d.B)}, seq_lens.options());
+  if (d.B > 0) {
+    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, cfg.tile_tokens, cfg.target_parts,
+                        decode::plan_capacity(d.B), plan.data_ptr<int32_t>(),
+                        at::cuda::getCurrentCUDAStream());
+  }
+  return plan;
+}
+
+}  // namespace mla_ext
