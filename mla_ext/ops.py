@@ -145,6 +145,16 @@ def _check_decode_ranges(latent, block_table, seq_lens) -> None:
                            f"{num_blocks} blocks")
 
 
+def _cuda_decode_supports(q_lat, latent) -> bool:
+    """The CUDA kernel takes 16-bit queries and a float latent of the queries' dtype; other
+    combinations (an fp32 model on a GPU, an fp16 cache under a bf16 model) run the reference."""
+    if not q_lat.is_cuda:
+        return True
+    if q_lat.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return latent.dtype not in reference.FLOAT_DTYPES or latent.dtype == q_lat.dtype
+
+
 def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
                block_table, seq_lens, softmax_scale: float, sched_meta=None):
     """Absorbed MLA attention over the paged latent cache.
@@ -158,7 +168,7 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     """
     args = (q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
             block_table, seq_lens, float(softmax_scale))
-    if not has_kernel("mla_decode", q_lat.device):
+    if not has_kernel("mla_decode", q_lat.device) or not _cuda_decode_supports(q_lat, latent):
         return reference.mla_decode(*args)
     _check_decode_ranges(latent, block_table, seq_lens)
     return _op("mla_decode")(*args, sched_meta)

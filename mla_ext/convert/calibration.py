@@ -235,15 +235,14 @@ class _Accumulator:
                                       sin.float().expand(b, -1, -1))
         ks = ks.repeat_interleave(h // h_kv, dim=1)
         pos = torch.arange(t, device=q.device)
-        dist = pos[:, None] - pos[None, :]                       # (T, T): query i, key j
-        causal = dist >= 0
+        causal = pos[:, None] >= pos[None, :]
         if self.distance_sum is None:
             self.distance_sum = torch.zeros(h, self.max_length, dtype=torch.float64,
                                             device=q.device)
         for i in range(b):
             scores = (qs[i] @ ks[i].transpose(-1, -2)) * d_h ** -0.5
             probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-            self.distance_sum.index_add_(1, dist[causal], probs[:, causal].double())
+            self.distance_sum[:, :t] += _diagonal_sums(probs).double()
         self.queries += b * t
 
     def result(self, layer_idx: int) -> LayerStats:
@@ -261,6 +260,17 @@ class _Accumulator:
             num_tokens=n,
             distance_mass=mass,
         )
+
+
+def _diagonal_sums(probs: torch.Tensor) -> torch.Tensor:
+    """(H, T, T) lower-triangular -> (H, T): entry Delta sums probs[:, i, i - Delta] over i.
+
+    Flipping the key axis and reading the zero-padded rows with a stride one shorter than the
+    row turns every diagonal into a column (a skew view), so one sum replaces T gathers."""
+    h, t, _ = probs.shape
+    padded = torch.nn.functional.pad(probs.flip(-1), (0, t))             # (H, T, 2T)
+    skew = padded.flatten(1)[:, :t * (2 * t - 1)].view(h, t, 2 * t - 1)  # [i, k] = Q[i, k - i]
+    return skew[:, :, t - 1:].sum(1)
 
 
 def _batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]]:
