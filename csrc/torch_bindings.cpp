@@ -33,12 +33,18 @@ TORCH_LIBRARY(mla_ext, m) {
 TORCH_LIBRARY_IMPL(mla_ext, CPU, m) {
   m.impl("partial_rope", &mla_ext::partial_rope_cpu);
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cpu);
+  m.impl("latent_cache_write", &mla_ext::latent_cache_write_cpu);
+  m.impl("latent_gather", &mla_ext::latent_gather_cpu);
+  m.impl("latent_project", &mla_ext::latent_project_cpu);
 }
 
 #ifdef MLA_EXT_WITH_CUDA
 TORCH_LIBRARY_IMPL(mla_ext, CUDA, m) {
   m.impl("partial_rope", &mla_ext::partial_rope_cuda);
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cuda);
+  m.impl("latent_cache_write", &mla_ext::latent_cache_write_cuda);
+  m.impl("latent_gather", &mla_ext::latent_gather_cuda);
+  m.impl("latent_project", &mla_ext::latent_project_cuda);
 }
 #endif
 
