@@ -147,23 +147,38 @@ def assert_codes_match(got: torch.Tensor, want: torch.Tensor, what: str) -> int:
     return ties
 
 
+CACHE_NAMES = ["latent", "latent_scale", "latent_zero", "k_rope_cache", "k_rope_scale"]
+
+
+def written_mask(slots: torch.Tensor, cache_tensor: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(cache_tensor.shape[0] * cache_tensor.shape[1], dtype=torch.bool)
+    mask[slots[slots >= 0].long().cpu()] = True
+    return mask
+
+
+def assert_untouched(got, initial, slots: torch.Tensor, what: str) -> None:
+    """Every cache row that no slot names is bit-for-bit what it was (poison included)."""
+    for name, g, init in zip(CACHE_NAMES, got, initial):
+        if g is None:
+            continue
+        mask = written_mask(slots, g)
+        g2, i2 = g.flatten(0, 1).cpu(), init.flatten(0, 1).cpu()
+        assert torch.equal(raw(g2[~mask]), raw(i2[~mask])), \
+            f"{what}: {name} changed in rows that were not written"
+
+
 def assert_cache_matches(got, want, slots: torch.Tensor, initial, what: str) -> int:
     """got/want: caches after the kernel / the reference wrote `slots`; initial: the poisoned
     cache before. Written rows must match (codes up to ties, scales and floats exactly); every
     other row must be bit-for-bit untouched. Returns the number of ties."""
-    names = ["latent", "latent_scale", "latent_zero", "k_rope_cache", "k_rope_scale"]
+    assert_untouched(got, initial, slots, what)
     ties = 0
-    written = slots[slots >= 0].long().cpu()
-    for name, g, w, init in zip(names, got, want, initial):
+    for name, g, w in zip(CACHE_NAMES, got, want):
         if g is None:
             assert w is None
             continue
-        g2, w2, i2 = (t.flatten(0, 1).cpu() for t in (g, w, init))
-        mask = torch.zeros(g2.shape[0], dtype=torch.bool)
-        mask[written] = True
-        assert torch.equal(raw(g2[~mask]), raw(i2[~mask])), \
-            f"{what}: {name} changed in rows that were not written"
-        gw, ww = g2[mask], w2[mask]
+        mask = written_mask(slots, g)
+        gw, ww = g.flatten(0, 1).cpu()[mask], w.flatten(0, 1).cpu()[mask]
         if g.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn):
             ties += assert_codes_match(gw, ww, f"{what}: {name}")
         else:
