@@ -230,10 +230,15 @@ def test_latent_project_wrapper_checks_slots():
 # ---------------------------------------------------------------- CUDA
 
 GPU_PROJECT_SEEDS = range(40_000, 40_200)
+# On Hopper the kernel splits d over a thread-block cluster when there are few slices; a cap of
+# 1 forces the single-CTA path, so one GPU run tests both.
+SPLIT_CAPS = ["1", "8"]
 
 
 @pytest.mark.gpu
-def test_latent_project_cuda_matches_reference():
+@pytest.mark.parametrize("max_split", SPLIT_CAPS)
+def test_latent_project_cuda_matches_reference(max_split, monkeypatch):
+    monkeypatch.setenv("MLA_EXT_LATENT_PROJECT_MAX_SPLIT", max_split)
     for seed in GPU_PROJECT_SEEDS:
         run_tolerant(seed, "cuda")
 
@@ -273,7 +278,9 @@ SPECIAL = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", SPECIAL)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_latent_project_cuda_special_geometries(case, dtype):
+@pytest.mark.parametrize("max_split", SPLIT_CAPS)
+def test_latent_project_cuda_special_geometries(case, dtype, max_split, monkeypatch):
+    monkeypatch.setenv("MLA_EXT_LATENT_PROJECT_MAX_SPLIT", max_split)
     d_c, group, h_kv, d_r, d, n, latent_dtype = case
     gen = torch.Generator().manual_seed(d_c + d)
     cfg = CacheConfig(num_blocks=-(-n // 16) + 2, block_size=16, d_c=d_c, h_kv=h_kv, d_r=d_r,
@@ -346,3 +353,27 @@ def test_latent_project_cuda_rejects_bad_input():
     for a, b in zip(cache, before):
         if a is not None:
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_bench_latent_project_baseline_and_args():
+    """The benchmark's non-GPU half: argument parsing, byte counts, and its unfused torch
+    baseline agreeing with the fused op (on the CPU kernel here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import bench_latent_project as bench
+
+    args = bench.parse_args(["--out", "/tmp/x", "--quick", "--device", "cpu"])
+    assert args.quick and str(args.out) == "/tmp/x" and not args.check_only
+    configs = list(bench.configurations(quick=False))
+    assert len(configs) == len(bench.SHAPES) * len(bench.N_VALUES) * len(bench.CACHE_DTYPES)
+    shape = bench.SHAPES[0]
+    for cache_dtype in bench.CACHE_DTYPES:
+        bench.check_case(shape, 8, cache_dtype, "cpu")
+    _, cache = bench.make_case(shape, 1, "int4", "cpu")
+    moved = bench.bytes_moved(shape, 1, cache)
+    assert moved["weight_bytes"] == (48 + 3 * 8) * 576 * 2
+    # One int4 token row: D_c / 2 bytes + fp16 scale and zero per group + bf16 RoPE keys.
+    row = 48 // 2 + 2 * 2 * (48 // 48) + 3 * 8 * 2
+    assert moved["total_bytes"] == moved["weight_bytes"] + 576 * 2 + 2 * 3 * 4 * 4 + 8 + row
