@@ -89,7 +89,9 @@ def make_cache(shape: Shape, num_blocks: int, latent_dtype, rope_dtype, device):
 
 
 def fused(inputs, cache):
-    ops.latent_project(**inputs, **cache)
+    # The registered op itself: the wrapper's slot range check syncs with the host, which a
+    # decode step (CUDA-graph captured) skips; the unfused side has no such check either.
+    torch.ops.mla_ext.latent_project.default(*inputs.values(), *cache.values())
 
 
 def unfused(inputs, cache):

@@ -7,14 +7,21 @@
 // a latent CTA owns whole quantization groups, a RoPE CTA owns whole KV heads, so the group
 // amax and the rotation (x1 with x2) never need another CTA. Warps split the slice's channels
 // (kChannels per step, reusing each x load) and, when the slice is narrow, also the hidden dim
-// (split-K inside the CTA, reduced through shared memory). Weights and x are read with 16-byte
+// (split-K inside the CTA, reduced through shared memory). On Hopper, a slice whose weights are
+// too many bytes for one SM is further split along d over the CTAs of a thread-block cluster;
+// the cluster's rank-0 CTA sums the others' partials through distributed shared memory and runs
+// the epilogue, so a group's amax still never leaves one CTA. Weights and x are read with 16-byte
 // loads where alignment allows; accumulation is fp32; c and k_r are rounded to x's dtype before
 // the rotation and the quantization, as the unfused torch sequence (reference.py) does.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+
+#include <cooperative_groups.h>
 
 #include "args/latent_project.h"
 #include "cuda/latent_cache_store.cuh"
@@ -34,6 +41,9 @@ constexpr int kVecBytes = 16;      // one vector load
 constexpr int kTokensBatched = 8;  // token chunk of the N > 1 kernel
 constexpr int kCtasPerSm = 2;      // target CTAs per SM of each kind when choosing slice widths
 constexpr int kMinFloatSlice = 8;  // channels per CTA at least, for an unquantized latent
+constexpr int kMaxClusterSplit = 8;      // portable thread-block cluster size
+constexpr int kMinVectorsPerRank = 64;   // d-split no finer than two loads per lane of a warp
+constexpr int kMaxDevices = 64;          // per-device cache of each kernel's binary version
 static_assert((kWarps & (kWarps - 1)) == 0, "split-K halves the warps: a power of two");
 
 struct LatentProjectParams {
@@ -51,6 +61,7 @@ struct LatentProjectParams {
   int latent_ctas;          // CTAs [0, latent_ctas) own latent slices, the rest RoPE heads
   int heads_per_cta;
   bool vectorized;          // 16-byte loads of x and the weights are aligned
+  int split;                // CTAs (one cluster) per slice, each summing 1/split of d
   CachePtrs cache;
 };
 
@@ -90,10 +101,14 @@ __device__ __forceinline__ void load_vec(const T* p, int64_t i, float (&out)[kVe
 template <typename T, int kVec, int kTokens>
 __device__ __forceinline__ void dot_chunk(const T* __restrict__ w, int n_ch, int d,
                                           const T* __restrict__ x, int64_t x_stride, int n_tok,
-                                          int first, int step, float (&acc)[kChannels][kTokens]) {
+                                          int split, int rank, int first, int step,
+                                          float (&acc)[kChannels][kTokens]) {
+  // This CTA's share of the row: vectors [v_begin, v_end) of kVec elements.
   const int n_vec = d / kVec;
+  const int per_rank = (n_vec + split - 1) / split;
+  const int v_begin = rank * per_rank, v_end = min(n_vec, v_begin + per_rank);
 #pragma unroll 2
-  for (int v = first; v < n_vec; v += step) {
+  for (int v = v_begin + first; v < v_end; v += step) {
     const int64_t k = static_cast<int64_t>(v) * kVec;
     float wv[kChannels][kVec];
 #pragma unroll
@@ -131,18 +146,20 @@ __global__ void __launch_bounds__(kThreads) latent_project_kernel(const LatentPr
   extern __shared__ float smem[];
   const CachePtrs& cache = p.cache;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
-  const bool is_latent = static_cast<int>(blockIdx.x) < p.latent_ctas;
+  const int unit = blockIdx.x / p.split;  // a cluster's CTAs are consecutive along x
+  const int rank = blockIdx.x % p.split;
+  const bool is_latent = unit < p.latent_ctas;
 
   // This CTA's slice: channels [ch0, ch0 + n_ch) of w_down (whole groups) or of w_kr (heads
   // [head0, head0 + n_heads)).
   int ch0, n_ch, head0 = 0, n_heads = 0;
   const T* w;
   if (is_latent) {
-    ch0 = blockIdx.x * p.latent_slice;
+    ch0 = unit * p.latent_slice;
     n_ch = min(p.latent_slice, cache.d_c - ch0);
     w = static_cast<const T*>(p.w_down);
   } else {
-    head0 = (blockIdx.x - p.latent_ctas) * p.heads_per_cta;
+    head0 = (unit - p.latent_ctas) * p.heads_per_cta;
     n_heads = min(p.heads_per_cta, cache.h_kv - head0);
     ch0 = head0 * cache.d_r;
     n_ch = n_heads * cache.d_r;
@@ -174,10 +191,10 @@ __global__ void __launch_bounds__(kThreads) latent_project_kernel(const LatentPr
       const T* w_chunk = w + static_cast<int64_t>(c_first) * p.d;
       constexpr int kVec = kVecBytes / sizeof(T);
       if (p.vectorized) {
-        dot_chunk<T, kVec, kTokens>(w_chunk, c_valid, p.d, x, p.x_stride, n_tok,
-                                    warp_k * kWarpSize + lane, k_warps * kWarpSize, acc);
+        dot_chunk<T, kVec, kTokens>(w_chunk, c_valid, p.d, x, p.x_stride, n_tok, p.split,
+                                    rank, warp_k * kWarpSize + lane, k_warps * kWarpSize, acc);
       } else {
-        dot_chunk<T, 1, kTokens>(w_chunk, c_valid, p.d, x, p.x_stride, n_tok,
+        dot_chunk<T, 1, kTokens>(w_chunk, c_valid, p.d, x, p.x_stride, n_tok, p.split, rank,
                                  warp_k * kWarpSize + lane, k_warps * kWarpSize, acc);
       }
 #pragma unroll
@@ -195,16 +212,37 @@ __global__ void __launch_bounds__(kThreads) latent_project_kernel(const LatentPr
     }
     __syncthreads();
 
-    // Sum the split-K partials into partial[0], add the bias, round to x's dtype.
+    // Sum the split-K partials into partial[0], add the bias, round to x's dtype (with a
+    // cluster split, the rank-0 CTA does the last two once it has every rank's sums).
     const T* bias = static_cast<const T*>(p.b_kr);
     for (int i = tid; i < n_tok * n_ch; i += kThreads) {
       const int t = i / n_ch, c = i % n_ch;
       float v = 0.f;
       for (int kw = 0; kw < k_warps; ++kw) v += partial[(kw * kTokens + t) * n_ch + c];
-      if (!is_latent && bias != nullptr) v += static_cast<float>(bias[ch0 + c]);
-      partial[t * n_ch + c] = round_to<T>(v);
+      if (p.split == 1) {
+        if (!is_latent && bias != nullptr) v += static_cast<float>(bias[ch0 + c]);
+        v = round_to<T>(v);
+      }
+      partial[t * n_ch + c] = v;
     }
     __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (p.split > 1) {
+      namespace cg = cooperative_groups;
+      cg::cluster_group cluster = cg::this_cluster();
+      cluster.sync();  // every rank's sums are in its shared memory
+      if (rank == 0) {
+        for (int i = tid; i < n_tok * n_ch; i += kThreads) {
+          float v = 0.f;
+          for (int r = 0; r < p.split; ++r) v += cluster.map_shared_rank(partial, r)[i];
+          if (!is_latent && bias != nullptr) v += static_cast<float>(bias[ch0 + i % n_ch]);
+          partial[i] = round_to<T>(v);
+        }
+      }
+      cluster.sync();  // the leader has read them all: the other ranks may reuse theirs
+      if (rank != 0) continue;
+    }
+#endif
 
     for (int t = 0; t < n_tok; ++t) {
       const int64_t token = n0 + t;
@@ -243,6 +281,22 @@ void dispatch_format(LatentFormat f, Fn&& fn) {
     case LatentFormat::kInt8: fn(std::integral_constant<LatentFormat, LatentFormat::kInt8>{}); break;
     case LatentFormat::kInt4: fn(std::integral_constant<LatentFormat, LatentFormat::kInt4>{}); break;
     case LatentFormat::kFp8: fn(std::integral_constant<LatentFormat, LatentFormat::kFp8>{}); break;
+  }
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// x's dtype (checked to be one of these), without AT_DISPATCH's double instantiation.
+template <typename Fn>
+void dispatch_x_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(TypeTag<float>{}); break;
+    case at::kHalf: fn(TypeTag<c10::Half>{}); break;
+    case at::kBFloat16: fn(TypeTag<c10::BFloat16>{}); break;
+    default: TORCH_CHECK(false, "latent_project: unsupported x dtype ", t);
   }
 }
 
@@ -304,11 +358,19 @@ void latent_project_cuda(const at::Tensor& x, const at::Tensor& w_down, const at
   p.latent_ctas = static_cast<int>(ceil_div(s.d_c, p.latent_slice));
   p.heads_per_cta = static_cast<int>(ceil_div(s.h_kv, target_ctas));
   const int64_t rope_ctas = ceil_div(s.h_kv, p.heads_per_cta);
-  const int64_t grid = p.latent_ctas + rope_ctas;
+  const int64_t slices = p.latent_ctas + rope_ctas;
 
   const int64_t vec = kVecBytes / x.element_size();
   p.vectorized = d % vec == 0 && p.x_stride % vec == 0 && aligned16(p.x) && aligned16(p.w_down) &&
                  aligned16(p.w_kr);
+
+  // MLA_EXT_LATENT_PROJECT_MAX_SPLIT caps the cluster split (1 turns clusters off, e.g. to test
+  // both paths on one GPU).
+  int max_split = kMaxClusterSplit;
+  if (const char* env = std::getenv("MLA_EXT_LATENT_PROJECT_MAX_SPLIT")) {
+    max_split = std::clamp(std::atoi(env), 1, kMaxClusterSplit);
+  }
+  const int64_t n_vec = p.vectorized ? d / vec : d;
 
   // Shared memory: the split-K partials of the widest slice (a narrower last slice may split
   // more ways, but never past kWarps * kChannels channels' worth) plus quantization scratch.
@@ -329,17 +391,51 @@ void latent_project_cuda(const at::Tensor& x, const at::Tensor& w_down, const at
               rope_slice, " RoPE channels) needs ", smem, " bytes of shared memory, more than the "
               "device's ", smem_max, "; use a smaller quantization group");
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kOp, [&] {
-    using T = scalar_t;
+  dispatch_x_dtype(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
     dispatch_format(s.format, [&](auto fmt) {
       constexpr LatentFormat F = decltype(fmt)::value;
       auto launch = [&](auto kernel) {
+        // Too few slices to keep the SMs streaming weights: split d over a cluster, where the
+        // loaded binary has cluster code (sm_90 and later; an sm_80 build running on Hopper
+        // does not).
+        static std::array<std::atomic<int>, kMaxDevices> binary_version{};  // 0: not read yet
+        const int device = x.get_device();
+        TORCH_CHECK(device < kMaxDevices, kOp, ": device index ", device, " is too large");
+        if (binary_version[device].load() == 0) {
+          cudaFuncAttributes attrs{};
+          C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+          binary_version[device].store(attrs.binaryVersion);
+        }
+        p.split = 1;
+        while (binary_version[device].load() >= 90 && 2 * p.split <= max_split &&
+               slices * 2 * p.split <= target_ctas &&
+               n_vec / (2 * p.split) >= kMinVectorsPerRank) {
+          p.split *= 2;
+        }
+        const int64_t grid = slices * p.split;
         if (smem > 48 * 1024) {
           C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(smem)));
         }
-        kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (p.split == 1) {
+          kernel<<<static_cast<unsigned>(grid), kThreads, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(static_cast<unsigned>(grid));
+        config.blockDim = dim3(kThreads);
+        config.dynamicSmemBytes = smem;
+        config.stream = stream;
+        cudaLaunchAttribute cluster_dims[1];
+        cluster_dims[0].id = cudaLaunchAttributeClusterDimension;
+        cluster_dims[0].val.clusterDim.x = p.split;
+        cluster_dims[0].val.clusterDim.y = 1;
+        cluster_dims[0].val.clusterDim.z = 1;
+        config.attrs = cluster_dims;
+        config.numAttrs = 1;
+        C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
       };
       if (batched) {
         launch(latent_project_kernel<T, F, kTokensBatched>);
