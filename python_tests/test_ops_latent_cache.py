@@ -19,6 +19,15 @@ def devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def reference_write(c, k, slots, cache):
+    """reference.latent_cache_write on CPU copies: on the GPU torch divides by a Python scalar
+    as a multiplication by its reciprocal (one rounding more), while the format (and both
+    kernels) divide exactly. Returns the CPU cache."""
+    cpu = [t.cpu() if t is not None else None for t in cache]
+    reference.latent_cache_write(c.cpu(), k.cpu(), slots.cpu(), *cpu)
+    return cpu
+
+
 def run_write_case(seed: int, device: str, latent_dtype=None, rope_dtype=None, n=None):
     """One random write: kernel vs reference on identically poisoned caches; returns the ties."""
     rng = random.Random(seed)
@@ -32,7 +41,7 @@ def run_write_case(seed: int, device: str, latent_dtype=None, rope_dtype=None, n
     got, want = clone_cache(initial), clone_cache(initial)
     what = f"seed {seed} {cfg} n={n} c {c.dtype} k {k.dtype} on {device}"
     ops.latent_cache_write(c, k, slots, *got)
-    reference.latent_cache_write(c, k, slots, *want)
+    want = reference_write(c, k, slots, want)
     ties = assert_cache_matches(got, want, slots, initial, what)
 
     # Dequantized values of the written rows stay within the format's error bound.
@@ -95,8 +104,13 @@ def run_gather_case(seed: int, device: str, latent_dtype=None, rope_dtype=None):
     what = f"seed {seed} {cfg} lens {lens} max_len {max_len} on {device}"
     for g, w, name in zip(got, want, ("c", "k_rope")):
         assert g.dtype == torch.float32 and g.shape == w.shape, (what, name, g.shape, w.shape)
-        torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True,
-                                   msg=lambda m: f"{what} {name}: {m}")
+        # int4 is q * scale + zero: the GPU may fuse it into one FMA (one rounding less than
+        # torch's separate ops), so allow that rounding; every other format is exact.
+        fused = device == "cuda" and cfg.latent_dtype == torch.uint8 and name == "c"
+        finite = w[w.isfinite()]
+        tol = 2.0**-22 * float(finite.abs().max()) if fused and finite.numel() else 0.0
+        torch.testing.assert_close(g, w, atol=tol, rtol=2.0**-22 if fused else 0,
+                                   equal_nan=True, msg=lambda m: f"{what} {name}: {m}")
         for i, n_i in enumerate(lens):
             assert not bool(g[i, n_i:].any()), f"{what} {name}: padding of row {i} not zero"
 
@@ -298,7 +312,7 @@ def test_latent_cache_write_cuda_large_rows():
         k = random_values((5, cfg.h_kv, cfg.d_r), torch.float32, gen, "cuda")
         slots = torch.tensor([0, 47, -1, 20, 5], device="cuda")
         ops.latent_cache_write(c, k, slots, *got)
-        reference.latent_cache_write(c, k, slots, *want)
+        want = reference_write(c, k, slots, want)
         assert_cache_matches(got, want, slots, initial, f"large rows {latent_dtype}")
 
 
@@ -309,7 +323,7 @@ def test_latent_cache_write_cuda_strided_inputs():
     wide_c = torch.randn(5, 100, device="cuda")[:, 3:51]
     wide_k = torch.randn(5 * 2, 3, 8, device="cuda")[::2]
     ops.latent_cache_write(wide_c, wide_k, slots, *cache)
-    reference.latent_cache_write(wide_c, wide_k, slots, *want)
+    want = reference_write(wide_c, wide_k, slots, want)
     assert_cache_matches(cache, want, slots, make_cache(cfg, "cuda", poison=False), "strided")
 
 

@@ -316,9 +316,10 @@ def test_latent_project_cuda_matches_cpu_kernel():
 
 
 @pytest.mark.gpu
-def test_latent_project_cuda_graph_replay():
+@pytest.mark.parametrize("d", [576, 4096])  # 4096: a cluster launch (cudaLaunchKernelEx) on Hopper
+def test_latent_project_cuda_graph_replay(d):
     """Captured once, replayed with new inputs: the same cache as eager calls."""
-    cfg, inputs, slots, _ = small_project_case("cuda", torch.int8, torch.bfloat16, n=5, d=576)
+    cfg, inputs, slots, _ = small_project_case("cuda", torch.int8, torch.bfloat16, n=5, d=d)
     static = [t.clone() if t is not None else None for t in inputs]
     static_slots = slots.clone()
     graph_cache = make_cache(cfg, "cuda", poison=False)
