@@ -44,6 +44,7 @@ constexpr int kMinFloatSlice = 8;  // channels per CTA at least, for an unquanti
 constexpr int kMaxClusterSplit = 8;      // portable thread-block cluster size
 constexpr int kMinVectorsPerRank = 64;   // d-split no finer than two loads per lane of a warp
 constexpr int kMaxDevices = 64;          // per-device cache of each kernel's binary version
+constexpr int kMaxWaves = 2;             // a cluster split keeps the grid within 2 x target CTAs
 static_assert((kWarps & (kWarps - 1)) == 0, "split-K halves the warps: a power of two");
 
 struct LatentProjectParams {
@@ -407,9 +408,12 @@ void latent_project_cuda(const at::Tensor& x, const at::Tensor& w_down, const at
           C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
           binary_version[device].store(attrs.binaryVersion);
         }
+        // The latent CTAs carry the most weight bytes each (a whole group of g rows), so split
+        // until they fill the SMs once, without letting the whole grid exceed kMaxWaves waves.
         p.split = 1;
         while (binary_version[device].load() >= 90 && 2 * p.split <= max_split &&
-               slices * 2 * p.split <= target_ctas &&
+               p.latent_ctas * 2 * p.split <= props->multiProcessorCount &&
+               slices * 2 * p.split <= kMaxWaves * target_ctas &&
                n_vec / (2 * p.split) >= kMinVectorsPerRank) {
           p.split *= 2;
         }
