@@ -39,7 +39,7 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kChannels = 4;       // output channels one warp accumulates together
 constexpr int kVecBytes = 16;      // one vector load
 constexpr int kTokensBatched = 8;  // token chunk of the N > 1 kernel
-constexpr int kCtasPerSm = 2;      // target CTAs per SM of each kind when choosing slice widths
+constexpr int kCtasPerSm = 2;      // CTAs resident per SM (launch bounds), also the grid target
 constexpr int kMinFloatSlice = 8;  // channels per CTA at least, for an unquantized latent
 constexpr int kMaxClusterSplit = 8;      // portable thread-block cluster size
 constexpr int kMinVectorsPerRank = 64;   // d-split no finer than two loads per lane of a warp
@@ -143,7 +143,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename T, LatentFormat F, int kTokens>
-__global__ void __launch_bounds__(kThreads) latent_project_kernel(const LatentProjectParams p) {
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+latent_project_kernel(const LatentProjectParams p) {
   extern __shared__ float smem[];
   const CachePtrs& cache = p.cache;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
