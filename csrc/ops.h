@@ -21,6 +21,26 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(
 at::Tensor mla_decode_plan_cpu(const at::Tensor& q_lat, const at::Tensor& latent,
                                const std::optional<at::Tensor>& latent_scale,
                                const at::Tensor& k_rope_cache, const at::Tensor& seq_lens);
+// Quantize N tokens' latents c [N, D_c] and rotated keys k_rope [N, H_kv, d_r] into the paged
+// cache at slot_mapping [N] (-1 skips); format by latent's dtype (reference.py).
+void latent_cache_write_cpu(const at::Tensor& c, const at::Tensor& k_rope,
+                            const at::Tensor& slot_mapping, at::Tensor& latent,
+                            const std::optional<at::Tensor>& latent_scale,
+                            const std::optional<at::Tensor>& latent_zero, at::Tensor& k_rope_cache,
+                            const std::optional<at::Tensor>& k_rope_scale);
+// Dequantized context of each sequence: (c [B, max_len, D_c], k_rope [B, max_len, H_kv, d_r]) fp32.
+std::tuple<at::Tensor, at::Tensor> latent_gather_cpu(
+    const at::Tensor& latent, const std::optional<at::Tensor>& latent_scale,
+    const std::optional<at::Tensor>& latent_zero, const at::Tensor& k_rope_cache,
+    const std::optional<at::Tensor>& k_rope_scale, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, int64_t max_len);
+// Decode-time fusion: c = x W_down^T, k_r = rope(x W_kr^T + b_kr), quantize, cache write.
+void latent_project_cpu(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_kr,
+                        const std::optional<at::Tensor>& b_kr, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& slot_mapping,
+                        at::Tensor& latent, const std::optional<at::Tensor>& latent_scale,
+                        const std::optional<at::Tensor>& latent_zero, at::Tensor& k_rope_cache,
+                        const std::optional<at::Tensor>& k_rope_scale);
 
 #ifdef MLA_EXT_WITH_CUDA
 at::Tensor partial_rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
@@ -34,6 +54,22 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
 at::Tensor mla_decode_plan_cuda(const at::Tensor& q_lat, const at::Tensor& latent,
                                 const std::optional<at::Tensor>& latent_scale,
                                 const at::Tensor& k_rope_cache, const at::Tensor& seq_lens);
+void latent_cache_write_cuda(const at::Tensor& c, const at::Tensor& k_rope,
+                             const at::Tensor& slot_mapping, at::Tensor& latent,
+                             const std::optional<at::Tensor>& latent_scale,
+                             const std::optional<at::Tensor>& latent_zero, at::Tensor& k_rope_cache,
+                             const std::optional<at::Tensor>& k_rope_scale);
+std::tuple<at::Tensor, at::Tensor> latent_gather_cuda(
+    const at::Tensor& latent, const std::optional<at::Tensor>& latent_scale,
+    const std::optional<at::Tensor>& latent_zero, const at::Tensor& k_rope_cache,
+    const std::optional<at::Tensor>& k_rope_scale, const at::Tensor& block_table,
+    const at::Tensor& seq_lens, int64_t max_len);
+void latent_project_cuda(const at::Tensor& x, const at::Tensor& w_down, const at::Tensor& w_kr,
+                         const std::optional<at::Tensor>& b_kr, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& slot_mapping,
+                         at::Tensor& latent, const std::optional<at::Tensor>& latent_scale,
+                         const std::optional<at::Tensor>& latent_zero, at::Tensor& k_rope_cache,
+                         const std::optional<at::Tensor>& k_rope_scale);
 #endif
 
 }  // namespace mla_ext

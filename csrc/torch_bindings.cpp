@@ -39,6 +39,9 @@ TORCH_LIBRARY_IMPL(mla_ext, CPU, m) {
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cpu);
   m.impl("mla_decode", &mla_ext::mla_decode_cpu);
   m.impl("mla_decode_plan", &mla_ext::mla_decode_plan_cpu);
+  m.impl("latent_cache_write", &mla_ext::latent_cache_write_cpu);
+  m.impl("latent_gather", &mla_ext::latent_gather_cpu);
+  m.impl("latent_project", &mla_ext::latent_project_cpu);
 }
 
 #ifdef MLA_EXT_WITH_CUDA
@@ -47,6 +50,9 @@ TORCH_LIBRARY_IMPL(mla_ext, CUDA, m) {
   m.impl("partial_rope_", &mla_ext::partial_rope_inplace_cuda);
   m.impl("mla_decode", &mla_ext::mla_decode_cuda);
   m.impl("mla_decode_plan", &mla_ext::mla_decode_plan_cuda);
+  m.impl("latent_cache_write", &mla_ext::latent_cache_write_cuda);
+  m.impl("latent_gather", &mla_ext::latent_gather_cuda);
+  m.impl("latent_project", &mla_ext::latent_project_cuda);
 }
 #endif
 

@@ -189,10 +189,42 @@ def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
     return _op("mla_decode_plan")(q_lat, latent, latent_scale, k_rope_cache, seq_lens)
 
 
+def _check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, latent: torch.Tensor,
+                       max_len: int) -> None:
+    # The latent_gather analogue of _check_slots: the kernels cannot raise, so check here (one
+    # host sync) unless a CUDA graph is being captured or torch.compile traces.
+    if (block_table.dim() != 2 or seq_lens.dim() != 1 or seq_lens.numel() == 0
+            or _capturing() or torch.compiler.is_compiling()):
+        return  # shape errors are the C++ checks' to report
+    lens = seq_lens.long()
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < 0 or hi > max_len:
+        raise ValueError(f"seq_lens holds lengths in [{lo}, {hi}], but they must lie in "
+                         f"[0, max_len = {max_len}]")
+    block_size, num_blocks = latent.shape[1], latent.shape[0]
+    used = (lens + block_size - 1) // block_size
+    if int(used.max()) > block_table.shape[1]:
+        raise ValueError(f"seq_lens needs up to {int(used.max())} blocks of {block_size}, but "
+                         f"block_table has {block_table.shape[1]} columns")
+    cols = torch.arange(block_table.shape[1], device=block_table.device)
+    needed = cols.view(1, -1) < used.view(-1, 1)
+    bad = needed & ((block_table < 0) | (block_table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is outside the "
+                         f"cache's [0, {num_blocks}) blocks (used by seq_lens[{b}] = "
+                         f"{int(lens[b])})")
+
+
 def latent_gather(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
                   seq_lens, max_len: int):
     """Dequantized context of each sequence: (c (B, max_len, D_c), k_rope (B, max_len, H_kv,
-    d_r)), both fp32, zero at and past seq_lens[b]."""
+    d_r)), both fp32, zero at and past seq_lens[b].
+
+    block_table: (B, max_blocks) int32; seq_lens: (B,) int32 with 0 <= seq_lens[b] <= max_len;
+    the cache arguments as in latent_cache_write.
+    """
+    _check_block_table(block_table, seq_lens, latent, int(max_len))
     args = (latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
             seq_lens, int(max_len))
     if not has_kernel("latent_gather", latent.device):
