@@ -171,11 +171,27 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     if not has_kernel("mla_decode", q_lat.device) or not _cuda_decode_supports(q_lat, latent):
         return reference.mla_decode(*args)
     _check_decode_ranges(latent, block_table, seq_lens)
+    if sched_meta is not None:
+        _check_sched_meta(sched_meta, q_lat)
     return _op("mla_decode")(*args, sched_meta)
 
 
 # Slots of a split plan beyond the batch; must equal kPlanSlots in csrc/cuda/mla_decode/split_plan.h.
 _PLAN_SLOTS = 2048
+
+
+def _check_sched_meta(sched_meta, q_lat) -> None:
+    # Checked here as well as in C++: a plan of the wrong size is an easy mistake to make when a
+    # batch changes between steps, and the message should not depend on the toolchain.
+    expected = 4 + 4 * (_PLAN_SLOTS + q_lat.shape[0]) + 2 * q_lat.shape[0]
+    if (not isinstance(sched_meta, torch.Tensor) or sched_meta.dtype != torch.int32
+            or sched_meta.dim() != 1 or sched_meta.numel() != expected
+            or sched_meta.device != q_lat.device):
+        got = (f"{tuple(sched_meta.shape)} {sched_meta.dtype} on {sched_meta.device}"
+               if isinstance(sched_meta, torch.Tensor) else type(sched_meta).__name__)
+        raise RuntimeError(f"mla_decode: sched_meta must be the plan mla_decode_plan made for "
+                           f"inputs of these shapes: ({expected},) int32 on {q_lat.device}, "
+                           f"got {got}")
 
 
 def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):

@@ -325,6 +325,7 @@ def test_latent_project_cuda_graph_replay(d):
     graph_cache = make_cache(cfg, "cuda", poison=False)
     eager_cache = make_cache(cfg, "cuda", poison=False)
     ops.latent_project(*static, static_slots, *graph_cache)  # warm-up outside the capture
+    ops.latent_project(*static, static_slots, *eager_cache)  # the same write on the other side
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
