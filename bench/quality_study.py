@@ -57,7 +57,7 @@ def _configs(quick: bool):
                                   cache_ratio=0.1875)
 
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
     import mla_ext
     from mla_ext.data import load_texts
 
@@ -78,21 +78,38 @@ def run(args) -> dict:
                 for name, text in texts.items()}
 
     t0 = time.time()
+
+    def result():
+        return {"metadata": {**metadata(), "device": device, "seconds": round(time.time() - t0, 1)},
+                "protocol": {"context": args.context, "stride": args.context,
+                             "calibration": f"{args.calib_sequences} x 512 tokens of the "
+                                            "calibration part of pydoc_data.topics",
+                             "texts": {k: ("all held-out tokens" if limits[k] is None
+                                           else f"first {limits[k]} tokens") for k in texts},
+                             "command": "python bench/quality_study.py"},
+                "rows": rows}
+
+    def keep(row):
+        # written after every row, so a run cut short by a time limit keeps what it measured
+        rows.append(row)
+        print(_fmt(row), flush=True)
+        if save is not None:
+            save(result())
+
+    rows: list[dict] = []
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
                               max_sequences=args.calib_sequences, collect_xtx=True,
                               collect_distances=True, progress=not args.quiet)
-    rows = [{"section": "original", "config": None, "ppl": ppl(model),
-             "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
-             / model.config.num_hidden_layers, "cache_dtype": "bf16"}]
-    print(_fmt(rows[-1]), flush=True)
+    keep({"section": "original", "config": None, "ppl": ppl(model),
+          "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
+          / model.config.num_hidden_layers, "cache_dtype": "bf16"})
     best = None
     for section, cfg in _configs(args.quick):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
         row = {"section": section, "config": cfg.to_dict(), "ppl": ppl(mla), "cache_dtype": None,
                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
                / model.config.num_hidden_layers}
-        rows.append(row)
-        print(_fmt(row), flush=True)
+        keep(row)
         if section == "low_rank" and cfg.d_kv == 16 or section == "budget":
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
@@ -105,16 +122,8 @@ def run(args) -> dict:
                    "ppl": ppl(mla, cache_dtype=dtype),
                    "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, dtype)
                    / model.config.num_hidden_layers}
-            rows.append(row)
-            print(_fmt(row), flush=True)
-    return {"metadata": {**metadata(), "device": device, "seconds": round(time.time() - t0, 1)},
-            "protocol": {"context": args.context, "stride": args.context,
-                         "calibration": f"{args.calib_sequences} x 512 tokens of the calibration "
-                                        "part of pydoc_data.topics",
-                         "texts": {k: ("all held-out tokens" if limits[k] is None
-                                       else f"first {limits[k]} tokens") for k in texts},
-                         "command": "python bench/quality_study.py"},
-            "rows": rows}
+            keep(row)
+    return result()
 
 
 def _name(cfg: dict | None) -> str:
@@ -183,10 +192,16 @@ def main(argv=None):
         Path(args.doc).write_text(render(json.loads(Path(args.out).read_text())))
         print(f"wrote {args.doc}")
         return
-    data = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(data, indent=1))
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(data):
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out)
+
+    run(args, save=save)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
