@@ -15,6 +15,7 @@ namespace mla_ext {
 namespace {
 
 using cache_store::CachePtrs;
+using cache_store::dispatch_format;
 using cache_store::FloatKind;
 
 constexpr int kWriteThreads = 128;
@@ -108,16 +109,6 @@ latent_gather_kernel(CachePtrs cache,
     const int64_t slot = block * cache.block_size + t % cache.block_size;
     for (int i = threadIdx.x; i < cache.d_c; i += blockDim.x) c_row[i] = load_latent<F>(cache, slot, i);
     for (int i = threadIdx.x; i < rope_width; i += blockDim.x) k_row[i] = load_rope(cache, slot, i);
-  }
-}
-
-template <typename Fn>
-void dispatch_format(LatentFormat f, Fn&& fn) {
-  switch (f) {
-    case LatentFormat::kFloat: fn(std::integral_constant<LatentFormat, LatentFormat::kFloat>{}); break;
-    case LatentFormat::kInt8: fn(std::integral_constant<LatentFormat, LatentFormat::kInt8>{}); break;
-    case LatentFormat::kInt4: fn(std::integral_constant<LatentFormat, LatentFormat::kInt4>{}); break;
-    case LatentFormat::kFp8: fn(std::integral_constant<LatentFormat, LatentFormat::kFp8>{}); break;
   }
 }
 

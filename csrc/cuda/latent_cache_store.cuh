@@ -5,6 +5,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <type_traits>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
@@ -203,6 +205,17 @@ __device__ inline void store_rope_heads(const CachePtrs& p, int64_t slot, const 
   __syncthreads();
   auto* out = static_cast<c10::Float8_e4m3fn*>(p.k_rope) + base;
   for (int i = tid; i < width; i += n_threads) out[i] = quant::quantize_fp8(vals[i], stats[i / p.d_r]);
+}
+
+// Runtime cache format -> a compile-time one, for kernels templated on it.
+template <typename Fn>
+void dispatch_format(LatentFormat f, Fn&& fn) {
+  switch (f) {
+    case LatentFormat::kFloat: fn(std::integral_constant<LatentFormat, LatentFormat::kFloat>{}); break;
+    case LatentFormat::kInt8: fn(std::integral_constant<LatentFormat, LatentFormat::kInt8>{}); break;
+    case LatentFormat::kInt4: fn(std::integral_constant<LatentFormat, LatentFormat::kInt4>{}); break;
+    case LatentFormat::kFp8: fn(std::integral_constant<LatentFormat, LatentFormat::kFp8>{}); break;
+  }
 }
 
 }  // namespace mla_ext::cache_store

@@ -31,6 +31,7 @@ namespace mla_ext {
 namespace {
 
 using cache_store::CachePtrs;
+using cache_store::dispatch_format;
 using cache_store::FloatKind;
 using cache_store::kWarpSize;
 
@@ -273,16 +274,6 @@ latent_project_kernel(const LatentProjectParams p) {
       }
       __syncthreads();  // stats and vals are reused by the next token / chunk
     }
-  }
-}
-
-template <typename Fn>
-void dispatch_format(LatentFormat f, Fn&& fn) {
-  switch (f) {
-    case LatentFormat::kFloat: fn(std::integral_constant<LatentFormat, LatentFormat::kFloat>{}); break;
-    case LatentFormat::kInt8: fn(std::integral_constant<LatentFormat, LatentFormat::kInt8>{}); break;
-    case LatentFormat::kInt4: fn(std::integral_constant<LatentFormat, LatentFormat::kInt4>{}); break;
-    case LatentFormat::kFp8: fn(std::integral_constant<LatentFormat, LatentFormat::kFp8>{}); break;
   }
 }
 
