@@ -2,8 +2,10 @@
 
     import mla_ext
     model, tok = mla_ext.load_default_model()
-    calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text())
-    mla_ext.convert_to_mla(model, mla_ext.MLAConfig(), calibration=calib)
+    cfg = mla_ext.MLAConfig()            # rotation-aware RoPE r=4, activation SVD d_kv=16
+    calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(),
+                              **cfg.calibration_options())
+    mla_ext.convert_to_mla(model, cfg, calibration=calib)
     out = model.generate(ids, past_key_values=mla_ext.LatentCache(model, cache_dtype="int4"))
 """
 from ._loader import built_with_cuda, load_extension

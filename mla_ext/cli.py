@@ -30,18 +30,18 @@ def _add_model_args(p, default_dtype="fp32"):
 
 
 def _add_mla_args(p):
-    p.add_argument("--rope-strategy", default="2-norm", choices=STRATEGIES,
-                   help="which RoPE frequency pairs each KV head keeps (default 2-norm; "
-                        "'rotation' weights 2-norm by how much each pair turns over the "
-                        "distances the heads attend to)")
+    p.add_argument("--rope-strategy", default="rotation", choices=STRATEGIES,
+                   help="which RoPE frequency pairs each KV head keeps (default rotation: the "
+                        "paper's 2-norm weighted by how much each pair turns over the distances "
+                        "the heads attend to; 2-norm is the paper's)")
     p.add_argument("--rope-pairs", type=_optional_int, default=4,
                    help="pairs kept per KV head, r (default 4; 'all' keeps every pair)")
     p.add_argument("--d-kv", type=_optional_int, default=16,
                    help="latent width per KV head (default 16; 'full' keeps full rank)")
-    p.add_argument("--svd", default="joint",
+    p.add_argument("--svd", default="activation",
                    choices=("joint", "split", "activation", "activation-split"),
-                   help="low-rank method: the paper's joint/split weight SVD, or the "
-                        "activation-aware variants (default joint)")
+                   help="low-rank method: activation-aware (default) or the paper's joint/split "
+                        "weight SVD")
     p.add_argument("--cache-ratio", type=float, default=None,
                    help="a cache budget instead of --d-kv: the converted bf16 cache as a fraction "
                         "of the original (0.1875 = -81.25 %%), the latent width spread over the "

@@ -12,25 +12,25 @@ from .convert.rope_selection import STRATEGIES
 class MLAConfig:
     """Settings of an MHA2MLA conversion (ARCHITECTURE section 2).
 
-    rope_strategy: which frequency pairs keep RoPE: "2-norm" (default, needs calibration),
-        "rotation" (2-norm weighted by how much each pair turns over the distances the heads
-        attend to; needs calibration with attention distances), "high", "low", "uniform" or
-        "full".
+    rope_strategy: which frequency pairs keep RoPE: "rotation" (default: 2-norm weighted by
+        how much each pair turns over the distances the heads attend to; the best measured,
+        docs/results.md), "2-norm" (the paper's), "high", "low", "uniform" or "full". The
+        calibration-based ones need ``calibrate(..., **config.calibration_options())``.
     rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE).
     d_kv: latent width per KV head; the layer's latent is ``D_c = d_kv * H_kv``. None keeps
         full rank (lossless).
-    svd: "joint" (the paper's default), "split", or the activation-aware "activation"
-        (joint) / "activation-split", which need calibration activations.
+    svd: "activation" (default: activation-aware joint SVD, the best measured), or the paper's
+        weight SVD "joint" / "split", or "activation-split".
     cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
         included) is this fraction of the original one (0.1875 = -81.25 %), the latent width
         spread over the layers by their spectra; d_kv is then ignored. Needs svd "joint" or
         "activation".
     """
 
-    rope_strategy: str = "2-norm"
+    rope_strategy: str = "rotation"
     rope_pairs: int | None = 4
     d_kv: int | None = 16
-    svd: str = "joint"
+    svd: str = "activation"
     cache_ratio: float | None = None
 
     def __post_init__(self):

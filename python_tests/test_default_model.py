@@ -23,7 +23,7 @@ def test_lossless_conversion_of_the_default_model(default):
     with torch.no_grad():
         ref = model(ids).logits
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
-            rope_strategy="high", rope_pairs=None, d_kv=None), progress=False)
+            rope_strategy="high", rope_pairs=None, d_kv=None, svd="joint"), progress=False)
         out = mla(ids).logits
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     prompt = ids[:, :12]
@@ -38,7 +38,8 @@ def test_paper_default_conversion_sizes_and_chat(default):
     mla = copy.deepcopy(model)
     calib = mla_ext.calibrate(mla, tok, mla_ext.default_calibration_text(), max_length=128,
                               max_sequences=4, progress=False)
-    mla_ext.convert_to_mla(mla, mla_ext.MLAConfig(), calibration=calib, progress=False)
+    paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
+    mla_ext.convert_to_mla(mla, paper, calibration=calib, progress=False)
     layers = model.config.num_hidden_layers
     # ARCHITECTURE section 1: (d_r + d_kv) / (2 d_h) = (8 + 16) / 128 -> -81.25 %
     assert mla_ext.kv_cache_bytes_per_token(model, "bf16") == layers * 2 * 3 * 64 * 2

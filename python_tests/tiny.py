@@ -37,6 +37,8 @@ def tiny_model(seed=0, **kwargs):
 
 
 def converted(model, **cfg):
+    """A converted copy; without calibration, so the weight SVD unless a test says otherwise."""
+    cfg.setdefault("svd", "joint")
     return mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(**cfg), progress=False)
 
 

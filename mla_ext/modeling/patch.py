@@ -187,7 +187,8 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
                    progress: bool = True):
     """Convert ``model`` (a transformers LlamaForCausalLM) to MLA in place and return it.
 
-    config: the MLAConfig (default: the paper's 2-norm, r = 4, joint SVD, d_kv = 16).
+    config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE r = 4, activation SVD,
+        d_kv = 16).
     calibration: ``mla_ext.calibrate(model, tokenizer, texts)`` of this model, needed by the
         2-norm RoPE selection and the activation-aware SVD.
     The decoder layers then call MLAAttention unchanged; ``model.config.mla_ext`` records the
