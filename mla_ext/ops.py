@@ -121,30 +121,6 @@ def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent
     _op("latent_project")(*args)
 
 
-def _check_decode_ranges(latent, block_table, seq_lens) -> None:
-    # The CUDA kernel cannot raise a message: check seq_lens and the block-table entries a
-    # sequence uses here (one small sync), unless a CUDA graph is being captured.
-    if not seq_lens.is_cuda or seq_lens.numel() == 0 or _capturing() \
-            or torch.compiler.is_compiling():
-        return
-    if seq_lens.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-            or latent.dim() != 3:
-        return  # the C++ checks name the argument
-    num_blocks, block_size = latent.shape[0], latent.shape[1]
-    max_blocks = block_table.shape[1]
-    lens = seq_lens.long()
-    lo, hi = int(lens.min()), int(lens.max())
-    if lo < 0 or hi > max_blocks * block_size:
-        raise RuntimeError(f"mla_decode: seq_lens must be in [0, max_blocks * block_size = "
-                           f"{max_blocks * block_size}], got values in [{lo}, {hi}]")
-    used = torch.arange(max_blocks, device=lens.device) < ((lens + block_size - 1) // block_size)[:, None]
-    entries = block_table[used]
-    if entries.numel() and (int(entries.min()) < 0 or int(entries.max()) >= num_blocks):
-        raise RuntimeError(f"mla_decode: block_table holds block ids in [{int(entries.min())}, "
-                           f"{int(entries.max())}] in slots that seq_lens uses, but the cache has "
-                           f"{num_blocks} blocks")
-
-
 def _cuda_decode_supports(q_lat, latent) -> bool:
     """The CUDA kernel takes 16-bit queries and a float latent of the queries' dtype; other
     combinations (an fp32 model on a GPU, an fp16 cache under a bf16 model) run the reference."""
@@ -170,7 +146,9 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
             block_table, seq_lens, float(softmax_scale))
     if not has_kernel("mla_decode", q_lat.device) or not _cuda_decode_supports(q_lat, latent):
         return reference.mla_decode(*args)
-    _check_decode_ranges(latent, block_table, seq_lens)
+    if seq_lens.is_cuda:  # the CPU kernel checks these itself
+        _check_block_table("mla_decode", block_table, seq_lens, latent,
+                           block_table.shape[1] * latent.shape[1] if latent.dim() == 3 else 0)
     if sched_meta is not None:
         _check_sched_meta(sched_meta, q_lat)
     return _op("mla_decode")(*args, sched_meta)
@@ -205,31 +183,38 @@ def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
     return _op("mla_decode_plan")(q_lat, latent, latent_scale, k_rope_cache, seq_lens)
 
 
-def _check_block_table(block_table: torch.Tensor, seq_lens: torch.Tensor, latent: torch.Tensor,
-                       max_len: int) -> None:
-    # The latent_gather analogue of _check_slots: the kernels cannot raise, so check here (one
-    # host sync) unless a CUDA graph is being captured or torch.compile traces.
-    if (block_table.dim() != 2 or seq_lens.dim() != 1 or seq_lens.numel() == 0
-            or _capturing() or torch.compiler.is_compiling()):
-        return  # shape errors are the C++ checks' to report
+class CacheIndexError(ValueError, RuntimeError):
+    """A block table or sequence length outside the cache. A ValueError, and a RuntimeError
+    like the C++ checks' errors, so callers may catch either."""
+
+
+def _check_block_table(op: str, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                       latent: torch.Tensor, max_len: int) -> None:
+    # The CUDA kernels cannot raise a message: check seq_lens and the block-table entries that
+    # the sequences use here (one host sync), unless a CUDA graph is being captured or
+    # torch.compile traces. Malformed arguments are left to the C++ checks, which name them.
+    if (block_table.dim() != 2 or seq_lens.dim() != 1 or latent.dim() != 3
+            or block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32
+            or seq_lens.numel() == 0 or _capturing() or torch.compiler.is_compiling()):
+        return
     lens = seq_lens.long()
     lo, hi = int(lens.min()), int(lens.max())
     if lo < 0 or hi > max_len:
-        raise ValueError(f"seq_lens holds lengths in [{lo}, {hi}], but they must lie in "
-                         f"[0, max_len = {max_len}]")
+        raise CacheIndexError(f"{op}: seq_lens holds lengths in [{lo}, {hi}], but they must lie "
+                              f"in [0, {max_len}]")
     block_size, num_blocks = latent.shape[1], latent.shape[0]
     used = (lens + block_size - 1) // block_size
     if int(used.max()) > block_table.shape[1]:
-        raise ValueError(f"seq_lens needs up to {int(used.max())} blocks of {block_size}, but "
-                         f"block_table has {block_table.shape[1]} columns")
+        raise CacheIndexError(f"{op}: seq_lens needs up to {int(used.max())} blocks of "
+                              f"{block_size}, but block_table has {block_table.shape[1]} columns")
     cols = torch.arange(block_table.shape[1], device=block_table.device)
     needed = cols.view(1, -1) < used.view(-1, 1)
     bad = needed & ((block_table < 0) | (block_table >= num_blocks))
     if bool(bad.any()):
         b, j = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} is outside the "
-                         f"cache's [0, {num_blocks}) blocks (used by seq_lens[{b}] = "
-                         f"{int(lens[b])})")
+        raise CacheIndexError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is "
+                              f"outside the cache's [0, {num_blocks}) blocks (used by "
+                              f"seq_lens[{b}] = {int(lens[b])})")
 
 
 def latent_gather(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
@@ -240,7 +225,7 @@ def latent_gather(latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
     block_table: (B, max_blocks) int32; seq_lens: (B,) int32 with 0 <= seq_lens[b] <= max_len;
     the cache arguments as in latent_cache_write.
     """
-    _check_block_table(block_table, seq_lens, latent, int(max_len))
+    _check_block_table("latent_gather", block_table, seq_lens, latent, int(max_len))
     args = (latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale, block_table,
             seq_lens, int(max_len))
     if not has_kernel("latent_gather", latent.device):

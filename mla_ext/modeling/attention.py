@@ -28,6 +28,12 @@ MAX_ABSORBED_QUERIES = 8
 DECODE_MODES = ("auto", "absorbed", "reconstruct")
 
 
+def _per_token(angles: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """(B or 1, T, H_kv, r) -> (B * T, H_kv, r): the rotary embedding may broadcast one set of
+    positions over the batch."""
+    return angles.expand(b, t, *angles.shape[2:]).reshape(b * t, *angles.shape[2:])
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Partial RoPE on x (B, T, heads, d_r) with cos/sin (B, T, H_kv, r).
 
@@ -35,9 +41,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     differentiable PyTorch math."""
     b, t, heads, d_r = x.shape
     flat = x.reshape(b * t, heads, d_r)
-    # the rotary embedding may broadcast one set of positions over the batch
-    c = cos.expand(b, t, *cos.shape[2:]).reshape(b * t, *cos.shape[2:])
-    s = sin.expand(b, t, *sin.shape[2:]).reshape(b * t, *sin.shape[2:])
+    c, s = _per_token(cos, b, t), _per_token(sin, b, t)
     if torch.is_grad_enabled() and x.requires_grad:
         out = reference.partial_rope(flat, c, s)
     else:
@@ -122,11 +126,10 @@ class MLAAttention(nn.Module):
             layer.append(latent, k_rope)
             return
         slots = layer.reserve(b, t, hidden_states.device)
-        cos = cos.expand(b, t, *cos.shape[2:]).reshape(b * t, *cos.shape[2:])
-        sin = sin.expand(b, t, *sin.shape[2:]).reshape(b * t, *sin.shape[2:])
         ops.latent_project(hidden_states.reshape(b * t, d).contiguous(), self.kv_down.weight,
-                           self.kr_proj.weight, self.kr_proj.bias, cos.contiguous(),
-                           sin.contiguous(), slots, *layer.tensors())
+                           self.kr_proj.weight, self.kr_proj.bias,
+                           _per_token(cos, b, t).contiguous(), _per_token(sin, b, t).contiguous(),
+                           slots, *layer.tensors())
 
     def reconstruct_kv(self, latent, k_rope):
         """Keys (B, H_kv, T, d_h) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h)."""
