@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from .convert.lowrank import SVD_METHODS
 from .convert.rope_selection import STRATEGIES
 
+AUTO = "auto"  # rope_pairs chosen per layer by the cache budget
+
 
 @dataclass
 class MLAConfig:
@@ -16,20 +18,25 @@ class MLAConfig:
         how much each pair turns over the distances the heads attend to; the best measured,
         docs/results.md), "2-norm" (the paper's), "high", "low", "uniform" or "full". The
         calibration-based ones need ``calibrate(..., **config.calibration_options())``.
-    rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE).
+    rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE);
+        "auto" (with cache_ratio) lets the budget choose ``r`` per layer.
     d_kv: latent width per KV head; the layer's latent is ``D_c = d_kv * H_kv``. None keeps
         full rank (lossless).
     svd: "activation" (default: activation-aware joint SVD, the best measured), or the paper's
         weight SVD "joint" / "split", or "activation-split".
     cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
-        included) is this fraction of the original one (0.1875 = -81.25 %), the latent width
-        spread over the layers by their spectra; d_kv is then ignored. Needs svd "joint" or
-        "activation".
+        included) is this fraction of the original one (0.1875 = -81.25 %); d_kv is then
+        ignored. With an int rope_pairs every layer keeps that many pairs and the latent width
+        is spread over the layers by their spectra; with rope_pairs="auto" each layer's split
+        between RoPE pairs and latent width is chosen by the error it adds on calibration text
+        (convert/budget.py). Needs svd "joint" or "activation".
     """
 
     rope_strategy: str = "rotation"
-    rope_pairs: int | None = 4
-    d_kv: int | None = 16
+    # r = 6, d_kv = 12 (-81.25 %): the best measured split of that cache between RoPE keys and
+    # latent (`python -m mla_ext.demo splits`, docs/results.md)
+    rope_pairs: int | str | None = 6
+    d_kv: int | None = 12
     svd: str = "activation"
     cache_ratio: float | None = None
 
@@ -40,9 +47,15 @@ class MLAConfig:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
         for name in ("rope_pairs", "d_kv"):
             value = getattr(self, name)
+            if name == "rope_pairs" and value == AUTO:
+                continue
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+                also = ', "auto"' if name == "rope_pairs" else ""
+                raise ValueError(f"{name} must be a positive int{also} or None, got {value!r}")
+        if self.rope_pairs == AUTO and self.cache_ratio is None:
+            raise ValueError('rope_pairs="auto" chooses the pairs under a cache budget: it needs '
+                             "cache_ratio")
         if self.cache_ratio is not None:
             if isinstance(self.cache_ratio, bool) or not 0 < float(self.cache_ratio) <= 1:
                 raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
@@ -52,7 +65,8 @@ class MLAConfig:
     @property
     def needs_calibration(self) -> bool:
         partial = self.rope_pairs is not None and self.rope_strategy in ("2-norm", "rotation")
-        return partial or self.svd.startswith("activation")
+        # the per-layer split is chosen on calibration text whatever the strategy
+        return partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
 
     @property
     def needs_distances(self) -> bool:

@@ -17,57 +17,98 @@ from .models import DEFAULT_MODEL_NAME, load_default_model
 
 # The paper's defaults for a d_h = 64 model: 2-norm, r = d_h/16 = 4, joint SVD, d_kv = d_h/4.
 PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
-# Ours at the same cache size: rotation-aware RoPE selection + activation-aware joint SVD.
-OURS = MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=16, svd="activation")
+# Ours at the same cache size (d_r + d_kv = 24 per KV head): rotation-aware RoPE selection +
+# activation-aware joint SVD, with the split of that cache that measures best (r = 6, d_kv = 12;
+# `python -m mla_ext.demo splits`).
+OURS = MLAConfig()
 PROMPT = "What is the capital of France? Answer in one sentence."
 CHAT_CACHE = "int4"
 
 
 def _label(cfg: MLAConfig) -> str:
+    if cfg.cache_ratio is not None:
+        rope = "r per layer" if cfg.rope_pairs == "auto" else f"r={cfg.rope_pairs}"
+        return (f"{cfg.rope_strategy} {rope}, {cfg.svd} SVD, latent per layer "
+                f"(budget {1 - cfg.cache_ratio:.2%} smaller)")
     d_kv = "full rank" if cfg.d_kv is None else f"d_kv={cfg.d_kv}"
     return f"{cfg.rope_strategy} r={cfg.rope_pairs}, {cfg.svd} SVD {d_kv}"
+
+
+class _Setup:
+    """What every demo table needs: the original model, its calibration and the perplexity of
+    the demo's protocol (first ``eval_tokens`` held-out tokens, windows of ``context``)."""
+
+    def __init__(self, device, eval_tokens, calib_sequences, context):
+        print(f"loading {DEFAULT_MODEL_NAME} on {device} ...")
+        self.original, self.tokenizer = load_default_model(dtype=torch.float32, device=device)
+        self.layers = self.original.config.num_hidden_layers
+        self.text = default_evaluation_text()
+        self.eval_tokens, self.context = eval_tokens, context
+        print(f"calibrating on {calib_sequences} x 512 tokens ...")
+        self.calib = calibrate(self.original, self.tokenizer, default_calibration_text(),
+                               max_length=512, max_sequences=calib_sequences, collect_xtx=True,
+                               collect_distances=True, progress=False)
+
+    def ppl(self, model, cache_dtype=None):
+        return perplexity(model, self.tokenizer, self.text, context=self.context,
+                          stride=self.context, max_tokens=self.eval_tokens,
+                          cache_dtype=cache_dtype, progress=False)
+
+    def convert(self, cfg):
+        return convert_to_mla(copy.deepcopy(self.original), cfg, calibration=self.calib,
+                              progress=False)
+
+    def row(self, name, model, cache_dtype="bf16", through_cache=False, answer=False):
+        r = {"name": name, "bytes": kv_cache_bytes_per_token(model, cache_dtype) / self.layers,
+             "ppl": self.ppl(model, cache_dtype if through_cache else None)}
+        if answer:
+            cache = (LatentCache(model, cache_dtype=CHAT_CACHE)
+                     if model is not self.original else None)
+            r["answer"] = chat(model, self.tokenizer, PROMPT, cache=cache)
+        return r
 
 
 def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequences: int = 16,
              context: int = 512) -> list[dict]:
     """Run the demo, print its table and return its rows."""
     t0 = time.time()
-    print(f"loading {DEFAULT_MODEL_NAME} on {device} ...")
-    original, tokenizer = load_default_model(dtype=torch.float32, device=device)
-    layers = original.config.num_hidden_layers
-    text = default_evaluation_text()
-
-    def ppl(model, cache_dtype=None):
-        return perplexity(model, tokenizer, text, context=context, stride=context,
-                          max_tokens=eval_tokens, cache_dtype=cache_dtype)
-
-    def row(name, model, cache_dtype="bf16", through_cache=False, answer=False):
-        r = {"name": name, "bytes": kv_cache_bytes_per_token(model, cache_dtype) / layers,
-             "ppl": ppl(model, cache_dtype if through_cache else None)}
-        if answer:
-            cache = LatentCache(model, cache_dtype=CHAT_CACHE) if model is not original else None
-            r["answer"] = chat(model, tokenizer, PROMPT, cache=cache)
-        return r
-
-    rows = [row("original", original, answer=True)]
-    print(f"calibrating on {calib_sequences} x 512 tokens ...")
-    calib = calibrate(original, tokenizer, default_calibration_text(), max_length=512,
-                      max_sequences=calib_sequences, collect_xtx=True, collect_distances=True)
-
-    def convert(cfg):
-        return convert_to_mla(copy.deepcopy(original), cfg, calibration=calib, progress=False)
-
-    rows.append(row(f"paper: {_label(PAPER)}", convert(PAPER), answer=True))
+    setup = _Setup(device, eval_tokens, calib_sequences, context)
+    rows = [setup.row("original", setup.original, answer=True)]
+    rows.append(setup.row(f"paper: {_label(PAPER)}", setup.convert(PAPER), answer=True))
     rope_only = MLAConfig(rope_strategy=OURS.rope_strategy, rope_pairs=OURS.rope_pairs,
                           d_kv=None, svd="joint")
-    rows.append(row(f"ours, step 1: partial RoPE only ({OURS.rope_strategy} r=4)",
-                    convert(rope_only)))
-    ours = convert(OURS)
-    rows.append(row(f"ours, step 2: + {OURS.svd} SVD d_kv={OURS.d_kv}", ours))
-    rows.append(row(f"ours, step 3: + {CHAT_CACHE} latent cache", ours, cache_dtype=CHAT_CACHE,
-                    through_cache=True, answer=True))
+    rows.append(setup.row(f"ours, step 1: partial RoPE only ({OURS.rope_strategy} "
+                          f"r={OURS.rope_pairs})", setup.convert(rope_only)))
+    ours = setup.convert(OURS)
+    rows.append(setup.row(f"ours, step 2: + {OURS.svd} SVD d_kv={OURS.d_kv}", ours))
+    rows.append(setup.row(f"ours, step 3: + {CHAT_CACHE} latent cache", ours,
+                          cache_dtype=CHAT_CACHE, through_cache=True, answer=True))
     _print_table(rows, eval_tokens, context)
     print(f"(demo took {time.time() - t0:.0f} s)")
+    return rows
+
+
+def split_configs() -> list[MLAConfig]:
+    """The ways to spend -81.25 % of the cache (d_r + d_kv = 24 of 2 d_h = 128 per KV head):
+    the same split in every layer, then the budget's choices."""
+    fixed = [MLAConfig(rope_strategy="rotation", rope_pairs=r, d_kv=24 - 2 * r, svd="activation")
+             for r in (4, 6, 8)]
+    budgeted = [MLAConfig(rope_strategy="rotation", rope_pairs=r, svd="activation",
+                          cache_ratio=0.1875) for r in (8, "auto")]
+    return fixed + budgeted
+
+
+def run_split_study(device: str = "cpu", eval_tokens: int | None = 8192,
+                    calib_sequences: int = 16, context: int = 512) -> list[dict]:
+    """Perplexity of every split of split_configs() under the demo's protocol."""
+    t0 = time.time()
+    setup = _Setup(device, eval_tokens, calib_sequences, context)
+    rows = [setup.row("original", setup.original)]
+    for cfg in split_configs():
+        rows.append(setup.row(_label(cfg), setup.convert(cfg)))
+        print(f"  {rows[-1]['name']}: {rows[-1]['ppl']:.2f}", flush=True)
+    _print_table(rows, eval_tokens, context)
+    print(f"(study took {time.time() - t0:.0f} s)")
     return rows
 
 
@@ -88,10 +129,33 @@ def _print_table(rows: list[dict], eval_tokens, context) -> None:
         if i == 0:
             print(rule)
     print(rule)
-    print(f"chat, greedy: {PROMPT!r}")
-    for r in rows:
-        if "answer" in r:
-            print(textwrap.fill(r["answer"] or "(empty)", width=100,
-                                initial_indent=f"  {r['name']}: ", subsequent_indent="      "))
+    answered = [r for r in rows if "answer" in r]
+    if answered:
+        print(f"chat, greedy: {PROMPT!r}")
+    for r in answered:
+        print(textwrap.fill(r["answer"] or "(empty)", width=100,
+                            initial_indent=f"  {r['name']}: ", subsequent_indent="      "))
     print("All conversions are training-free; MHA2MLA recovers quality with a short fine-tune "
           "(mla-ext finetune).")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m mla_ext.demo",
+        description="The demo ('demo', the same as mla-ext demo) or the study of how to split "
+                    "-81.25 %% of the cache between RoPE keys and latent ('splits').")
+    p.add_argument("table", choices=("demo", "splits"), nargs="?", default="demo")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--calib-sequences", type=int, default=16)
+    p.add_argument("--context", type=int, default=512)
+    args = p.parse_args(argv)
+    run = run_demo if args.table == "demo" else run_split_study
+    run(device=args.device, eval_tokens=args.eval_tokens, calib_sequences=args.calib_sequences,
+        context=args.context)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,15 @@
 """A cache budget (MLAConfig.cache_ratio) instead of a fixed d_kv."""
+import copy
+import itertools
+
 import pytest
 import torch
 
 import mla_ext
-from mla_ext.convert.budget import allocate_latent_widths, latent_budget
+from mla_ext.convert.budget import (LATENT_STEP, QUERY_STRIDE, SplitCandidate,
+                                    allocate_latent_widths, choose_splits, latent_budget,
+                                    measure_split_errors, split_candidates)
+from test_convert_rotation import CharTokenizer
 from tiny import VOCAB, converted, tiny_model
 
 
@@ -53,3 +59,138 @@ def test_budgeted_conversion_meets_the_budget(ratio, tmp_path):
     assert [layer.self_attn.latent_dim for layer in loaded.model.layers] == widths
     assert torch.equal(loaded.generate(ids, past_key_values=mla_ext.LatentCache(
         loaded, cache_dtype="int8"), max_new_tokens=4, do_sample=False), out)
+
+
+# ---------------------------------------------------------------- per-layer RoPE/latent split
+
+def test_choose_splits_is_the_best_combination_in_the_budget_window():
+    gen = torch.Generator().manual_seed(3)
+    layers = [[SplitCandidate(r, w, 4 * r + w, float(torch.rand(1, generator=gen)))
+               for r in (1, 2, 3) for w in (8, 16, 24)] for _ in range(3)]
+    budget = 70
+    best = None
+    for combo in itertools.product(*layers):
+        total = sum(c.cost for c in combo)
+        if budget - 8 < total <= budget:
+            err = sum(c.error for c in combo)
+            if best is None or err < best[0]:
+                best = (err, combo)
+    picked = choose_splits(layers, budget)
+    assert sum(c.error for c in picked) == pytest.approx(best[0])
+    assert budget - 8 < sum(c.cost for c in picked) <= budget
+    with pytest.raises(ValueError, match="cheapest"):
+        choose_splits(layers, 20)
+    with pytest.raises(ValueError, match="budget"):
+        choose_splits(layers, 0)
+
+
+def test_split_candidates_respect_the_cost():
+    cands = split_candidates(num_kv_heads=2, head_dim=16, max_cost=40, max_latent=32)
+    assert all(c.cost == 4 * c.rope_pairs + c.latent_dim <= 40 for c in cands)
+    assert {c.rope_pairs for c in cands} == set(range(1, 9))
+    assert (8, 8) in {(c.rope_pairs, c.latent_dim) for c in cands}
+    with pytest.raises(ValueError, match="cheapest"):
+        split_candidates(num_kv_heads=2, head_dim=16, max_cost=11, max_latent=32)
+
+
+def _calibration(model, sequences=4):
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(64 * sequences))
+    return mla_ext.calibrate(model, CharTokenizer(), text, max_length=64, collect_xtx=True,
+                             collect_distances=True, progress=False)
+
+
+@torch.no_grad()
+def _converted_layer_error(original, mla, seq):
+    """Sum over every QUERY_STRIDE-th position of the squared change of each converted layer's
+    attention output on the original layer's input, over the residual stream energy there."""
+    inputs, residuals = {}, {}
+    hooks = []
+    for i, layer in enumerate(original.model.layers):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: residuals.__setitem__(i, a[0] if a else k["hidden_states"]),
+            with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, a, k, out, i=i: inputs.__setitem__(i, (a[0] if a else k["hidden_states"],
+                                                             k["position_embeddings"], out[0])),
+            with_kwargs=True))
+    original(torch.tensor([seq]))
+    for h in hooks:
+        h.remove()
+    errors = []
+    queries = torch.arange(QUERY_STRIDE - 1, len(seq), QUERY_STRIDE)
+    for i, layer in enumerate(mla.model.layers):
+        x, pe, ref = inputs[i]
+        out = layer.self_attn(x, position_embeddings=pe, attention_mask=None)[0]
+        err = (out - ref)[:, queries].double().pow(2).sum()
+        errors.append(float(err / residuals[i][:, queries].double().pow(2).sum()))
+    return errors
+
+
+@pytest.mark.parametrize("svd", ["activation", "joint"])
+def test_split_errors_are_those_of_the_converted_layers(svd):
+    model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
+    calib = _calibration(model)
+    measured = measure_split_errors(model, calib, strategy="rotation", svd=svd, max_cost=40,
+                                    num_sequences=1)
+    for r, width in ((1, 8), (3, 16), (2, 32)):
+        mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
+            rope_strategy="rotation", rope_pairs=r, d_kv=width // 2, svd=svd),
+            calibration=calib, progress=False)
+        expected = _converted_layer_error(model, mla, calib.sequences[0])
+        for layer, want in zip(measured, expected):
+            got = next(c.error for c in layer if (c.rope_pairs, c.latent_dim) == (r, width))
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
+
+
+def _auto_converted(model, ratio, calib):
+    cfg = mla_ext.MLAConfig(rope_strategy="rotation", rope_pairs="auto", svd="activation",
+                            cache_ratio=ratio)
+    return mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.45])
+def test_per_layer_split_meets_the_budget_and_survives_save_load(ratio, tmp_path):
+    model = tiny_model(layers=3, heads=4, kv_heads=2, head_dim=16, hidden=64)
+    calib = _calibration(model)
+    mla = _auto_converted(model, ratio, calib)
+    attns = [layer.self_attn for layer in mla.model.layers]
+    plan = mla.config.mla_ext["layers"]
+    assert [(a.rope_pairs_count, a.latent_dim) for a in attns] == [
+        (p["rope_pairs"], p["latent_dim"]) for p in plan]
+    assert all(a.latent_dim % LATENT_STEP == 0 for a in attns)
+    original = mla_ext.kv_cache_bytes_per_token(model, "bf16")
+    got = mla_ext.kv_cache_bytes_per_token(mla, "bf16")
+    # bf16: 2 bytes a value; the whole model is within one latent group of the budget
+    assert ratio * original - 2 * LATENT_STEP < got <= ratio * original
+    loaded = mla_ext.load_pretrained(mla_ext.save_pretrained(mla, tmp_path / "ckpt"))
+    for a, b in zip(attns, (layer.self_attn for layer in loaded.model.layers)):
+        assert (b.rope_pairs_count, b.latent_dim) == (a.rope_pairs_count, a.latent_dim)
+        assert torch.equal(b.rope_pairs, a.rope_pairs)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, mla(ids).logits)
+
+
+def test_auto_split_needs_token_sequences_and_a_joint_svd():
+    model = tiny_model(layers=2)
+    calib = _calibration(model)
+    calib.sequences = None
+    with pytest.raises(ValueError, match="token sequences"):
+        _auto_converted(model, 0.4, calib)
+    with pytest.raises(ValueError, match="svd"):
+        mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.4, svd="activation-split")
+    with pytest.raises(ValueError, match="rope_pairs"):
+        mla_ext.MLAConfig(rope_pairs="some")
+    with pytest.raises(ValueError, match="num_sequences"):
+        measure_split_errors(model, _calibration(model), strategy="high", svd="joint",
+                             max_cost=40, num_sequences=0)
+
+
+def test_cli_takes_rope_pairs_auto():
+    from mla_ext.cli import _mla_config, build_parser
+
+    args = build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto",
+                                      "--cache-ratio", "0.1875"])
+    cfg = _mla_config(args)
+    assert cfg.rope_pairs == "auto" and cfg.cache_ratio == 0.1875 and cfg.needs_calibration
+    with pytest.raises(ValueError, match="cache_ratio"):
+        _mla_config(build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto"]))

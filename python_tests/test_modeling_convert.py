@@ -184,3 +184,38 @@ def test_two_norm_conversion_with_calibration():
         progress=False)
     ids = torch.randint(0, VOCAB, (1, 10))
     assert torch.isfinite(mla(ids).logits).all()
+
+
+def _mixed_rope_model(model):
+    """A converted model whose layers keep different numbers of RoPE pairs (1, 3, 2) and
+    latent widths, as a per-layer cache budget makes them."""
+    sizes = [dict(rope_pairs=1, d_kv=8), dict(rope_pairs=3, d_kv=4), dict(rope_pairs=2, d_kv=6)]
+    parts = [converted(model, rope_strategy="uniform", **s) for s in sizes]
+    mixed = parts[0]
+    for i, part in enumerate(parts):
+        mixed.model.layers[i].self_attn = part.model.layers[i].self_attn
+    mixed.config.mla_ext["layers"] = [
+        {"rope_pairs": s["rope_pairs"], "latent_dim": s["d_kv"] * model.config.num_key_value_heads}
+        for s in sizes]
+    return mixed
+
+
+def test_layers_with_different_rope_dims_decode_both_ways(tmp_path):
+    mla = _mixed_rope_model(tiny_model(layers=3, heads=4, kv_heads=2, head_dim=16))
+    dims = [layer.self_attn.rope_dim for layer in mla.model.layers]
+    assert dims == [2, 6, 4]
+    prompt = torch.randint(0, VOCAB, (2, 11))
+    steps = [torch.randint(0, VOCAB, (2, n)) for n in (1, 2, 1)]
+    absorbed, rebuilt = _decode_both_ways(mla, prompt, steps)
+    torch.testing.assert_close(absorbed, rebuilt, atol=2e-5, rtol=2e-5)
+    cache = mla_ext.LatentCache(mla, cache_dtype="int4")
+    assert [layer.rope_dim for layer in cache.layers] == dims
+    out = mla.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert cache.get_seq_length() == out.shape[1] - 1
+    loaded = mla_ext.load_pretrained(mla_ext.save_pretrained(mla, tmp_path / "mixed"))
+    assert [layer.self_attn.rope_dim for layer in loaded.model.layers] == dims
+    assert all(torch.equal(a.self_attn.rope_pairs, b.self_attn.rope_pairs)
+               for a, b in zip(mla.model.layers, loaded.model.layers))
+    assert mla_ext.kv_cache_bytes_per_token(loaded, "bf16") == 2 * sum(
+        layer.self_attn.latent_dim + 2 * layer.self_attn.rope_dim for layer in mla.model.layers)
+    torch.testing.assert_close(loaded(prompt).logits, mla(prompt).logits)

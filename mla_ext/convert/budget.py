@@ -1,18 +1,41 @@
-"""A cache budget instead of fixed sizes: spread the latent width over the layers.
+"""A cache budget instead of fixed sizes.
 
-Given the total number of cached values per token that the budget allows, every layer pays its
-RoPE keys (``H_kv * d_r``) and the rest is latent. The latent is handed out in steps of
-``step`` channels (a multiple of 8, what the kernels and quantization groups need), each step to
-the layer whose relative error drops the most: the error of a rank-``k`` truncation is the
-squared tail of the layer's spectrum (``joint_spectrum``) over its total energy.
+The budget is a number of cached values per token summed over the layers (the original cache
+holds ``2 H_kv d_h`` per layer). A layer pays ``H_kv * d_r`` for its RoPE keys and ``D_c`` for
+its latent; latent widths move in steps of ``LATENT_STEP`` channels (what the kernels and the
+quantization groups need). Two ways to spend it:
+
+- a fixed number of RoPE pairs in every layer, the latent handed out step by step to the layer
+  whose relative truncation error (the squared tail of its possibly whitened spectrum,
+  ``joint_spectrum``) drops the most (``allocate_latent_widths``);
+- the split between RoPE pairs and latent chosen per layer too (``measure_split_errors`` +
+  ``choose_splits``): every candidate ``(r, D_c)`` of a layer is scored by the error it adds to
+  the residual stream on calibration text, and a knapsack over the layers picks the candidates
+  of least total error whose cache fills the budget. RoPE pairs and latent channels have no
+  common unit otherwise: the measured error is what makes them comparable.
 """
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 
 import torch
 
+from .calibration import decoder_layers
+from .lowrank import max_rank, nested_joint_factors
+from .rope_selection import converted_layout, select_rope_pairs
+
 LATENT_STEP = 8
+# The split search scores this many calibration sequences (re-running the original model), and
+# in each every QUERY_STRIDE-th query position: the estimate needs many tokens, not all of them,
+# and the attention of a sampled query still sees every earlier key.
+SPLIT_SEQUENCES = 2
+QUERY_STRIDE = 16
+# Candidates cost at most this multiple of the budget's mean per layer: a layer that needs much
+# more than its share would starve the others anyway, and every candidate costs an attention
+# pass (on 2 CPU cores the search over SmolLM2's 30 layers took over 15 minutes at 2x, 4
+# sequences and every 8th query).
+MAX_COST_FACTOR = 1.5
 
 
 def latent_budget(cache_ratio: float, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -61,3 +84,211 @@ def allocate_latent_widths(spectra: list[torch.Tensor], budget: int, *,
             gain = error(i, widths[i]) - error(i, widths[i] + step)
             heapq.heappush(heap, (-gain, i))
     return widths
+
+
+@dataclass
+class SplitCandidate:
+    """One way to spend a layer's cache: ``rope_pairs`` kept pairs per KV head and a
+    ``latent_dim``-wide latent; ``cost`` cached values per token, ``H_kv * 2 r + D_c``; ``error``
+    the squared change of the layer's attention output over the squared residual stream, on the
+    calibration sequences scored."""
+
+    rope_pairs: int
+    latent_dim: int
+    cost: int
+    error: float = float("nan")
+
+
+def split_candidates(num_kv_heads: int, head_dim: int, max_cost: int,
+                     max_latent: int, step: int = LATENT_STEP) -> list[SplitCandidate]:
+    """Every ``(r, D_c)`` with ``1 <= r <= d_h/2``, ``D_c`` a multiple of ``step`` in
+    ``[step, max_latent]`` and a cost of at most ``max_cost``."""
+    out = []
+    for r in range(1, head_dim // 2 + 1):
+        rope = num_kv_heads * 2 * r
+        for width in range(step, max_latent + 1, step):
+            if rope + width <= max_cost:
+                out.append(SplitCandidate(r, width, rope + width))
+    if not out:
+        raise ValueError(f"no RoPE/latent split costs at most {max_cost} values per token "
+                         f"(the cheapest is {num_kv_heads * 2 + step}): raise cache_ratio")
+    return out
+
+
+class _LayerSplitScorer:
+    """Hooks on one decoder layer that score all of its candidates on the tokens that pass.
+
+    For each candidate the layer's attention is recomputed as the converted layer computes it
+    (kept pairs rotated, the other dims position-free, NoPE keys and values through the
+    rank-``D_c`` factorization) and compared with the original attention output; errors are
+    summed over the sampled query positions, next to the energy of the residual stream there."""
+
+    def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling):
+        cfg = attn.config
+        self.attn = attn
+        self.candidates = candidates
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.rope_scaling = rope_scaling
+        self.errors = torch.zeros(len(candidates), dtype=torch.float64)
+        self.residual_energy = 0.0
+        self.residual = None
+        w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
+        w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
+        xtx = getattr(stats, "xtx", None) if svd == "activation" else None
+        device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+        # One selection and one SVD per r; every width of that r is a prefix of the SVD.
+        self.per_r = {}
+        for r in sorted({c.rope_pairs for c in candidates}):
+            pairs = select_rope_pairs(strategy, r, head_dim=self.head_dim,
+                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                      stats=stats)
+            kn_rows = converted_layout(pairs, self.head_dim, self.num_heads)[2]
+            up, down = nested_joint_factors(w_k[kn_rows], w_v, svd, xtx=xtx)
+            kept = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.bool)
+            for g in range(self.num_kv_heads):
+                kept[g, pairs[g]] = kept[g, pairs[g] + self.head_dim // 2] = True
+            self.per_r[r] = (kept.to(device), kn_rows.to(device), up.to(device, dtype),
+                             down.to(device, dtype))
+
+    def residual_hook(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.residual = hidden.detach()
+
+    def attention_hook(self, module, args, kwargs, output):
+        with torch.no_grad():
+            self._score(args[0] if args else kwargs["hidden_states"],
+                        kwargs["position_embeddings"], output[0])
+
+    def _score(self, x, position_embeddings, reference):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = self.attn
+        b, t, _ = x.shape
+        h, h_kv, d_h = self.num_heads, self.num_kv_heads, self.head_dim
+        group = h // h_kv
+        queries = torch.arange(QUERY_STRIDE - 1, t, QUERY_STRIDE, device=x.device)
+        if queries.numel() == 0:
+            return
+        self.residual_energy += float(self.residual[:, queries].double().pow(2).sum())
+        reference = reference[:, queries]
+        cos, sin = position_embeddings
+        q = attn.q_proj(x).view(b, t, h, d_h).transpose(1, 2)[:, :, queries]
+        k = attn.k_proj(x).view(b, t, h_kv, d_h).transpose(1, 2)
+        q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, queries], sin[:, queries])
+        _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+        visible = torch.arange(t, device=x.device)[None, :] <= queries[:, None]   # (Q, T)
+        by_r: dict[int, list[int]] = {}
+        for i, cand in enumerate(self.candidates):
+            by_r.setdefault(cand.rope_pairs, []).append(i)
+        for r, indices in by_r.items():
+            kept, kn_rows, up, down = self.per_r[r]
+            rows_k = kn_rows.numel()
+            # Queries: kept pairs rotated; the rest position-free but keeping scaled RoPE's
+            # factor (squared, as the conversion folds it into q_proj).
+            kept_q = kept.repeat_interleave(group, dim=0)[None, :, None]
+            q_eff = torch.where(kept_q, q_rot, q * self.rope_scaling ** 2)
+            rope_keys = (k_rot * kept[None, :, None]).transpose(1, 2).reshape(b, t, h_kv * d_h)
+            latent = x @ down.T                   # every width is a prefix of the full latent
+            for i in indices:
+                width = self.candidates[i].latent_dim
+                recon = latent[..., :width] @ up[:, :width].T
+                if attn.k_proj.bias is not None:
+                    recon = recon + torch.cat([attn.k_proj.bias[kn_rows], attn.v_proj.bias])
+                keys = rope_keys.index_copy(2, kn_rows, recon[..., :rows_k])
+                keys = keys.view(b, t, h_kv, d_h).transpose(1, 2).repeat_interleave(group, 1)
+                values = recon[..., rows_k:].view(b, t, h_kv, d_h).transpose(1, 2)
+                values = values.repeat_interleave(group, dim=1)
+                scores = (q_eff @ keys.transpose(-1, -2)) * attn.scaling
+                probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+                out = (probs @ values).transpose(1, 2).reshape(b, queries.numel(), h * d_h)
+                self.errors[i] += float((attn.o_proj(out) - reference).double().pow(2).sum())
+        self.residual = None
+
+
+def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cost: int,
+                         num_sequences: int = SPLIT_SEQUENCES,
+                         rope_scaling: float = 1.0) -> list[list[SplitCandidate]]:
+    """Score every RoPE/latent split of every layer of the original ``model`` on the first
+    ``num_sequences`` calibration sequences; returns each layer's candidates, errors filled.
+
+    strategy: the RoPE selection (its pairs for each r); svd: "joint" or "activation".
+    max_cost: the largest cost (values per token) a candidate may have.
+    """
+    if svd not in ("joint", "activation"):
+        raise ValueError(f"a per-layer split needs svd 'joint' or 'activation', got {svd!r}")
+    if not calibration.sequences:
+        raise ValueError("calibration has no token sequences (it predates them): calibrate "
+                         "again with mla_ext.calibrate to choose a per-layer split")
+    if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
+        raise ValueError(f"num_sequences must be a positive int, got {num_sequences!r}")
+    layers = decoder_layers(model)
+    cfg = model.config
+    scorers, handles = [], []
+    for layer, stats in zip(layers, calibration.layers):
+        attn = layer.self_attn
+        h_kv, d_h = cfg.num_key_value_heads, attn.head_dim
+        widest = max_rank(svd, h_kv * (d_h - 2), h_kv * d_h, cfg.hidden_size)
+        candidates = [c for c in split_candidates(h_kv, d_h, max_cost, widest)
+                      if c.latent_dim <= max_rank(svd, h_kv * (d_h - 2 * c.rope_pairs),
+                                                  h_kv * d_h, cfg.hidden_size)]
+        scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling))
+    base = getattr(model, "base_model", model)
+    device = base.get_input_embeddings().weight.device
+    was_training = model.training
+    try:
+        for layer, scorer in zip(layers, scorers):
+            handles.append(layer.register_forward_pre_hook(scorer.residual_hook,
+                                                           with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(scorer.attention_hook,
+                                                                 with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            for seq in calibration.sequences[:num_sequences]:
+                base(input_ids=torch.tensor([seq], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    out = []
+    for scorer in scorers:
+        energy = scorer.residual_energy or 1.0
+        for cand, err in zip(scorer.candidates, scorer.errors.tolist()):
+            cand.error = err / energy
+        out.append(scorer.candidates)
+    return out
+
+
+def choose_splits(candidates: list[list[SplitCandidate]], budget: int, *,
+                  slack: int = LATENT_STEP) -> list[SplitCandidate]:
+    """One candidate per layer, of least summed error among the choices whose total cost lies
+    in ``(budget - slack, budget]`` (exact knapsack over the total, by dynamic programming)."""
+    if not candidates or any(not layer for layer in candidates):
+        raise ValueError("every layer needs at least one candidate")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    inf = float("inf")
+    best = torch.full((budget + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for layer in candidates:
+        options = torch.full((len(layer), budget + 1), inf, dtype=torch.float64)
+        for j, cand in enumerate(layer):
+            if cand.cost <= budget:
+                options[j, cand.cost:] = best[:budget + 1 - cand.cost] + cand.error
+        best, choice = options.min(dim=0)
+        choices.append(choice)
+    low = max(0, budget - slack + 1)
+    window = best[low:]
+    if not torch.isfinite(window).any():
+        cheapest = sum(min(c.cost for c in layer) for layer in candidates)
+        raise ValueError(f"no split of the layers costs between {low} and {budget} values per "
+                         f"token (the cheapest costs {cheapest}): change cache_ratio")
+    total = low + int(window.argmin())
+    picked = []
+    for layer, choice in zip(reversed(candidates), reversed(choices)):
+        cand = layer[int(choice[total])]
+        picked.append(cand)
+        total -= cand.cost
+    return picked[::-1]

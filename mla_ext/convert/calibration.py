@@ -55,6 +55,9 @@ class Calibration:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # The token ids the statistics came from (a few hundred sequences of ints): a cache budget
+    # that picks each layer's RoPE/latent split runs the original model on some of them again.
+    sequences: list[list[int]] | None = None
 
     def check_matches(self, model_config) -> None:
         """Raise ValueError unless this calibration was taken on a model of this shape.
@@ -344,4 +347,4 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
         for s in stats:
             s.inv_freq = rotary.inv_freq.detach().to("cpu", torch.float64).clone()
     return Calibration(layers=stats, num_tokens=stats[0].num_tokens, hidden_size=d, num_heads=h,
-                       num_kv_heads=h_kv, head_dim=head_dim)
+                       num_kv_heads=h_kv, head_dim=head_dim, sequences=seqs)

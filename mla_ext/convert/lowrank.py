@@ -226,3 +226,26 @@ def joint_spectrum(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "joint",
     if method == "activation":
         w = w @ _whitening(xtx, d, ridge, w.device)
     return torch.linalg.svdvals(w)
+
+
+def nested_joint_factors(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "activation", *,
+                         xtx: torch.Tensor | None = None,
+                         ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint factorization at its full rank, float64, ordered so that its first ``k``
+    latent channels are exactly ``factorize_kv(..., rank=k, method)``: ``up[:, :k] @ down[:k]``
+    for every ``k`` from one SVD (what a search over latent widths needs).
+
+    Returns ``up`` ((rows_k + rows_v), R) and ``down`` (R, d), ``R = max_rank(method, ...)``.
+    """
+    if method not in ("joint", "activation"):
+        raise ValueError(f"nested_joint_factors needs method 'joint' or 'activation', "
+                         f"got {method!r}")
+    _check_weight(w_kn, "w_kn")
+    _check_weight(w_v, "w_v")
+    d = w_v.shape[1]
+    if w_kn.shape[1] != d:
+        raise ValueError(f"w_kn and w_v must have the same number of columns d, got "
+                         f"{w_kn.shape[1]} and {d}")
+    w = torch.cat([w_kn.to(torch.float64), w_v.to(device=w_kn.device, dtype=torch.float64)])
+    chol = _whitening(xtx, d, ridge, w.device) if method == "activation" else None
+    return _truncated_svd(w, max_rank(method, w_kn.shape[0], w_v.shape[0], d), chol, "up")

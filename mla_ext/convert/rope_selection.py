@@ -114,3 +114,30 @@ def select_rope_pairs(strategy: str, rope_pairs: int | None, *, head_dim: int, n
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         return order[:, :r].sort(dim=1).values.to(torch.int64).contiguous()
     return row.to(torch.int64).unsqueeze(0).repeat(num_kv_heads, 1)
+
+
+def _head_order(pairs_row: torch.Tensor, d_h: int):
+    """Dims of one head in the converted order [x1 | x2 | nope], and the rope / nope parts."""
+    half = d_h // 2
+    rope = torch.cat([pairs_row, pairs_row + half])
+    keep = torch.ones(d_h, dtype=torch.bool)
+    keep[rope] = False
+    nope = torch.arange(d_h)[keep]
+    return rope, nope
+
+
+def converted_layout(pairs: torch.Tensor, d_h: int, num_heads: int):
+    """Row indices of the converted projections in the original ones: q rows per head in
+    [x1 | x2 | nope] order, the kept key rows, the NoPE key rows, and the NoPE rows of the new
+    q_proj."""
+    h_kv = pairs.shape[0]
+    group = num_heads // h_kv
+    q_rows, kr_rows, kn_rows, q_nope_rows = [], [], [], []
+    for g in range(h_kv):
+        rope, nope = _head_order(pairs[g].cpu(), d_h)
+        kr_rows.append(g * d_h + rope)
+        kn_rows.append(g * d_h + nope)
+        for q in range(g * group, (g + 1) * group):
+            q_rows.append(q * d_h + torch.cat([rope, nope]))
+            q_nope_rows.append(q * d_h + len(rope) + torch.arange(len(nope)))
+    return torch.cat(q_rows), torch.cat(kr_rows), torch.cat(kn_rows), torch.cat(q_nope_rows)

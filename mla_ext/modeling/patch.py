@@ -11,7 +11,9 @@ from transformers.models.llama.modeling_llama import LlamaAttention
 
 from ..config import MLAConfig
 from ..convert import factorize_kv, max_rank, select_rope_pairs
-from ..convert.budget import LATENT_STEP, allocate_latent_widths, latent_budget
+from ..convert.rope_selection import converted_layout
+from ..convert.budget import (LATENT_STEP, MAX_COST_FACTOR, allocate_latent_widths,
+                              choose_splits, latent_budget, measure_split_errors)
 from ..convert.lowrank import joint_spectrum
 from .attention import MLAAttention
 
@@ -80,54 +82,40 @@ def plan_layers(model, config: MLAConfig) -> list[dict]:
     return [{"rope_pairs": r, "latent_dim": latent} for _ in range(cfg.num_hidden_layers)]
 
 
-def _head_order(pairs_row: torch.Tensor, d_h: int):
-    """Dims of one head in the converted order [x1 | x2 | nope], and the rope / nope parts."""
-    half = d_h // 2
-    rope = torch.cat([pairs_row, pairs_row + half])
-    keep = torch.ones(d_h, dtype=torch.bool)
-    keep[rope] = False
-    nope = torch.arange(d_h)[keep]
-    return rope, nope
-
-
-def _layout(pairs: torch.Tensor, d_h: int, num_heads: int):
-    """Row indices of the converted projections in the original ones: q rows per head in
-    [x1 | x2 | nope] order, the kept key rows, the NoPE key rows, and the NoPE rows of the new
-    q_proj."""
-    h_kv = pairs.shape[0]
-    group = num_heads // h_kv
-    q_rows, kr_rows, kn_rows, q_nope_rows = [], [], [], []
-    for g in range(h_kv):
-        rope, nope = _head_order(pairs[g].cpu(), d_h)
-        kr_rows.append(g * d_h + rope)
-        kn_rows.append(g * d_h + nope)
-        for q in range(g * group, (g + 1) * group):
-            q_rows.append(q * d_h + torch.cat([rope, nope]))
-            q_nope_rows.append(q * d_h + len(rope) + torch.arange(len(nope)))
-    return torch.cat(q_rows), torch.cat(kr_rows), torch.cat(kn_rows), torch.cat(q_nope_rows)
-
-
-def _select_pairs(attn, config: MLAConfig, stats) -> torch.Tensor:
+def _select_pairs(attn, config: MLAConfig, rope_pairs: int | None, stats) -> torch.Tensor:
     cfg = attn.config
-    return select_rope_pairs(config.rope_strategy, config.rope_pairs, head_dim=_head_dim(cfg),
+    return select_rope_pairs(config.rope_strategy, rope_pairs, head_dim=_head_dim(cfg),
                              num_heads=cfg.num_attention_heads,
                              num_kv_heads=cfg.num_key_value_heads, stats=stats)
 
 
-def budget_plan(model, config: MLAConfig, stats: list) -> list[dict]:
-    """Per-layer sizes under ``config.cache_ratio``: every layer keeps ``rope_pairs`` pairs and
-    the latent width is spread over the layers by their spectra (convert/budget.py)."""
+def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0) -> list[dict]:
+    """Per-layer sizes under ``config.cache_ratio`` (convert/budget.py). ``rope_pairs="auto"``:
+    each layer's split between RoPE pairs and latent width is chosen by the error it adds on
+    calibration text; otherwise every layer keeps ``rope_pairs`` pairs and the latent width is
+    spread over the layers by their spectra."""
     cfg = model.config
     d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    layers = _decoder_layers(model)
+    original_values = len(layers) * 2 * h_kv * d_h
+    if config.rope_pairs == "auto":
+        # int() of the product, as latent_budget does, so both modes share one budget arithmetic
+        budget = int(config.cache_ratio * original_values)
+        max_cost = int(MAX_COST_FACTOR * budget / len(layers))
+        candidates = measure_split_errors(model, calibration, strategy=config.rope_strategy,
+                                          svd=config.svd, max_cost=max_cost,
+                                          rope_scaling=rope_scaling)
+        return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
+                for c in choose_splits(candidates, budget)]
+    stats = calibration.layers if calibration is not None else [None] * len(layers)
     r = d_h // 2 if config.rope_pairs is None else config.rope_pairs
     if r > d_h // 2:
         raise ValueError(f"rope_pairs={r} exceeds the {d_h // 2} frequency pairs of head_dim {d_h}")
-    layers = _decoder_layers(model)
     budget = latent_budget(config.cache_ratio, len(layers), h_kv, d_h, [2 * r] * len(layers))
     spectra, maximum = [], []
     for layer, layer_stats in zip(layers, stats):
         attn = layer.self_attn
-        kn_rows = _layout(_select_pairs(attn, config, layer_stats), d_h, h)[2]
+        kn_rows = converted_layout(_select_pairs(attn, config, r, layer_stats), d_h, h)[2]
         w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
         w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
         xtx = getattr(layer_stats, "xtx", None) if config.svd == "activation" else None
@@ -142,8 +130,8 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
                    stats, rope_scaling: float) -> MLAAttention:
     cfg = attn.config
     d_h, h = _head_dim(cfg), cfg.num_attention_heads
-    pairs = _select_pairs(attn, config, stats)
-    q_rows, kr_rows, kn_rows, q_nope_rows = _layout(pairs, d_h, h)
+    pairs = _select_pairs(attn, config, sizes["rope_pairs"], stats)
+    q_rows, kr_rows, kn_rows, q_nope_rows = converted_layout(pairs, d_h, h)
 
     def weight(lin):
         return lin.weight.detach().to("cpu", torch.float64)
@@ -187,8 +175,8 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
                    progress: bool = True):
     """Convert ``model`` (a transformers LlamaForCausalLM) to MLA in place and return it.
 
-    config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE r = 4, activation SVD,
-        d_kv = 16).
+    config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE r = 6, activation SVD,
+        d_kv = 12).
     calibration: ``mla_ext.calibrate(model, tokenizer, texts)`` of this model, needed by the
         2-norm RoPE selection and the activation-aware SVD.
     The decoder layers then call MLAAttention unchanged; ``model.config.mla_ext`` records the
@@ -213,10 +201,10 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
             raise ValueError('rope_strategy="rotation" needs attention distances: calibrate '
                              "with collect_distances=True")
     stats = calibration.layers if calibration is not None else [None] * len(layers)
-    if plan is None:
-        plan = budget_plan(model, config, stats)
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    if plan is None:
+        plan = budget_plan(model, config, calibration, rope_scaling)
 
     converted = [
         _convert_layer(layer.self_attn, i, plan[i], config, stats[i], rope_scaling)
