@@ -54,6 +54,9 @@ class TrainConfig:
     save_every 0 saves only at the end; keep is how many checkpoints stay on disk (0: all);
     resume is None, "latest" (the newest checkpoint in out_dir) or a checkpoint directory;
     stop_after ends the run (with a checkpoint) after that step, for jobs cut into slices;
+    save_at_end False writes neither the end-of-run checkpoint nor final/ (save_every
+    checkpoints still are): for studies and benchmarks that need only the log and the model
+    left in memory;
     max_sequences caps packing (a streamed dataset defaults to what the run consumes).
     """
     steps: int = 1000
@@ -77,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     resume: str | None = None
     stop_after: int | None = None
+    save_at_end: bool = True
     max_sequences: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -193,15 +197,28 @@ class _Dist:
             value = value / self.world
         return float(value)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank gets the same answer)."""
+        if not self.on:
+            return bool(flag)
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def close(self):
         if self.created and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
-             out_dir="finetune-out") -> list[dict]:
+             out_dir="finetune-out", on_step=None) -> list[dict]:
     """Fine-tune ``model`` on ``data``; return the history (one dict per optimizer step:
     step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s).
+
+    on_step: called on every rank after each optimizer step (and its log line) as
+    ``on_step(record, model)``, with the training model (wrapped under DDP/FSDP, in train
+    mode), e.g. to evaluate it; a true return on any rank ends the run after that step, as
+    ``stop_after`` would (a checkpoint unless save_at_end is False, no final/).
 
     data: "default"/None (the default corpus), a text file, a directory, a JSONL file, a packed
     directory (``pack`` / ``mla-ext pack``), "hf:NAME", or a TextSource.
@@ -255,7 +272,7 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
                                      data_sig))
             dataset = PackedDataset(dataset)
         return _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig,
-                      resume_state, resume_path)
+                      resume_state, resume_path, on_step)
     finally:
         env.close()
 
@@ -377,7 +394,7 @@ def _state_options(env: _Dist):
 
 
 def _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig, resume_state,
-           resume_path):
+           resume_path, on_step=None):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     unwrapped = model
@@ -411,6 +428,7 @@ def _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig, res
                               f"nothing left to do for {end_step} steps")
     bar = _progress(config, env, start_step, end_step)
     log = open(out / LOG, "a") if env.main else None
+    finished = start_step
     try:
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
@@ -445,19 +463,25 @@ def _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig, res
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            done = step + 1 == end_step
-            if done or (config.save_every and (step + 1) % config.save_every == 0):
+            finished = step + 1
+            stop = on_step is not None and env.any(on_step(record, wrapped))
+            done = step + 1 == end_step or stop
+            if (done and config.save_at_end) or (config.save_every
+                                                 and (step + 1) % config.save_every == 0):
                 if log is not None:
                     os.fsync(log.fileno())
                 _save_checkpoint(wrapped, optimizer, scheduler, config, out, env, step + 1,
                                  tokens, elapsed, model_sig, data_sig, get_state_dict)
+            if stop:
+                break
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-    if end_step == config.steps:
-        _save_final(unwrapped, wrapped, tokenizer, config, out, env, get_state_dict)
+    if finished == config.steps:
+        if config.save_at_end:
+            _save_final(unwrapped, wrapped, tokenizer, config, out, env, get_state_dict)
         if env.main and config.plot:
             plot_history(history, out / PLOT)
     if config.gradient_checkpointing:
