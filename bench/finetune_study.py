@@ -299,7 +299,8 @@ def parse_args(argv=None):
                    help="tokens per training sequence (default 2048)")
     p.add_argument("--batch-size", type=_positive, default=16,
                    help="sequences per optimizer step (default 16)")
-    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4,
+                   help="peak learning rate (default 1e-4)")
     p.add_argument("--eval-every", type=_positive, default=None,
                    help="evaluate after every N steps (default: steps // 8); also before the "
                         "first step and after the last")
