@@ -5,11 +5,13 @@ paper's recipe) on the same tokens, and its held-out perplexity is measured agai
 seen, before the first step and after every --eval-every steps:
 
   original       the unconverted model (the paper's baseline: the same tokens, no conversion)
-  paper_dkv{8,16,32}  the paper's conversion: 2-norm partial RoPE r = 4, joint weight SVD
-  ours_dkv{8,16,32}   the project's default method (``mla_ext.MLAConfig()``) at that d_kv
+  paper_dkv{8,16,32}   the paper's conversion: 2-norm partial RoPE r = 4, joint weight SVD
+  ours_cache{8,16,32}  the project's default method (``mla_ext.MLAConfig()``: rotation-aware
+                       RoPE selection, activation-aware SVD, r = 6) at the same cache bytes
+                       as paper_dkv{8,16,32}: d_kv = 4, 12 (the default itself), 28
 
     python bench/finetune_study.py                       # all 7, ~7 minutes on one H200
-    python bench/finetune_study.py --configs original,ours_dkv16 --tokens 2M
+    python bench/finetune_study.py --configs original,ours_cache16 --tokens 2M
     python bench/finetune_study.py --shakespeare /data/tinyshakespeare.txt --time-limit 400
 
 Training data: the default corpus (the standard library's *.py files + the calibration part of
@@ -43,28 +45,36 @@ from bench.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import _count, _positive, _positive_float  # noqa: E402
 
 D_KVS = (8, 16, 32)
-CONFIG_NAMES = ("original",) + tuple(f"{m}_dkv{d}" for m in ("paper", "ours") for d in D_KVS)
+PAPER_R = 4
+CONFIG_NAMES = (("original",) + tuple(f"paper_dkv{d}" for d in D_KVS)
+                + tuple(f"ours_cache{d}" for d in D_KVS))
 DEFAULT_OUT = RESULTS / "finetune_smollm2.json"
 # Stop a run this many seconds before its share ends on top of one evaluation and one step.
 SLACK_S = 2.0
 
 
 def study_config(name: str, head_dim: int):
-    """The MLAConfig of a study configuration (None for the original model)."""
+    """The MLAConfig of a study configuration (None for the original model).
+
+    ``ours_cache{d}`` is the default method at the cache size of ``paper_dkv{d}``: the
+    default's RoPE pairs and the latent width that keeps ``2 r + d_kv`` per KV head equal
+    (r = 6 gives d_kv = d - 4; d = 16 is then exactly ``MLAConfig()``)."""
     from mla_ext import MLAConfig
 
     if name == "original":
         return None
-    method, d_kv = name.split("_dkv")
-    d_kv = int(d_kv)
+    method, d = name.split("_dkv") if name.startswith("paper") else name.split("_cache")
+    d = int(d)
     if method == "paper":
-        return MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=d_kv, svd="joint")
+        return MLAConfig(rope_strategy="2-norm", rope_pairs=PAPER_R, d_kv=d, svd="joint")
     default = MLAConfig()
-    if default.cache_ratio is None:
-        return dataclasses.replace(default, d_kv=d_kv)
-    # a budgeted default: the same cache size as d_kv with r pairs, (2r + d_kv) / (2 d_h)
-    r = default.rope_pairs if isinstance(default.rope_pairs, int) else head_dim // 16
-    return dataclasses.replace(default, cache_ratio=(2 * r + d_kv) / (2 * head_dim))
+    if default.cache_ratio is not None or not isinstance(default.rope_pairs, int):
+        return dataclasses.replace(default, cache_ratio=(2 * PAPER_R + d) / (2 * head_dim))
+    d_kv = d + 2 * (PAPER_R - default.rope_pairs)
+    if d_kv < 1:
+        raise ValueError(f"{name}: the default's r = {default.rope_pairs} leaves no latent "
+                         f"width at the cache of paper_dkv{d}")
+    return dataclasses.replace(default, d_kv=d_kv)
 
 
 def parse_configs(text: str) -> list[str]:
@@ -182,8 +192,12 @@ def _study(args, work: Path) -> Path:
         share = study.left() / (len(study.rows) - i)
         cfg = cfgs[row["config"]]
         row.update({"method": row["config"].split("_")[0], "d_kv": cfg and cfg.d_kv,
-                    "mla_config": cfg and cfg.to_dict()})
-        if share <= SLACK_S:
+                    "rope_pairs": cfg and cfg.rope_pairs, "mla_config": cfg and cfg.to_dict()})
+        # what a run costs besides its steps, as measured on the earlier ones: conversion and
+        # two evaluations (before the first step and where it stops)
+        overhead = max([r["timing"]["convert_s"] + 2 * r["timing"]["first_eval_s"]
+                        for r in study.rows[:i] if "timing" in r], default=0.0)
+        if share <= overhead + SLACK_S:
             row["status"] = "not run (time limit)"
             study.save()
             continue
@@ -222,6 +236,7 @@ def _run_config(study, row, model, cfg, calib, data, steps, eval_every, ppl, dev
         row["points"].append({"step": step, "tokens": tokens, "train_loss": train_loss,
                               "ppl": ppl(model)})
         last_eval_s = time.monotonic() - t
+        timing.setdefault("first_eval_s", round(last_eval_s, 2))
         timing["eval_s"] = round(timing["eval_s"] + last_eval_s, 2)
         study.save()
         print(f"  {name:12s} step {step:5d} tokens {tokens:>11,d}  " + "  ".join(
