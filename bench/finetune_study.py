@@ -142,7 +142,7 @@ def _study(args, work: Path) -> Path:
         print("no tinyshakespeare.txt found (give --shakespeare PATH): pydoc only", flush=True)
 
     steps = args.tokens // (args.seq_len * args.batch_size)
-    eval_every = args.eval_every or max(1, steps // 8)
+    eval_every = args.eval_every or -(-steps // 4)  # 5 points: 0, 1/4 .. 3/4, the end
     data = args.data
     if not is_packed(data):
         data = pack(data, tok, work / "data", args.seq_len, max_sequences=steps * args.batch_size,
@@ -317,8 +317,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=_positive_float, default=1e-4,
                    help="peak learning rate (default 1e-4)")
     p.add_argument("--eval-every", type=_positive, default=None,
-                   help="evaluate after every N steps (default: steps // 8); also before the "
-                        "first step and after the last")
+                   help="evaluate after every N steps (default: a quarter of the steps); also "
+                        "before the first step and after the last")
     p.add_argument("--time-limit", type=_positive_float, default=420.0,
                    help="wall-clock seconds for the whole study, setup included (default 420)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
