@@ -85,9 +85,36 @@ def default_max_jobs():
     return max(1, min(os.cpu_count() or 1, int(mem_gb // 4)))
 
 
+def warn_on_cxx_runtime_mismatch():
+    """A compiler newer than the C++ runtime this Python loads builds an extension whose C++
+    error messages can crash the process (seen on a GPU image whose CXX pointed at a newer GCC
+    than the system's libstdc++). Say so before building, with the fix."""
+    import subprocess
+
+    import torch  # noqa: F401  (maps the C++ runtime the process will use)
+
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        built = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True,
+                               text=True, timeout=30).stdout.strip()
+        with open("/proc/self/maps") as f:
+            loaded = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except (OSError, subprocess.SubprocessError):
+        return
+    built = os.path.realpath(built) if os.path.isabs(built) else ""
+    loaded = {os.path.realpath(p) for p in loaded}
+    if built and loaded and built not in loaded:
+        newer = max(loaded, key=len)
+        print(f"mla_ext: WARNING: {cxx} links against {built}, but Python loads {newer}; if "
+              f"{cxx} is the newer GCC, C++ error messages of the extension may crash. Build "
+              "with the compiler of the loaded runtime, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++.",
+              file=sys.stderr)
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
+    warn_on_cxx_runtime_mismatch()
     sources = read_sources()
     with_cuda, why = cuda_wanted()
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))

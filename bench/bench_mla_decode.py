@@ -1,5 +1,8 @@
 """Benchmark of mla_decode (ARCHITECTURE 5.1) on the three models' shapes, against torch SDPA
 decode over the original bf16 K/V cache and the PyTorch absorbed decode (dense einsum).
+Every time is the median replay of a CUDA graph holding one call (a decode step is captured in
+a graph in serving; eager launches add host time), L2 flushed before each; eager_us is the op
+launched eagerly.
 
   python bench/bench_mla_decode.py [--quick] [--models llama3,llama2,smollm2] [--out DIR]
 
@@ -18,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import RESULTS, Timer, measure_peak_read_bandwidth, write_results  # noqa: E402
+from bench.common import (RESULTS, Timer, graphed, measure_peak_read_bandwidth,  # noqa: E402
+                          write_results)
 from mla_ext import ops  # noqa: E402
 
 # ARCHITECTURE.md section 1: H, H_kv, d_h, d_r (default r) and D_c for each d_kv.
@@ -27,6 +31,10 @@ MODELS = {
     "llama2": dict(H=32, H_kv=32, d_h=128, d_r=16, D_c=(512, 1024, 2048)),
     "llama3": dict(H=32, H_kv=8, d_h=128, d_r=16, D_c=(128, 256, 512)),
 }
+# --quick: the latent widths of the issue's targets (Llama-2 d_kv = 16, Llama-3 d_kv = 32).
+QUICK_D_C = {"smollm2": 48, "llama2": 512, "llama3": 256}
+# --targets: the issue's target shapes (every (B, S)) in the formats its targets name.
+TARGET_DTYPES = {("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16"), ("int4", "fp8")}
 BATCH_SEQ = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (32, 16384), (64, 4096)]
 LATENT = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8,
           "int4": torch.uint8}
@@ -100,7 +108,7 @@ def run(args):
     for name in models:
         m = MODELS[name]
         H, H_kv, d_h, d_r = m["H"], m["H_kv"], m["d_h"], m["d_r"]
-        d_cs = m["D_c"][1:2] if args.quick else m["D_c"]
+        d_cs = (QUICK_D_C[name],) if args.quick or args.targets else m["D_c"]
         batch_seq = [(1, 4096), (32, 16384)] if args.quick else BATCH_SEQ
         for B, S in batch_seq:
             # torch SDPA decode on the original model's bf16 K/V cache.
@@ -108,8 +116,8 @@ def run(args):
                 q = torch.randn(B, H, 1, d_h, device="cuda", dtype=torch.bfloat16)
                 k = torch.randn(B, H_kv, S, d_h, device="cuda", dtype=torch.bfloat16)
                 v = torch.randn_like(k)
-                sdpa_us = timer(lambda: F.scaled_dot_product_attention(
-                    q, k, v, enable_gqa=H != H_kv))["median_us"]
+                sdpa_us = timer(graphed(lambda: F.scaled_dot_product_attention(
+                    q, k, v, enable_gqa=H != H_kv)))["median_us"]
                 del q, k, v
             except torch.OutOfMemoryError:
                 sdpa_us = None
@@ -124,6 +132,8 @@ def run(args):
                     if args.quick and lname not in ("bf16", "int4"):
                         continue
                     for rname, rdt in ROPE.items():
+                        if args.targets and (lname, rname) not in TARGET_DTYPES:
+                            continue
                         try:
                             cache = make_cache(B, S, H_kv, d_r, D_c, ldt, rdt)
                         except torch.OutOfMemoryError:
@@ -147,19 +157,21 @@ def run(args):
                                                           ref.float().flatten(), dim=0).item()
                                 assert cos > 0.999, f"kernel disagrees with PyTorch path: cos {cos}"
                                 checked = True
-                                torch_us = timer(lambda: torch_absorbed(
+                                torch_us = timer(graphed(lambda: torch_absorbed(
                                     q_lat[:, 0], q_rope[:, 0], c_dense, kr_dense,
-                                    scale))["median_us"]
+                                    scale)))["median_us"]
                             except torch.OutOfMemoryError:
                                 notes.append(f"{name} D_c={D_c} B={B} S={S}: PyTorch path "
                                              "does not fit, skipped")
                             del c_dense, kr_dense
                             torch.cuda.empty_cache()
-                        t = timer(lambda: op(*call, plan))["median_us"]
+                        eager_us = timer(lambda: op(*call, plan))["median_us"]
+                        t = timer(graphed(lambda: op(*call, plan)))["median_us"]
                         nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
                         gbps = nbytes / (t * 1e-6) / 1e9
                         row = dict(model=name, H=H, H_kv=H_kv, d_r=d_r, D_c=D_c, B=B, S=S,
                                    latent=lname, rope=rname, median_us=round(t, 2),
+                                   eager_us=round(eager_us, 2),
                                    cache_bytes=nbytes, GBps=round(gbps, 1),
                                    frac_peak=round(gbps * 1e9 / peak, 3),
                                    sdpa_us=sdpa_us and round(sdpa_us, 2),
@@ -168,6 +180,10 @@ def run(args):
                                    speedup_vs_torch=torch_us and round(torch_us / t, 2),
                                    checked_vs_torch=checked)
                         rows.append(row)
+                        if args.out_partial:  # a run cut by a time limit keeps its rows
+                            write_results("decode_h200", rows, extra={
+                                "peak_read_GBps": round(peak / 1e9, 1), "notes": notes,
+                                "partial": True}, out_dir=args.out)
                         print(f"{name:8s} D_c={D_c:5d} B={B:3d} S={S:6d} {lname:4s}/{rname:4s} "
                               f"{t:9.1f} us {nbytes / 2**20:9.1f} MiB {gbps:7.0f} GB/s "
                               f"{row['frac_peak']:5.2f} peak  x{row['speedup_vs_sdpa']} sdpa  "
@@ -186,49 +202,60 @@ PROFILE_SHAPES = [  # (model, D_c, B, S, latent, rope)
 ]
 
 
+def profile_call(name, D_c, B, S, lname, rname):
+    """One PROFILE_SHAPES row ready to run: the op, its arguments with a plan, and the bytes."""
+    m = MODELS[name]
+    H, H_kv, d_r = m["H"], m["H_kv"], m["d_r"]
+    latent, ls, lz, kr, ks, table, lens = make_cache(B, S, H_kv, d_r, D_c, LATENT[lname],
+                                                     ROPE[rname])
+    q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
+    call = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, 1.0 / math.sqrt(128))
+    plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
+    return torch.ops.mla_ext.mla_decode.default, (*call, plan), cache_bytes(
+        B, S, (latent, ls, lz, kr, ks))
+
+
 def profile(args):
     """Where the time goes: device time of each kernel (torch.profiler), the op timed eagerly
-    and as a replayed CUDA graph (their difference is host overhead), and the launch grid."""
+    and as a replayed CUDA graph (their difference is host overhead), and the launch grid.
+    With --ncu, each shape runs exactly once (for Nsight Compute's kernel filter)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     timer = Timer(warmup=3, repeat=args.repeat)
-    op = torch.ops.mla_ext.mla_decode.default
-    for name, D_c, B, S, lname, rname in PROFILE_SHAPES:
-        m = MODELS[name]
-        H, H_kv, d_r = m["H"], m["H_kv"], m["d_r"]
-        latent, ls, lz, kr, ks, table, lens = make_cache(B, S, H_kv, d_r, D_c, LATENT[lname],
-                                                         ROPE[rname])
-        q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
-        q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
-        call = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, 1.0 / math.sqrt(128))
-        plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
-        nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
-        eager = timer(lambda: op(*call, plan))["median_us"]
+    for shape in PROFILE_SHAPES:
+        op, call, nbytes = profile_call(*shape)
+        if args.ncu:
+            op(*call)
+            torch.cuda.synchronize()
+            print(f"NCU {shape}: {nbytes / 2**20:.0f} MiB, floor {nbytes / 4.3e12 * 1e6:.1f} us",
+                  flush=True)
+            continue
+        eager = timer(lambda: op(*call))["median_us"]
         graph = torch.cuda.CUDAGraph()
-        op(*call, plan)
+        op(*call)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            op(*call, plan)
+            op(*call)
         replay = timer(graph.replay)["median_us"]
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                op(*call, plan)
+                op(*call)
             torch.cuda.synchronize()
         kernels = {}
         for e in prof.key_averages():
             t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)
             if t and e.count:
                 kernels[e.key[:60]] = (round(t, 1), e.count)
-        used = int(plan[2])
-        floor_us = nbytes / 4.3e12 * 1e6
-        print(f"PROFILE {name} D_c={D_c} B={B} S={S} {lname}/{rname}: {nbytes / 2**20:.0f} MiB, "
-              f"floor {floor_us:.1f} us; eager {eager:.1f} us, graph {replay:.1f} us, "
-              f"parts used {used}, tile {int(plan[1])}", flush=True)
+        plan = call[-1]
+        print(f"PROFILE {shape}: {nbytes / 2**20:.0f} MiB, floor {nbytes / 4.3e12 * 1e6:.1f} us; "
+              f"eager {eager:.1f} us, graph {replay:.1f} us, parts used {int(plan[2])}, "
+              f"tile {int(plan[1])}", flush=True)
         for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
             print(f"    {t:9.1f} us avg x{n:3d}  {k}", flush=True)
-        del latent, ls, lz, kr, ks, table, lens, call, plan, graph
+        del op, call, graph
         torch.cuda.empty_cache()
 
 
@@ -236,16 +263,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--quick", action="store_true", help="one D_c per model, two (B, S), two dtypes")
+    ap.add_argument("--targets", action="store_true",
+                    help="the target latent width of each model, every (B, S), the target formats")
     ap.add_argument("--models", default="smollm2,llama2,llama3")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--out-partial", action="store_true",
+                    help="rewrite the JSON after every row (for runs under a time limit)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
+    ap.add_argument("--ncu", action="store_true",
+                    help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")
     args = ap.parse_args()
     if args.profile:
         profile(args)
         return
     rows, notes, peak = run(args)
     path = write_results("decode_h200", rows, extra={"peak_read_GBps": round(peak / 1e9, 1),
-                                                     "notes": notes, "quick": args.quick},
+                                                     "notes": notes, "quick": args.quick,
+                                                     "targets": args.targets},
                          out_dir=args.out)
     print(f"wrote {path}")
     try:

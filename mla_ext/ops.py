@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 
@@ -121,14 +122,33 @@ def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent
     _op("latent_project")(*args)
 
 
-def _cuda_decode_supports(q_lat, latent) -> bool:
-    """The CUDA kernel takes 16-bit queries and a float latent of the queries' dtype; other
-    combinations (an fp32 model on a GPU, an fp16 cache under a bf16 model) run the reference."""
+def _cuda_decode_unsupported(q_lat, latent, k_rope_cache) -> str | None:
+    """Why the CUDA kernel does not take these inputs (None: it does). It takes 16-bit queries,
+    a float latent of the queries' dtype, 16-bit or fp8 RoPE keys and d_r a multiple of 8 up to
+    64; other combinations run the reference."""
     if not q_lat.is_cuda:
-        return True
+        return None
     if q_lat.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return latent.dtype not in reference.FLOAT_DTYPES or latent.dtype == q_lat.dtype
+        return f"queries in {q_lat.dtype} (the kernel computes in bf16 or fp16)"
+    if k_rope_cache.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        return f"RoPE keys in {k_rope_cache.dtype}"
+    d_r = k_rope_cache.shape[-1] if k_rope_cache.dim() == 4 else 0
+    if d_r % 8 != 0 or d_r > 64:
+        return f"d_r = {d_r} (the kernel takes multiples of 8 up to 64)"
+    if latent.dtype in reference.FLOAT_DTYPES and latent.dtype != q_lat.dtype:
+        return f"a {latent.dtype} latent under {q_lat.dtype} queries"
+    return None
+
+
+_warned_fallbacks: set[str] = set()
+
+
+def _warn_reference_fallback(reason: str) -> None:
+    # Once per reason: a model decodes every layer and step through here.
+    if reason not in _warned_fallbacks:
+        _warned_fallbacks.add(reason)
+        warnings.warn(f"mla_decode: the CUDA kernel does not take {reason}; decoding through the "
+                      "PyTorch reference (correct, slower)", RuntimeWarning, stacklevel=3)
 
 
 def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
@@ -144,7 +164,11 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     """
     args = (q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
             block_table, seq_lens, float(softmax_scale))
-    if not has_kernel("mla_decode", q_lat.device) or not _cuda_decode_supports(q_lat, latent):
+    if not has_kernel("mla_decode", q_lat.device):
+        return reference.mla_decode(*args)
+    unsupported = _cuda_decode_unsupported(q_lat, latent, k_rope_cache)
+    if unsupported is not None:
+        _warn_reference_fallback(unsupported)
         return reference.mla_decode(*args)
     if seq_lens.is_cuda:  # the CPU kernel checks these itself
         _check_block_table("mla_decode", block_table, seq_lens, latent,

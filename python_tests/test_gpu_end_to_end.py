@@ -36,13 +36,15 @@ def _generate(model, ids, cache_dtype, n):
 def test_kernel_generation_matches_reference_path(converted_default, cache_dtype, monkeypatch):
     model, tok = converted_default
     assert ops.has_kernel("mla_decode", "cuda") and ops.has_kernel("latent_project", "cuda")
-    calls = []
+    calls, fallbacks = [], []
     real = ops.mla_decode
     monkeypatch.setattr(ops, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ops, "_warn_reference_fallback", fallbacks.append)
     ids = tok("The history of the Python language began", return_tensors="pt")["input_ids"].cuda()
     with torch.no_grad():
         got = _generate(model, ids, cache_dtype, 32)
         assert calls, "the decode steps did not go through ops.mla_decode"
+        assert not fallbacks, f"the CUDA kernel was not used: {fallbacks[0]}"
         with ops.reference_only():
             expected = _generate(model, ids, cache_dtype, 32)
     new = ids.shape[1]

@@ -170,7 +170,8 @@ def random_params(n: int, seed: int, *, cpu: bool) -> list[DecodeParam]:
         rope_dtype = rng.choice([torch.bfloat16, torch.float16, torch.float8_e4m3fn])
         groups = [g for g in (8, 16, 24, 32, 64, 128, D_c) if D_c % g == 0 and g <= D_c]
         group_size = rng.choice(groups) if latent_dtype in QUANT_DTYPES else D_c
-        out.append(DecodeParam(B, s_q, H, H_kv, rng.choice([8, 16, 32]), D_c, block_size, lens,
+        d_r = rng.choice([8, 16, 32] if cpu else [8, 16, 16, 32, 32, 64])
+        out.append(DecodeParam(B, s_q, H, H_kv, d_r, D_c, block_size, lens,
                                latent_dtype, rope_dtype, q_dtype, group_size, seed * 100003 + i))
     return out
 
@@ -333,6 +334,18 @@ def test_mla_decode_cuda_plan_reuse_and_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(og, o1) and torch.equal(lg, l1)
+
+
+@pytest.mark.gpu
+def test_mla_decode_cuda_falls_back_to_reference_with_a_warning():
+    # d_r = 12 (r = 6 pairs, the default conversion) is not a multiple of 8: reference, warned once
+    p = DecodeParam(2, 1, 8, 4, 12, 64, 16, (40, 7), torch.bfloat16, torch.bfloat16,
+                    torch.bfloat16, 64, seed=4)
+    args, _ = make_inputs(p, "cuda")
+    ops._warned_fallbacks.clear()
+    with pytest.warns(RuntimeWarning, match="d_r = 12"):
+        out = ops.mla_decode(*args)
+    check_against_reference(p, out, args)
 
 
 @pytest.mark.gpu

@@ -45,9 +45,13 @@ int rope_kind_of(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return decode::kRopeBf16;
     case at::kHalf: return decode::kRopeFp16;
-    case at::kFloat: return decode::kRopeFp32;
     default: return decode::kRopeFp8;
   }
+}
+
+int rope_path_of(at::ScalarType rope, at::ScalarType q) {
+  if (rope == at::kFloat8_e4m3fn) return decode::kRopeFp8Keys;
+  return rope == q ? decode::kRopeLdmatrix : decode::kRopeConvert;
 }
 
 int format_of(LatentFormat f) {
@@ -69,21 +73,36 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   const int bucket = decode::bucket_of(p.D_c);
   TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
               decode::kMaxLatentDim[decode::kNumBuckets - 1], ", got D_c = ", p.D_c);
-  const int row_tiles = decode::kBucketRowTiles[bucket];
-  const int warps = decode::kBucketWarps[bucket];
-  const int tile_tokens = decode::kBucketTileTokens[bucket];
+  const int kernel_rows = decode::kBucketRowTiles[bucket] * 8;
   const auto* props = at::cuda::getDeviceProperties(device.index());
   const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  // Fewer rows per CTA need fewer KV heads' RoPE keys in shared memory (MHA with many heads).
-  p.rows_per_cta = 0;
-  for (int rows = row_tiles * 8; rows >= 8; rows -= 8) {
+  const int sm_smem = static_cast<int>(props->sharedMemPerMultiprocessor);
+  // The deepest pipeline that fits: two CTAs per SM where the bucket's registers allow it (their
+  // barriers then overlap) and each still keeps two tiles in flight, else one CTA; all rows of
+  // the kernel's tile per CTA if possible, fewer (each fewer KV heads' keys) if not.
+  int stages = 0;
+  for (int rows = kernel_rows; rows >= 8 && stages == 0; rows -= 8) {
     p.rows_per_cta = rows;
-    p.smem = decode::make_smem_layout(p, warps, row_tiles, tile_tokens);
-    if (p.smem.total <= smem_limit) break;
+    for (int ctas = decode::kBucketMinCtas[bucket]; ctas >= 1 && stages == 0; --ctas) {
+      const int budget = std::min(smem_limit, sm_smem / ctas - 1024);  // the driver's 1 KB a CTA
+      const int fewest = ctas > 1 ? 3 : decode::kMinStages;
+      for (int ctiles = 2; ctiles >= 1 && stages == 0; --ctiles) {
+        for (int ns = decode::kMaxStages; ns >= fewest; --ns) {
+          const decode::SmemLayout layout = decode::make_smem_layout(p, ns, kernel_rows, ctiles);
+          if (layout.total <= budget) {
+            p.smem = layout;
+            stages = ns;
+            break;
+          }
+        }
+      }
+    }
   }
-  TORCH_CHECK(p.smem.total <= smem_limit, kOp, ": D_c = ", p.D_c, ", H_kv = ", p.H_kv,
-              ", d_r = ", p.d_r, " need ", p.smem.total, " bytes of shared memory per CTA; ",
-              "this GPU allows ", smem_limit);
+  if (stages == 0) p.smem = decode::make_smem_layout(p, decode::kMinStages, kernel_rows, 1);
+  TORCH_CHECK(stages > 0, kOp, ": D_c = ", p.D_c, ", H_kv = ", p.H_kv, ", d_r = ", p.d_r,
+              " need ", p.smem.total, " bytes of shared memory per CTA; this GPU allows ",
+              smem_limit);
+  const int tile_tokens = decode::kTileTokens;
   p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
   // The occupancy query costs microseconds of host time per call: remember its answers.
   static std::mutex cache_mutex;
@@ -115,7 +134,8 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   return {bucket, tile_tokens, target};
 }
 
-MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype) {
+MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
+                             at::ScalarType q_dtype) {
   MlaDecodeParams p{};
   p.B = d.B;
   p.s_q = d.s_q;
@@ -131,7 +151,8 @@ MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype) 
   p.rows = d.s_q * d.H;
   p.format = format_of(d.format);
   p.rope_kind = rope_kind_of(rope_dtype);
-  p.rope_esize = p.rope_kind == decode::kRopeFp32 ? 4 : (p.rope_kind == decode::kRopeFp8 ? 1 : 2);
+  p.rope_path = rope_path_of(rope_dtype, q_dtype);
+  p.rope_esize = p.rope_kind == decode::kRopeFp8 ? 1 : 2;
   p.latent_row_bytes = d.format == LatentFormat::kFloat ? d.D_c * 2
                        : d.format == LatentFormat::kInt4 ? d.D_c / 2
                                                           : d.D_c;
@@ -154,10 +175,13 @@ void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const a
   TORCH_CHECK(d.block_size % decode::kPieceTokens == 0, kOp,
               ": the CUDA kernel needs block_size to be a multiple of ", decode::kPieceTokens,
               ", got ", d.block_size);
-  const int64_t rope_row_bytes = d.d_r * c10::elementSize(k_rope_dtype);
-  TORCH_CHECK(rope_row_bytes % 8 == 0, kOp, ": the CUDA kernel copies RoPE keys in 8-byte pieces; "
-              "d_r * element size of k_rope_cache must be a multiple of 8 bytes, got d_r = ",
-              d.d_r, " with ", k_rope_dtype);
+  TORCH_CHECK(k_rope_dtype == at::kBFloat16 || k_rope_dtype == at::kHalf ||
+                  k_rope_dtype == at::kFloat8_e4m3fn,
+              kOp, ": the CUDA kernel takes bf16, fp16 or fp8 RoPE keys (fp32 runs on CPU only), "
+              "got ", k_rope_dtype);
+  TORCH_CHECK(d.d_r % 8 == 0 && d.d_r <= 8 * decode::kMaxRopeSteps, kOp,
+              ": the CUDA kernel needs d_r to be a multiple of 8 up to ", 8 * decode::kMaxRopeSteps,
+              ", got d_r = ", d.d_r);
   TORCH_CHECK(d.B * d.s_q * d.H < (int64_t{1} << 31) && d.max_blocks < (int64_t{1} << 31) &&
                   d.num_blocks * d.block_size < (int64_t{1} << 31),
               kOp, ": sizes exceed the kernel's 32-bit index range");
@@ -191,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   if (latent_zero) check_alignment(*latent_zero, "latent_zero");
   if (k_rope_scale) check_alignment(*k_rope_scale, "k_rope_scale");
 
-  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type());
+  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type(), q_lat.scalar_type());
   const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
   const int64_t plan_numel = decode::plan_numel(d.B);
   at::Tensor plan;
@@ -226,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   p.lse = lse.data_ptr<float>();
   p.ws_o = ws_o.data_ptr<float>();
   p.ws_lse = ws_lse.data_ptr<float>();
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   MLA_DECODE_DTYPE_SWITCH(q_lat.scalar_type(), [&] {
     MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] { decode::launch_decode<T, kBucket>(p, stream); });
@@ -261,7 +285,7 @@ at::Tensor mla_decode_plan_cuda(const at::Tensor& q_lat, const at::Tensor& laten
   d.group_size = d.D_c / d.num_groups;
   check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
   const at::cuda::OptionalCUDAGuard guard(q_lat.device());
-  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type());
+  MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type(), q_lat.scalar_type());
   const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
   at::Tensor plan = at::empty({decode::plan_numel(d.B)}, seq_lens.options());
   if (d.B > 0) {

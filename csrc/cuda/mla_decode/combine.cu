@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/mla_decode/launch.h"
+#include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/smem_attribute.h"
 #include "cuda/mla_decode/split_plan.h"
 
@@ -12,17 +13,6 @@ namespace mla_ext::decode {
 namespace {
 
 constexpr int kCombineThreads = 128;
-
-template <typename T>
-__device__ __forceinline__ T to_out(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half to_out<__half>(float x) {
-  return __float2half_rn(x);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
@@ -69,7 +59,7 @@ __global__ void __launch_bounds__(kCombineThreads)
       for (int j = 0; j < 4; ++j) acc += weights[s + j] * v[j];
     }
     for (; s < n; ++s) acc += weights[s] != 0.f ? weights[s] * src[s * stride] : 0.f;
-    o[c] = to_out<T>(acc);
+    o[c] = from_float<T>(acc);
   }
   if (threadIdx.x == 0 && blockIdx.y == 0) p.lse[out_row] = lse_total;
 }

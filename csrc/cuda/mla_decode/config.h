@@ -6,23 +6,36 @@
 
 namespace mla_ext::decode {
 
-// Latent-width buckets. A bucket holds D_c up to kMaxLatentDim[i]; a warp owns
-// kChanTilesPerWarp * 16 latent channels for the output product, so
-// kWarps * kChanTilesPerWarp * 16 == kMaxLatentDim. kRowTiles * 8 (query token, head) rows share
-// one CTA: the heads sit on the MMA's N = 8 dimension. Output accumulators cost
-// kChanTilesPerWarp * kRowTiles * 4 registers per thread; 64 is the budget at 512 threads.
-// Tokens per tile shrink as D_c grows so that two tiles plus the queries fit in shared memory.
+// Every CTA has kWarps warps and streams the cache in tiles of kTileTokens tokens. A tile never
+// crosses a cache block (block_size is a multiple of it), so its rows are contiguous in memory
+// and one block-table entry addresses the whole tile.
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileTokens = 16;
+constexpr int kPieceTokens = kTileTokens;  // block_size must be a multiple of this
+
+// Latent-width buckets. A bucket holds D_c up to kMaxLatentDim[i]; in the output product warp w
+// owns the 16-channel tiles w, w + kWarps, ... (kBucketChanTiles of them), so
+// kWarps * kBucketChanTiles * 16 == kMaxLatentDim. kBucketRowTiles * 8 (query token, head) rows
+// share one CTA: they sit on the MMA's N = 8 dimension. The output accumulators cost
+// kBucketChanTiles * kBucketRowTiles * 4 registers per thread.
 constexpr int kNumBuckets = 5;
 constexpr int kMaxLatentDim[kNumBuckets] = {128, 256, 512, 1024, 2048};
-constexpr int kBucketWarps[kNumBuckets] = {4, 8, 8, 16, 16};
-constexpr int kBucketChanTiles[kNumBuckets] = {2, 2, 4, 4, 8};
+constexpr int kBucketChanTiles[kNumBuckets] = {1, 2, 4, 8, 16};
 constexpr int kBucketRowTiles[kNumBuckets] = {4, 4, 4, 4, 2};
-constexpr int kBucketTileTokens[kNumBuckets] = {64, 32, 32, 16, 16};
+// Buckets whose registers leave room for two CTAs per SM (the launch bound asks for it).
+constexpr int kBucketMinCtas[kNumBuckets] = {2, 2, 1, 1, 1};
 
-// Tokens per cp.async piece: a piece never crosses a cache block (block_size is a multiple).
-constexpr int kPieceTokens = 16;
+// Pipeline depth: tiles of the cache in shared memory at once (one being computed, the rest in
+// flight), chosen per launch from the shared memory left.
+constexpr int kMinStages = 2;
+constexpr int kMaxStages = 8;
+
 // The fewest tiles a split takes, so that the query load and the merge stay small next to it.
 constexpr int kMinTilesPerSplit = 4;
+
+// RoPE keys: d_r a multiple of 8 (the k = 8 MMA steps), at most this many steps.
+constexpr int kMaxRopeSteps = 8;
 
 constexpr int bucket_of(int64_t latent_dim) {
   for (int i = 0; i < kNumBuckets; ++i) {
@@ -31,10 +44,10 @@ constexpr int bucket_of(int64_t latent_dim) {
   return -1;
 }
 
-static_assert(kBucketWarps[0] * kBucketChanTiles[0] * 16 == kMaxLatentDim[0]);
-static_assert(kBucketWarps[1] * kBucketChanTiles[1] * 16 == kMaxLatentDim[1]);
-static_assert(kBucketWarps[2] * kBucketChanTiles[2] * 16 == kMaxLatentDim[2]);
-static_assert(kBucketWarps[3] * kBucketChanTiles[3] * 16 == kMaxLatentDim[3]);
-static_assert(kBucketWarps[4] * kBucketChanTiles[4] * 16 == kMaxLatentDim[4]);
+static_assert(kWarps * kBucketChanTiles[0] * 16 == kMaxLatentDim[0]);
+static_assert(kWarps * kBucketChanTiles[1] * 16 == kMaxLatentDim[1]);
+static_assert(kWarps * kBucketChanTiles[2] * 16 == kMaxLatentDim[2]);
+static_assert(kWarps * kBucketChanTiles[3] * 16 == kMaxLatentDim[3]);
+static_assert(kWarps * kBucketChanTiles[4] * 16 == kMaxLatentDim[4]);
 
 }  // namespace mla_ext::decode

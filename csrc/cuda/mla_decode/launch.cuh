@@ -11,8 +11,8 @@ namespace mla_ext::decode {
 
 template <typename T, int kBucket>
 constexpr auto bucket_kernel() {
-  return &mla_decode_kernel<T, kBucketWarps[kBucket], kBucketChanTiles[kBucket],
-                            kBucketRowTiles[kBucket], kBucketTileTokens[kBucket]>;
+  return &mla_decode_kernel<T, kBucketChanTiles[kBucket], kBucketRowTiles[kBucket],
+                            kBucketMinCtas[kBucket]>;
 }
 
 template <typename T, int kBucket>
@@ -20,8 +20,7 @@ int decode_ctas_per_sm(int smem_bytes) {
   auto kernel = bucket_kernel<T, kBucket>();
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &n, kernel, kBucketWarps[kBucket] * 32, smem_bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem_bytes));
   return n;
 }
 
@@ -30,8 +29,7 @@ void launch_decode(const MlaDecodeParams& params, cudaStream_t stream) {
   auto kernel = bucket_kernel<T, kBucket>();
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
-  kernel<<<static_cast<unsigned>(grid), kBucketWarps[kBucket] * 32, params.smem.total, stream>>>(
-      params);
+  kernel<<<static_cast<unsigned>(grid), kThreads, params.smem.total, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

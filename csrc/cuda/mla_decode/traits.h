@@ -10,19 +10,28 @@
 
 namespace mla_ext::decode {
 
-enum RopeKind : int { kRopeBf16 = 0, kRopeFp16 = 1, kRopeFp32 = 2, kRopeFp8 = 3 };
+enum RopeKind : int { kRopeBf16 = 0, kRopeFp16 = 1, kRopeFp8 = 3 };
 enum FormatKind : int { kFmtFloat = 0, kFmtInt8 = 1, kFmtFp8 = 2, kFmtInt4 = 3 };
 
-// Byte offsets into dynamic shared memory; each region 16-byte aligned. Two stages of every
-// streamed region (raw bytes of the cache as they arrive); the compute tile is the 16-bit tile the
-// tensor cores read: for float caches cp.async fills it directly (two stages), for quantized ones
-// it is filled by dequantizing the raw stage (one stage).
+// How the RoPE score's MMA reads its key operand.
+enum RopePath : int {
+  kRopeLdmatrix = 0,  // keys in the queries' 16-bit dtype: ldmatrix from the tile
+  kRopeConvert = 1,   // keys in the other 16-bit dtype: loaded and converted in registers
+  kRopeFp8Keys = 2,   // fp8 keys: converted to fp16 in registers, scale applied to the score
+};
+
+// Byte offsets into dynamic shared memory; each region 16-byte aligned. The cache streams through
+// a ring of num_stages stages, each one tile of raw cache bytes as they arrive. The 16-bit compute
+// tile the tensor cores read is the stage itself for float caches and one of two dequantized
+// tiles (ctile) for quantized ones.
 struct SmemLayout {
-  int q, q_rope, tile[2], raw[2], scale[2], zero[2], rope[2], rope_scale[2], spart, pt, stats;
-  int total;
-  int ld_tile;    // elements per row of the compute tile and of q: D16 + 8 (odd multiple of 16 B)
-  int ld_pt;      // elements per row of P^T: tile tokens + 8
-  int rope_bytes_per_kv;
+  int q, q_rope, stages, ctile[2], spart, pt, stats, total;
+  int stage_bytes, num_stages;
+  // offsets inside a stage
+  int st_latent, st_scale, st_zero, st_rope, st_rope_scale;
+  int ld_tile;  // elements per row of q and of 16-bit latent tiles: D16 + 8 (odd multiple of 16 B)
+  int rope_ld;  // bytes per token of the RoPE tile: the CTA's KV heads, padded likewise
+  int kv_max;   // KV heads of a CTA's rope tile (at most)
 };
 
 struct MlaDecodeParams {
@@ -42,63 +51,69 @@ struct MlaDecodeParams {
   float* ws_lse;                 // [max_parts, s_q * H]
   int B, s_q, H, H_kv, D_c, D16, d_r, block_size, max_blocks, num_groups, group_size;
   int rows;          // s_q * H: (new token, head) pairs of one sequence
-  int rows_per_cta;  // <= kRowTiles * 8, a multiple of 8, chosen so shared memory fits
+  int rows_per_cta;  // at most kBucketRowTiles * 8, a multiple of 8, so that shared memory fits
   int row_chunks;    // ceil(rows / rows_per_cta)
   int max_parts;
-  int format, rope_kind, rope_esize, latent_row_bytes;
-  float softmax_scale;
+  int format, rope_kind, rope_path, rope_esize, latent_row_bytes;
+  float softmax_scale_log2;  // softmax_scale * log2(e): the kernel works in base 2
   SmemLayout smem;
 };
 
 C10_HOST_DEVICE inline int align16(int x) { return (x + 15) / 16 * 16; }
 
-// Threads sharing one row's softmax: a power of two within a warp, at most one per token.
-C10_HOST_DEVICE constexpr int softmax_threads_per_row(int threads, int rows, int tile_tokens) {
-  return threads / rows < tile_tokens ? threads / rows : tile_tokens;
+// A row pitch that is an odd multiple of 16 bytes: ldmatrix of 8 rows then hits 8 distinct
+// 16-byte bank groups.
+C10_HOST_DEVICE inline int conflict_free_pitch(int bytes) {
+  const int p = align16(bytes);
+  return (p / 16) % 2 == 1 ? p : p + 16;
 }
 
-// Floats per token of the partial-score buffer: rows plus the rows one warp's softmax reads, so
-// that a warp reading (its rows) x (its tokens) hits 32 distinct banks.
-C10_HOST_DEVICE constexpr int spart_row_floats(int threads, int rows, int tile_tokens) {
-  return rows + 32 / softmax_threads_per_row(threads, rows, tile_tokens);
-}
-
-// KV heads a CTA's rows use form a cyclic range of at most rows_per_cta + 1 heads.
+// KV heads a CTA's rows use form a cyclic range of at most rows_per_cta / group + 2 heads.
 C10_HOST_DEVICE inline int max_kv_per_cta(int rows_per_cta, int H, int H_kv) {
   const int group = H / H_kv;
   int n = rows_per_cta / group + 2;
   return n < H_kv ? n : H_kv;
 }
 
-inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int warps, int row_tiles,
-                                   int tile_tokens) {
+// Floats per token of the partial-score buffer (one slice per warp): rows plus 4, so that a
+// warp's softmax reads (4 rows x 8 tokens) hit 32 distinct banks.
+C10_HOST_DEVICE constexpr int spart_ld(int rows) { return rows + 4; }
+// 16-bit elements per row of P^T: tokens plus 8 (48 bytes, conflict-free ldmatrix).
+constexpr int kPtLd = kTileTokens + 8;
+
+// kernel_rows: the rows of the kernel's MMA tiles (kBucketRowTiles * 8); p.rows_per_cta <= it
+// rows are stored (a smaller CTA needs fewer KV heads' keys). ldmatrix of the rows past
+// rows_per_cta reads the regions that follow q, inside the allocation; their scores are masked.
+// ctiles: 2 dequantized compute tiles (the next tile is dequantized while this one is used), or 1
+// (a barrier more per tile, for quantized caches of the widest latents).
+inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, int kernel_rows,
+                                   int ctiles = 2) {
   SmemLayout s{};
-  const int rows = row_tiles * 8;
+  const int rows = kernel_rows;
   const bool quant = p.format != kFmtFloat;
   s.ld_tile = p.D16 + 8;
-  s.ld_pt = tile_tokens + 8;
-  s.rope_bytes_per_kv = p.d_r * p.rope_esize;
+  s.kv_max = max_kv_per_cta(p.rows_per_cta, p.H, p.H_kv);
+  s.rope_ld = conflict_free_pitch(s.kv_max * p.d_r * p.rope_esize);
+  s.num_stages = num_stages;
   int off = 0;
   auto take = [&](int bytes) { int at = off; off += align16(bytes); return at; };
-  // Only rows_per_cta query rows are stored; ldmatrix of the rows past them (up to rows) reads
-  // the regions that follow, inside the allocation, and those rows' scores are masked.
   s.q = take(p.rows_per_cta * s.ld_tile * 2);
-  s.q_rope = take(rows * p.d_r * 4);
-  const int tile_bytes = tile_tokens * s.ld_tile * 2;
-  s.tile[0] = take(tile_bytes);
-  s.tile[1] = quant ? s.tile[0] : take(tile_bytes);
-  const int kv = max_kv_per_cta(p.rows_per_cta, p.H, p.H_kv);
-  for (int st = 0; st < 2; ++st) {
-    s.raw[st] = quant ? take(tile_tokens * p.latent_row_bytes) : 0;
-    s.scale[st] = quant ? take(tile_tokens * p.num_groups * 2) : 0;
-    s.zero[st] = p.format == kFmtInt4 ? take(tile_tokens * p.num_groups * 2) : 0;
-    s.rope[st] = take(tile_tokens * kv * s.rope_bytes_per_kv);
-    s.rope_scale[st] = p.rope_kind == kRopeFp8 ? take(tile_tokens * p.H_kv * 2) : 0;
-  }
-  // One slice per warp (its channels' partial scores) plus one for the RoPE scores.
-  s.spart = take((warps + 1) * tile_tokens * spart_row_floats(warps * 32, rows, tile_tokens) * 4);
-  s.pt = take(rows * s.ld_pt * 2);
+  s.q_rope = take(rows * p.d_r * 2);
+  s.spart = take(kWarps * kTileTokens * spart_ld(rows) * 4);
+  s.pt = take(rows * kPtLd * 2);
   s.stats = take(3 * rows * 4);
+  const int ctile_bytes = kTileTokens * s.ld_tile * 2;
+  s.ctile[0] = quant ? take(ctile_bytes) : 0;
+  s.ctile[1] = quant ? (ctiles > 1 ? take(ctile_bytes) : s.ctile[0]) : 0;
+  int st = 0;
+  auto take_st = [&](int bytes) { int at = st; st += align16(bytes); return at; };
+  s.st_latent = take_st(quant ? kTileTokens * p.latent_row_bytes : ctile_bytes);
+  s.st_scale = quant ? take_st(kTileTokens * p.num_groups * 2) : 0;
+  s.st_zero = p.format == kFmtInt4 ? take_st(kTileTokens * p.num_groups * 2) : 0;
+  s.st_rope = take_st(kTileTokens * s.rope_ld);
+  s.st_rope_scale = p.rope_kind == kRopeFp8 ? take_st(kTileTokens * p.H_kv * 2) : 0;
+  s.stage_bytes = st;
+  s.stages = take(num_stages * st);
   s.total = off;
   return s;
 }

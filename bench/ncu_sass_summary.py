@@ -1,0 +1,68 @@
+"""Where a kernel's instructions go, from Nsight Compute's per-instruction (SASS) source page:
+the opcode mix (share of executed warp instructions and of stall samples) and the classes of
+instructions by how often they ran (once per tile and warp, twice, ...).
+
+  ncu --clock-control none --section SourceCounters --section InstructionStats --page source \\
+      --csv --print-source sass -k regex:mla_decode_kernel -c 1 --launch-skip 3 \\
+      python3 bench/bench_mla_decode.py --profile --ncu > ncu_source.csv
+  python bench/ncu_sass_summary.py ncu_source.csv
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[str, list[dict]]:
+    lines = path.read_text().split("\n")
+    kernel = next((line for line in lines if line.startswith('"Kernel Name"')), "")
+    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
+    if start is None:
+        raise SystemExit(f"{path}: no per-instruction table (was ncu run with --page source?)")
+    reader = csv.DictReader(io.StringIO("\n".join(lines[start:])))
+    return kernel, [row for row in reader if row.get("Source")]
+
+
+def number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except (AttributeError, ValueError):
+        return 0.0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv", type=Path, help="ncu --page source --csv --print-source sass output")
+    ap.add_argument("--top", type=int, default=20, help="opcodes to list")
+    args = ap.parse_args()
+    kernel, rows = load(args.csv)
+    executed = [number(r["Instructions Executed"]) for r in rows]
+    stalls = [number(r["Warp Stall Sampling (All Samples)"]) for r in rows]
+    total, total_stall = sum(executed), sum(stalls) or 1.0
+    print(kernel)
+    print(f"{len(rows)} SASS instructions, {total:,.0f} warp instructions executed, "
+          f"{total_stall:,.0f} stall samples")
+    mix, mix_stall = collections.Counter(), collections.Counter()
+    for r, n, s in zip(rows, executed, stalls):
+        words = [w for w in r["Source"].split() if not w.startswith("@")]
+        opcode = words[0].split(".")[0] if words else "?"
+        mix[opcode] += n
+        mix_stall[opcode] += s
+    print("\nopcode      % instructions  % stall samples")
+    for opcode, n in mix.most_common(args.top):
+        print(f"{opcode:10s} {100 * n / total:8.1f} {100 * mix_stall[opcode] / total_stall:14.1f}")
+    by_count = collections.Counter()
+    sass_of = collections.Counter()
+    for n in executed:
+        by_count[n] += n
+        sass_of[n] += 1
+    print("\ntimes executed (per kernel)  SASS lines  % instructions")
+    for n, share in sorted(by_count.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"{n:26,.0f} {sass_of[n]:11d} {100 * share / total:14.1f}")
+
+
+if __name__ == "__main__":
+    main()
