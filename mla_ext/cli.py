@@ -188,10 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="convert the default model and compare it with the original",
                        description="Load SmolLM2-135M-Instruct and convert it training-free at "
-                                   "-81.25 %% cache (r=4, d_kv=16) with the paper's recipe (2-norm, "
-                                   "joint SVD) and with ours (rotation-aware RoPE selection, "
-                                   "activation-aware SVD), step by step; print cache sizes, "
-                                   "held-out perplexities and chat answers.")
+                                   "-81.25 %% cache with the paper's recipe (2-norm r=4, joint "
+                                   "SVD d_kv=16) and with ours (rotation-aware RoPE selection "
+                                   "r=6, activation-aware SVD d_kv=12), step by step; print "
+                                   "cache sizes, held-out perplexities and chat answers.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens to score (default 8192; --full scores all)")
