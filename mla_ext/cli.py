@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from .convert.budget import ROPE_PAIR_STEP
 from .convert.rope_selection import STRATEGIES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,6 +49,10 @@ def _add_mla_args(p):
                    help="a cache budget instead of --d-kv: the converted bf16 cache as a fraction "
                         "of the original (0.1875 = -81.25 %%), the latent width spread over the "
                         "layers (needs --svd joint or activation)")
+    p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
+                   help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
+                        f"(default {ROPE_PAIR_STEP}: d_r = 2r a multiple of 8, what the CUDA decode "
+                        f"kernel takes; 1 searches every r)")
     p.add_argument("--calib-text", default=None,
                    help="calibration text: a file, directory or JSONL (default: the calibration "
                         "part of pydoc_data.topics)")
@@ -69,6 +74,13 @@ def _optional_int(text: str):
     return value
 
 
+def _positive_int(text: str):
+    value = _optional_int(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _rope_pairs(text: str):
     return "auto" if text.lower() == "auto" else _optional_int(text)
 
@@ -83,7 +95,8 @@ def _mla_config(args):
     from .config import MLAConfig
 
     return MLAConfig(rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs,
-                     d_kv=args.d_kv, svd=args.svd, cache_ratio=args.cache_ratio)
+                     d_kv=args.d_kv, svd=args.svd, cache_ratio=args.cache_ratio,
+                     rope_pair_step=args.rope_pair_step)
 
 
 def _calibration(args, model, tokenizer, cfg):

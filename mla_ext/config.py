@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
 from .convert.rope_selection import STRATEGIES
 
@@ -30,6 +31,10 @@ class MLAConfig:
         is spread over the layers by their spectra; with rope_pairs="auto" each layer's split
         between RoPE pairs and latent width is chosen by the error it adds on calibration text
         (convert/budget.py). Needs svd "joint" or "activation".
+    rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
+        4 (default) makes each layer's ``d_r = 2r`` a multiple of 8, what the CUDA decode
+        kernel takes (other d_r fall back to the PyTorch reference); 1 searches every ``r``.
+        Ignored for a fixed rope_pairs.
     """
 
     rope_strategy: str = "rotation"
@@ -39,6 +44,7 @@ class MLAConfig:
     d_kv: int | None = 12
     svd: str = "activation"
     cache_ratio: float | None = None
+    rope_pair_step: int = ROPE_PAIR_STEP
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -53,6 +59,9 @@ class MLAConfig:
                                       or value < 1):
                 also = ', "auto"' if name == "rope_pairs" else ""
                 raise ValueError(f"{name} must be a positive int{also} or None, got {value!r}")
+        step = self.rope_pair_step
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"rope_pair_step must be a positive int, got {step!r}")
         if self.rope_pairs == AUTO and self.cache_ratio is None:
             raise ValueError('rope_pairs="auto" chooses the pairs under a cache budget: it needs '
                              "cache_ratio")

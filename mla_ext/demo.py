@@ -27,7 +27,10 @@ CHAT_CACHE = "int4"
 
 def _label(cfg: MLAConfig) -> str:
     if cfg.cache_ratio is not None:
-        rope = "r per layer" if cfg.rope_pairs == "auto" else f"r={cfg.rope_pairs}"
+        rope = f"r={cfg.rope_pairs}"
+        if cfg.rope_pairs == "auto":
+            rope = ("r per layer" if cfg.rope_pair_step == 1
+                    else f"r per layer in steps of {cfg.rope_pair_step}")
         return (f"{cfg.rope_strategy} {rope}, {cfg.svd} SVD, latent per layer "
                 f"(budget {1 - cfg.cache_ratio:.2%} smaller)")
     d_kv = "full rank" if cfg.d_kv is None else f"d_kv={cfg.d_kv}"
@@ -90,23 +93,50 @@ def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequence
 
 def split_configs() -> list[MLAConfig]:
     """The ways to spend -81.25 % of the cache (d_r + d_kv = 24 of 2 d_h = 128 per KV head):
-    the same split in every layer, then the budget's choices."""
+    the same split in every layer, then the budget's choices (r per layer in steps of 4, which
+    the CUDA decode kernel takes, and any r)."""
     fixed = [MLAConfig(rope_strategy="rotation", rope_pairs=r, d_kv=24 - 2 * r, svd="activation")
              for r in (4, 6, 8)]
-    budgeted = [MLAConfig(rope_strategy="rotation", rope_pairs=r, svd="activation",
-                          cache_ratio=0.1875) for r in (8, "auto")]
+    budgeted = [MLAConfig(rope_strategy="rotation", rope_pairs=8, svd="activation",
+                          cache_ratio=0.1875)]
+    budgeted += [MLAConfig(rope_strategy="rotation", rope_pairs="auto", svd="activation",
+                           cache_ratio=0.1875, rope_pair_step=step) for step in (4, 1)]
     return fixed + budgeted
 
 
+def _pick_splits(only: list[int] | None) -> list[MLAConfig]:
+    configs = split_configs()
+    if only is None:
+        return configs
+    if not only or any(isinstance(i, bool) or not isinstance(i, int)
+                       or not 0 <= i < len(configs) for i in only):
+        raise ValueError(f"only must list indices of split_configs() in [0, {len(configs)}), "
+                         f"got {only!r}")
+    return [configs[i] for i in only]
+
+
 def run_split_study(device: str = "cpu", eval_tokens: int | None = 8192,
-                    calib_sequences: int = 16, context: int = 512) -> list[dict]:
-    """Perplexity of every split of split_configs() under the demo's protocol."""
+                    calib_sequences: int = 16, context: int = 512,
+                    only: list[int] | None = None) -> list[dict]:
+    """Perplexity of the splits of split_configs() (all, or those at the indices ``only``)
+    under the demo's protocol; each row also records its conversion time and per-layer sizes."""
+    configs = _pick_splits(only)
     t0 = time.time()
     setup = _Setup(device, eval_tokens, calib_sequences, context)
     rows = [setup.row("original", setup.original)]
-    for cfg in split_configs():
-        rows.append(setup.row(_label(cfg), setup.convert(cfg)))
-        print(f"  {rows[-1]['name']}: {rows[-1]['ppl']:.2f}", flush=True)
+    for cfg in configs:
+        start = time.time()
+        model = setup.convert(cfg)
+        seconds = time.time() - start
+        rows.append(setup.row(_label(cfg), model))
+        rows[-1]["convert_s"] = seconds
+        rows[-1]["layers"] = [(p["rope_pairs"], p["latent_dim"])
+                              for p in model.config.mla_ext["layers"]]
+        print(f"  {rows[-1]['name']}: {rows[-1]['ppl']:.2f} (converted in {seconds:.0f} s)",
+              flush=True)
+        if cfg.cache_ratio is not None:
+            print("    (r, D_c) per layer: " + " ".join(f"({r},{w})"
+                                                       for r, w in rows[-1]["layers"]), flush=True)
     _print_table(rows, eval_tokens, context)
     print(f"(study took {time.time() - t0:.0f} s)")
     return rows
@@ -151,10 +181,22 @@ def main(argv=None) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--calib-sequences", type=int, default=16)
     p.add_argument("--context", type=int, default=512)
+    p.add_argument("--only", type=int, nargs="+", default=None, metavar="I",
+                   help="splits: measure only these rows of split_configs(): " + "; ".join(
+                       f"{i} = {_label(cfg)}" for i, cfg in enumerate(split_configs())).replace("%", "%%"))
     args = p.parse_args(argv)
-    run = run_demo if args.table == "demo" else run_split_study
-    run(device=args.device, eval_tokens=args.eval_tokens, calib_sequences=args.calib_sequences,
-        context=args.context)
+    if args.table == "demo":
+        if args.only is not None:
+            p.error("--only selects rows of the 'splits' table")
+        run_demo(device=args.device, eval_tokens=args.eval_tokens,
+                 calib_sequences=args.calib_sequences, context=args.context)
+        return
+    try:
+        _pick_splits(args.only)
+    except ValueError as err:
+        p.error(f"--only: {err}")
+    run_split_study(device=args.device, eval_tokens=args.eval_tokens,
+                    calib_sequences=args.calib_sequences, context=args.context, only=args.only)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,25 @@ def test_split_candidates_respect_the_cost():
         split_candidates(num_kv_heads=2, head_dim=16, max_cost=11, max_latent=32)
 
 
+def test_split_candidates_keep_r_a_multiple_of_the_pair_step():
+    everything = split_candidates(num_kv_heads=2, head_dim=32, max_cost=80, max_latent=64)
+    stepped = split_candidates(num_kv_heads=2, head_dim=32, max_cost=80, max_latent=64,
+                               pair_step=4)
+    assert {c.rope_pairs for c in stepped} == {4, 8, 12, 16}
+    assert [(c.rope_pairs, c.latent_dim) for c in stepped] == [
+        (c.rope_pairs, c.latent_dim) for c in everything if c.rope_pairs % 4 == 0]
+    with pytest.raises(ValueError, match="r=4, costs 24.*rope_pair_step"):
+        split_candidates(num_kv_heads=2, head_dim=16, max_cost=23, max_latent=32, pair_step=4)
+    for bad in (0, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="rope_pair_step"):
+            split_candidates(num_kv_heads=2, head_dim=16, max_cost=40, max_latent=32,
+                             pair_step=bad)
+        with pytest.raises(ValueError, match="rope_pair_step"):
+            mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.2, rope_pair_step=bad)
+    with pytest.raises(ValueError, match="rope_pair_step=9 exceeds the 8"):
+        split_candidates(num_kv_heads=2, head_dim=16, max_cost=400, max_latent=32, pair_step=9)
+
+
 def _calibration(model, sequences=4):
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(64 * sequences))
     return mla_ext.calibrate(model, CharTokenizer(), text, max_length=64, collect_xtx=True,
@@ -142,9 +161,9 @@ def test_split_errors_are_those_of_the_converted_layers(svd):
             assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
 
 
-def _auto_converted(model, ratio, calib):
+def _auto_converted(model, ratio, calib, rope_pair_step=1):
     cfg = mla_ext.MLAConfig(rope_strategy="rotation", rope_pairs="auto", svd="activation",
-                            cache_ratio=ratio)
+                            cache_ratio=ratio, rope_pair_step=rope_pair_step)
     return mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
 
 
@@ -170,6 +189,33 @@ def test_per_layer_split_meets_the_budget_and_survives_save_load(ratio, tmp_path
     torch.testing.assert_close(loaded(ids).logits, mla(ids).logits)
 
 
+def test_per_layer_split_keeps_d_r_a_multiple_of_8_by_default():
+    # the CUDA decode kernel takes d_r = 2 r in multiples of 8: r in multiples of 4
+    assert mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.3).rope_pair_step == 4
+    model = tiny_model(layers=3, heads=4, kv_heads=2, head_dim=32, hidden=64)
+    calib = _calibration(model)
+    mla = _auto_converted(model, 0.3, calib, rope_pair_step=4)
+    pairs = [layer.self_attn.rope_pairs_count for layer in mla.model.layers]
+    assert all(r % 4 == 0 for r in pairs)
+    original = mla_ext.kv_cache_bytes_per_token(model, "bf16")
+    assert 0.3 * original - 2 * LATENT_STEP < mla_ext.kv_cache_bytes_per_token(mla, "bf16") \
+        <= 0.3 * original
+    # the stepped search picks the best of its own candidates: those of the full search with
+    # r a multiple of 4, scored the same
+    every = measure_split_errors(model, calib, strategy="rotation", svd="activation",
+                                 max_cost=40, num_sequences=1)
+    stepped = measure_split_errors(model, calib, strategy="rotation", svd="activation",
+                                   max_cost=40, num_sequences=1, rope_pair_step=4)
+    for full, some in zip(every, stepped):
+        errors = {(c.rope_pairs, c.latent_dim): c.error for c in full}
+        assert some and all(c.rope_pairs % 4 == 0 for c in some)
+        for c in some:
+            assert c.error == pytest.approx(errors[(c.rope_pairs, c.latent_dim)], rel=1e-9)
+    with pytest.raises(ValueError, match="rope_pair_step"):
+        measure_split_errors(model, calib, strategy="rotation", svd="activation", max_cost=40,
+                             rope_pair_step=0)
+
+
 def test_auto_split_needs_token_sequences_and_a_joint_svd():
     model = tiny_model(layers=2)
     calib = _calibration(model)
@@ -192,5 +238,25 @@ def test_cli_takes_rope_pairs_auto():
                                       "--cache-ratio", "0.1875"])
     cfg = _mla_config(args)
     assert cfg.rope_pairs == "auto" and cfg.cache_ratio == 0.1875 and cfg.needs_calibration
+    assert cfg.rope_pair_step == 4
+    args = build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto",
+                                      "--cache-ratio", "0.1875", "--rope-pair-step", "1"])
+    assert _mla_config(args).rope_pair_step == 1
+    for bad in ("0", "all", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["convert", "--out", "x", "--rope-pair-step", bad])
     with pytest.raises(ValueError, match="cache_ratio"):
         _mla_config(build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto"]))
+
+
+def test_split_study_measures_both_per_layer_searches_and_takes_a_subset():
+    from mla_ext.demo import _pick_splits, split_configs
+
+    configs = split_configs()
+    assert [c.rope_pair_step for c in configs if c.rope_pairs == "auto"] == [4, 1]
+    assert all(2 * c.rope_pairs + c.d_kv == 24 for c in configs if c.cache_ratio is None)
+    assert _pick_splits([4, 1]) == [configs[4], configs[1]]
+    assert _pick_splits(None) == configs
+    for bad in ([], [len(configs)], [-1]):
+        with pytest.raises(ValueError, match="only must list indices"):
+            _pick_splits(bad)

@@ -262,3 +262,23 @@ def test_cuda_matches_cpu(method):
         # Singular vectors' signs differ between backends; the products do not.
         torch.testing.assert_close((getattr(gpu, part) @ gpu.w_down).cpu(),
                                    getattr(cpu, part) @ cpu.w_down, rtol=1e-4, atol=1e-4)
+
+
+def test_small_factorizations_run_on_one_thread_and_restore_the_count(monkeypatch):
+    from mla_ext.convert import lowrank
+
+    seen = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real_svd(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(24, 16, dtype=torch.float64)
+        factorize_kv(w[:8], w[8:], 4, "activation", xtx=w.T @ w)
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(lowrank, "SINGLE_THREAD_MAX_DIM", 8)   # now "large": left alone
+        factorize_kv(w[:8], w[8:], 4, "joint")
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

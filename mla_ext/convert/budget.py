@@ -12,7 +12,9 @@ quantization groups need). Two ways to spend it:
   ``choose_splits``): every candidate ``(r, D_c)`` of a layer is scored by the error it adds to
   the residual stream on calibration text, and a knapsack over the layers picks the candidates
   of least total error whose cache fills the budget. RoPE pairs and latent channels have no
-  common unit otherwise: the measured error is what makes them comparable.
+  common unit otherwise: the measured error is what makes them comparable. ``rope_pair_step``
+  keeps each layer's ``r`` a multiple of a step: 4 (the default) gives ``d_r = 2r`` a multiple
+  of 8, what the CUDA decode kernel takes; 1 searches every ``r``.
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ LATENT_STEP = 8
 SPLIT_SEQUENCES = 2
 QUERY_STRIDE = 16
 # Candidates cost at most this multiple of the budget's mean per layer: a layer that needs much
-# more than its share would starve the others anyway, and every candidate costs an attention
-# pass (on 2 CPU cores the search over SmolLM2's 30 layers took over 15 minutes at 2x, 4
-# sequences and every 8th query).
+# more than its share would starve the others anyway.
 MAX_COST_FACTOR = 1.5
+# Kept pairs per layer move in steps of this many pairs by default: d_r = 2 r is then a multiple
+# of 8, what the CUDA decode kernel takes (other d_r run the PyTorch reference).
+ROPE_PAIR_STEP = 4
 
 
 def latent_budget(cache_ratio: float, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -99,19 +102,31 @@ class SplitCandidate:
     error: float = float("nan")
 
 
+def _check_pair_step(pair_step, head_dim: int | None = None) -> None:
+    if isinstance(pair_step, bool) or not isinstance(pair_step, int) or pair_step < 1:
+        raise ValueError(f"rope_pair_step must be a positive int, got {pair_step!r}")
+    if head_dim is not None and pair_step > head_dim // 2:
+        raise ValueError(f"rope_pair_step={pair_step} exceeds the {head_dim // 2} frequency pairs "
+                         f"of head_dim {head_dim}: no layer could keep a multiple of it")
+
+
 def split_candidates(num_kv_heads: int, head_dim: int, max_cost: int,
-                     max_latent: int, step: int = LATENT_STEP) -> list[SplitCandidate]:
-    """Every ``(r, D_c)`` with ``1 <= r <= d_h/2``, ``D_c`` a multiple of ``step`` in
-    ``[step, max_latent]`` and a cost of at most ``max_cost``."""
+                     max_latent: int, step: int = LATENT_STEP,
+                     pair_step: int = 1) -> list[SplitCandidate]:
+    """Every ``(r, D_c)`` with ``r`` a multiple of ``pair_step`` in ``[pair_step, d_h/2]``,
+    ``D_c`` a multiple of ``step`` in ``[step, max_latent]`` and a cost of at most
+    ``max_cost``."""
+    _check_pair_step(pair_step, head_dim)
     out = []
-    for r in range(1, head_dim // 2 + 1):
+    for r in range(pair_step, head_dim // 2 + 1, pair_step):
         rope = num_kv_heads * 2 * r
         for width in range(step, max_latent + 1, step):
             if rope + width <= max_cost:
                 out.append(SplitCandidate(r, width, rope + width))
     if not out:
         raise ValueError(f"no RoPE/latent split costs at most {max_cost} values per token "
-                         f"(the cheapest is {num_kv_heads * 2 + step}): raise cache_ratio")
+                         f"(the cheapest, r={pair_step}, costs {num_kv_heads * 2 * pair_step + step})"
+                         f": raise cache_ratio or lower rope_pair_step")
     return out
 
 
@@ -121,35 +136,56 @@ class _LayerSplitScorer:
     For each candidate the layer's attention is recomputed as the converted layer computes it
     (kept pairs rotated, the other dims position-free, NoPE keys and values through the
     rank-``D_c`` factorization) and compared with the original attention output; errors are
-    summed over the sampled query positions, next to the energy of the residual stream there."""
+    summed over the sampled query positions, next to the energy of the residual stream there.
+
+    The work is shared between candidates: one selection and one SVD per ``r`` (every width is
+    a prefix of it), the latent absorbed into the queries (``q^T W_uk c``: a ``D_c``-wide score
+    per key instead of rebuilding the keys), scores grown 8 latent channels at a time from one
+    width to the next, and values read as ``(P C) W_uv^T``. A NoPE key bias adds the same
+    amount to every score of a query and drops out of the softmax."""
 
     def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling):
         cfg = attn.config
         self.attn = attn
-        self.candidates = candidates
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = attn.head_dim
         self.rope_scaling = rope_scaling
+        # candidates of one r by increasing width: each width's scores extend the previous ones
+        order = sorted(range(len(candidates)),
+                       key=lambda i: (candidates[i].rope_pairs, candidates[i].latent_dim))
+        self.candidates = candidates
+        self.by_r: dict[int, list[int]] = {}
+        for i in order:
+            self.by_r.setdefault(candidates[i].rope_pairs, []).append(i)
         self.errors = torch.zeros(len(candidates), dtype=torch.float64)
         self.residual_energy = 0.0
         self.residual = None
+        h_kv, d_h = self.num_kv_heads, self.head_dim
         w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
         w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
         xtx = getattr(stats, "xtx", None) if svd == "activation" else None
         device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
-        # One selection and one SVD per r; every width of that r is a prefix of the SVD.
+        b_v = attn.v_proj.bias
+        self.value_bias = (None if b_v is None
+                           else b_v.detach().view(h_kv, 1, d_h).to(device, dtype))
         self.per_r = {}
-        for r in sorted({c.rope_pairs for c in candidates}):
-            pairs = select_rope_pairs(strategy, r, head_dim=self.head_dim,
-                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                                      stats=stats)
-            kn_rows = converted_layout(pairs, self.head_dim, self.num_heads)[2]
+        for r, indices in self.by_r.items():
+            widest = candidates[indices[-1]].latent_dim
+            pairs = select_rope_pairs(strategy, r, head_dim=d_h, num_heads=self.num_heads,
+                                      num_kv_heads=h_kv, stats=stats)
+            kn_rows = converted_layout(pairs, d_h, self.num_heads)[2]
             up, down = nested_joint_factors(w_k[kn_rows], w_v, svd, xtx=xtx)
-            kept = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.bool)
-            for g in range(self.num_kv_heads):
-                kept[g, pairs[g]] = kept[g, pairs[g] + self.head_dim // 2] = True
-            self.per_r[r] = (kept.to(device), kn_rows.to(device), up.to(device, dtype),
+            up, down = up[:, :widest], down[:widest]
+            # up's key rows back at their places in W_k (zero at the kept dims), per KV head
+            up_k = up.new_zeros(h_kv * d_h, widest).index_copy_(0, kn_rows, up[:kn_rows.numel()])
+            up_v = up[kn_rows.numel():]
+            kept = torch.zeros(h_kv, d_h, dtype=torch.bool)
+            for g in range(h_kv):
+                kept[g, pairs[g]] = kept[g, pairs[g] + d_h // 2] = True
+            self.per_r[r] = (kept.view(h_kv, 1, d_h).to(device),
+                             up_k.view(h_kv, d_h, widest).to(device, dtype),
+                             up_v.view(h_kv, d_h, widest).transpose(1, 2).to(device, dtype),
                              down.to(device, dtype))
 
     def residual_hook(self, module, args, kwargs):
@@ -169,7 +205,8 @@ class _LayerSplitScorer:
         h, h_kv, d_h = self.num_heads, self.num_kv_heads, self.head_dim
         group = h // h_kv
         queries = torch.arange(QUERY_STRIDE - 1, t, QUERY_STRIDE, device=x.device)
-        if queries.numel() == 0:
+        n_q = queries.numel()
+        if n_q == 0:
             return
         self.residual_energy += float(self.residual[:, queries].double().pow(2).sum())
         reference = reference[:, queries]
@@ -178,43 +215,43 @@ class _LayerSplitScorer:
         k = attn.k_proj(x).view(b, t, h_kv, d_h).transpose(1, 2)
         q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, queries], sin[:, queries])
         _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+        # the query heads of a KV head side by side: (b, H_kv, group * Q, d_h)
+        q = q.reshape(b, h_kv, group * n_q, d_h)
+        q_rot = q_rot.reshape(b, h_kv, group * n_q, d_h)
         visible = torch.arange(t, device=x.device)[None, :] <= queries[:, None]   # (Q, T)
-        by_r: dict[int, list[int]] = {}
-        for i, cand in enumerate(self.candidates):
-            by_r.setdefault(cand.rope_pairs, []).append(i)
-        for r, indices in by_r.items():
-            kept, kn_rows, up, down = self.per_r[r]
-            rows_k = kn_rows.numel()
-            # Queries: kept pairs rotated; the rest position-free but keeping scaled RoPE's
-            # factor (squared, as the conversion folds it into q_proj).
-            kept_q = kept.repeat_interleave(group, dim=0)[None, :, None]
-            q_eff = torch.where(kept_q, q_rot, q * self.rope_scaling ** 2)
-            rope_keys = (k_rot * kept[None, :, None]).transpose(1, 2).reshape(b, t, h_kv * d_h)
-            latent = x @ down.T                   # every width is a prefix of the full latent
+        mask = torch.zeros(n_q, t, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~visible, float("-inf")).repeat(group, 1)
+        for r, indices in self.by_r.items():
+            kept, up_k, up_v, down = self.per_r[r]
+            # kept pairs rotated; the rest position-free, through the latent, keeping scaled
+            # RoPE's factor (squared, as the conversion folds it into q_proj)
+            scores = (q_rot * kept) @ (k_rot * kept).transpose(-1, -2)      # (b, H_kv, gQ, T)
+            q_lat = (q * self.rope_scaling ** 2) @ up_k                      # (b, H_kv, gQ, R)
+            latent = (x @ down.T)[:, None]                                   # (b, 1, T, R)
+            done = 0
             for i in indices:
                 width = self.candidates[i].latent_dim
-                recon = latent[..., :width] @ up[:, :width].T
-                if attn.k_proj.bias is not None:
-                    recon = recon + torch.cat([attn.k_proj.bias[kn_rows], attn.v_proj.bias])
-                keys = rope_keys.index_copy(2, kn_rows, recon[..., :rows_k])
-                keys = keys.view(b, t, h_kv, d_h).transpose(1, 2).repeat_interleave(group, 1)
-                values = recon[..., rows_k:].view(b, t, h_kv, d_h).transpose(1, 2)
-                values = values.repeat_interleave(group, dim=1)
-                scores = (q_eff @ keys.transpose(-1, -2)) * attn.scaling
-                probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-                out = (probs @ values).transpose(1, 2).reshape(b, queries.numel(), h * d_h)
+                scores = scores + q_lat[..., done:width] @ latent[..., done:width].transpose(-1, -2)
+                done = width
+                probs = (scores * attn.scaling + mask).softmax(-1)
+                out = (probs @ latent[..., :width]) @ up_v[:, :width]      # (b, H_kv, gQ, d_h)
+                if self.value_bias is not None:
+                    out = out + self.value_bias
+                out = out.reshape(b, h, n_q, d_h).transpose(1, 2).reshape(b, n_q, h * d_h)
                 self.errors[i] += float((attn.o_proj(out) - reference).double().pow(2).sum())
         self.residual = None
 
 
 def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cost: int,
-                         num_sequences: int = SPLIT_SEQUENCES,
+                         num_sequences: int = SPLIT_SEQUENCES, rope_pair_step: int = 1,
                          rope_scaling: float = 1.0) -> list[list[SplitCandidate]]:
     """Score every RoPE/latent split of every layer of the original ``model`` on the first
     ``num_sequences`` calibration sequences; returns each layer's candidates, errors filled.
 
     strategy: the RoPE selection (its pairs for each r); svd: "joint" or "activation".
     max_cost: the largest cost (values per token) a candidate may have.
+    rope_pair_step: only ``r`` that are multiples of it (1: every ``r``; ``ROPE_PAIR_STEP``
+        keeps ``d_r`` a multiple of 8 for the CUDA decode kernel).
     """
     if svd not in ("joint", "activation"):
         raise ValueError(f"a per-layer split needs svd 'joint' or 'activation', got {svd!r}")
@@ -223,6 +260,7 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
                          "again with mla_ext.calibrate to choose a per-layer split")
     if isinstance(num_sequences, bool) or not isinstance(num_sequences, int) or num_sequences < 1:
         raise ValueError(f"num_sequences must be a positive int, got {num_sequences!r}")
+    _check_pair_step(rope_pair_step)
     layers = decoder_layers(model)
     cfg = model.config
     scorers, handles = [], []
@@ -230,7 +268,8 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
         attn = layer.self_attn
         h_kv, d_h = cfg.num_key_value_heads, attn.head_dim
         widest = max_rank(svd, h_kv * (d_h - 2), h_kv * d_h, cfg.hidden_size)
-        candidates = [c for c in split_candidates(h_kv, d_h, max_cost, widest)
+        candidates = [c for c in split_candidates(h_kv, d_h, max_cost, widest,
+                                                  pair_step=rope_pair_step)
                       if c.latent_dim <= max_rank(svd, h_kv * (d_h - 2 * c.rope_pairs),
                                                   h_kv * d_h, cfg.hidden_size)]
         scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling))

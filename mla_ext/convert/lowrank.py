@@ -14,12 +14,15 @@ Everything is computed in float64 on the weights' device and returned as float32
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 SVD_METHODS = ("joint", "split", "activation", "activation-split")
 SIGMA_PLACEMENTS = ("up", "sqrt")
+# CPU factorizations of matrices at most this wide on their shorter side run on one thread.
+SINGLE_THREAD_MAX_DIM = 2048
 
 
 @dataclass
@@ -125,18 +128,36 @@ def _whitening(xtx: torch.Tensor | None, d: int, ridge: float, device) -> torch.
     # Scaled to the mean eigenvalue, so one ridge value suits every layer whatever its
     # activation scale; it bounds cond(L) by sqrt(d / ridge).
     m = m + (ridge * trace / d) * torch.eye(d, dtype=torch.float64, device=device)
-    chol, info = torch.linalg.cholesky_ex(m)
+    with _lapack_threads(m):
+        chol, info = torch.linalg.cholesky_ex(m)
     if int(info) != 0:
         raise ValueError(f"xtx + ridge*trace/d*I is not positive definite (ridge={ridge}); "
                          "pass a larger ridge")
     return chol
 
 
+@contextlib.contextmanager
+def _lapack_threads(a: torch.Tensor):
+    """One CPU thread for the factorization of a small ``a``: LAPACK's many small BLAS calls
+    synchronise the threads at every step, and on a loaded CPU a descheduled second thread made
+    one SVD of a SmolLM2 layer (384 x 576, float64) take 2-9 s instead of 0.04 s."""
+    before = torch.get_num_threads()
+    if a.device.type != "cpu" or min(a.shape[-2:]) > SINGLE_THREAD_MAX_DIM or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _truncated_svd(w: torch.Tensor, rank: int, chol: torch.Tensor | None,
                    sigma: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` ``up @ down`` for ``w`` (weighted by ``chol`` if given)."""
     a = w if chol is None else w @ chol
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    with _lapack_threads(a):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     if sigma == "up":
         up, down = u * s, vh
@@ -225,7 +246,8 @@ def joint_spectrum(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "joint",
     w = torch.cat([w_kn.to(torch.float64), w_v.to(device=w_kn.device, dtype=torch.float64)])
     if method == "activation":
         w = w @ _whitening(xtx, d, ridge, w.device)
-    return torch.linalg.svdvals(w)
+    with _lapack_threads(w):
+        return torch.linalg.svdvals(w)
 
 
 def nested_joint_factors(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "activation", *,

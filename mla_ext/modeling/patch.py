@@ -104,6 +104,7 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
         max_cost = int(MAX_COST_FACTOR * budget / len(layers))
         candidates = measure_split_errors(model, calibration, strategy=config.rope_strategy,
                                           svd=config.svd, max_cost=max_cost,
+                                          rope_pair_step=config.rope_pair_step,
                                           rope_scaling=rope_scaling)
         return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
                 for c in choose_splits(candidates, budget)]
