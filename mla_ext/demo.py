@@ -23,6 +23,9 @@ PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
 OURS = MLAConfig()
 PROMPT = "What is the capital of France? Answer in one sentence."
 CHAT_CACHE = "int4"
+# RoPE keys of the quantized cache in bf16, as a GPU model stores them: the demo's fp32 model
+# would otherwise keep fp32 keys, larger than the int4 latent they sit next to.
+CHAT_ROPE = "bf16"
 
 
 def _label(cfg: MLAConfig) -> str:
@@ -52,20 +55,22 @@ class _Setup:
                                max_length=512, max_sequences=calib_sequences, collect_xtx=True,
                                collect_distances=True, progress=False)
 
-    def ppl(self, model, cache_dtype=None):
+    def ppl(self, model, cache_dtype=None, rope_dtype=None):
         return perplexity(model, self.tokenizer, self.text, context=self.context,
                           stride=self.context, max_tokens=self.eval_tokens,
-                          cache_dtype=cache_dtype, progress=False)
+                          cache_dtype=cache_dtype, rope_dtype=rope_dtype, progress=False)
 
     def convert(self, cfg):
         return convert_to_mla(copy.deepcopy(self.original), cfg, calibration=self.calib,
                               progress=False)
 
     def row(self, name, model, cache_dtype="bf16", through_cache=False, answer=False):
-        r = {"name": name, "bytes": kv_cache_bytes_per_token(model, cache_dtype) / self.layers,
-             "ppl": self.ppl(model, cache_dtype if through_cache else None)}
+        rope = CHAT_ROPE if cache_dtype == CHAT_CACHE else None
+        r = {"name": name,
+             "bytes": kv_cache_bytes_per_token(model, cache_dtype, rope) / self.layers,
+             "ppl": self.ppl(model, cache_dtype if through_cache else None, rope)}
         if answer:
-            cache = (LatentCache(model, cache_dtype=CHAT_CACHE)
+            cache = (LatentCache(model, cache_dtype=CHAT_CACHE, rope_dtype=CHAT_ROPE)
                      if model is not self.original else None)
             r["answer"] = chat(model, self.tokenizer, PROMPT, cache=cache)
         return r
@@ -84,7 +89,7 @@ def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequence
                           f"r={OURS.rope_pairs})", setup.convert(rope_only)))
     ours = setup.convert(OURS)
     rows.append(setup.row(f"ours, step 2: + {OURS.svd} SVD d_kv={OURS.d_kv}", ours))
-    rows.append(setup.row(f"ours, step 3: + {CHAT_CACHE} latent cache", ours,
+    rows.append(setup.row(f"ours, step 3: + {CHAT_CACHE} latent, {CHAT_ROPE} RoPE keys", ours,
                           cache_dtype=CHAT_CACHE, through_cache=True, answer=True))
     _print_table(rows, eval_tokens, context)
     print(f"(demo took {time.time() - t0:.0f} s)")

@@ -20,7 +20,8 @@ def tokenize(tokenizer, text) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model, tokenizer, text, context: int = 1024, stride: int = 512,
                max_tokens: int | None = None, progress: bool = True,
-               cache_dtype: str | None = None, chunk_size: int = 64) -> float:
+               cache_dtype: str | None = None, chunk_size: int = 64,
+               rope_dtype: str | None = None) -> float:
     """exp(mean NLL) over every token of ``text`` after the first, each scored once.
 
     Windows of ``context`` tokens start every ``stride`` tokens; a window scores only the tokens
@@ -30,6 +31,7 @@ def perplexity(model, tokenizer, text, context: int = 1024, stride: int = 512,
     cache_dtype: for a converted model, feed each window in chunks of ``chunk_size`` tokens
     through a ``LatentCache`` of that format, so that every earlier chunk is read back from the
     (quantized) cache, as in serving; None runs each window in one pass without a cache.
+    rope_dtype: the cache's RoPE-key format (LatentCache's default when None).
     """
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
@@ -54,7 +56,8 @@ def perplexity(model, tokenizer, text, context: int = 1024, stride: int = 512,
             if end <= scored_to:
                 continue
             window = ids[begin:end].to(device).unsqueeze(0)
-            logits = _window_logits(model, window, cache_dtype, chunk_size)[0, :-1].float()
+            logits = _window_logits(model, window, cache_dtype, chunk_size,
+                                    rope_dtype)[0, :-1].float()
             targets = window[0, 1:]
             # first target not scored yet; a window's own first token has no context in it, so
             # with stride == context each window's first token goes unscored (standard protocol)
@@ -71,12 +74,12 @@ def perplexity(model, tokenizer, text, context: int = 1024, stride: int = 512,
     return math.exp(nll / count)
 
 
-def _window_logits(model, window, cache_dtype, chunk_size):
+def _window_logits(model, window, cache_dtype, chunk_size, rope_dtype=None):
     if cache_dtype is None:
         return model(window, use_cache=False).logits
     from .modeling.cache import LatentCache
 
-    cache = LatentCache(model, cache_dtype=cache_dtype)
+    cache = LatentCache(model, cache_dtype=cache_dtype, rope_dtype=rope_dtype)
     return torch.cat([model(window[:, s:s + chunk_size], past_key_values=cache).logits
                       for s in range(0, window.shape[1], chunk_size)], dim=1)
 

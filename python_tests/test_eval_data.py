@@ -76,6 +76,13 @@ def test_perplexity_through_the_latent_cache():
                       chunk_size=8)
     assert fp32 == pytest.approx(exact, rel=1e-5)
     assert int4 != pytest.approx(exact, rel=1e-6) and int4 == pytest.approx(exact, rel=0.2)
+    # the RoPE keys' format is the caller's: bf16 keys round them, the fp32 latent stays exact
+    bf16_keys = perplexity(mla, tok, text, context=64, stride=64, progress=False,
+                           cache_dtype="fp32", rope_dtype="bf16", chunk_size=8)
+    assert bf16_keys != fp32 and bf16_keys == pytest.approx(exact, rel=1e-2)
+    with pytest.raises(ValueError, match="rope_dtype"):
+        perplexity(mla, tok, text, context=64, stride=64, progress=False, cache_dtype="int4",
+                   rope_dtype="int4")
 
 
 def test_perplexity_rejects_bad_arguments():
