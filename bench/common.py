@@ -42,6 +42,12 @@ class Timer:
                 "p80_us": times_us[(4 * len(times_us)) // 5]}
 
 
+def eval_batch_size(device) -> int:
+    """Perplexity windows per forward pass: 8 on a GPU (fewer launches and syncs), 1 on a CPU
+    (where batching is slower, mla_ext.eval.perplexity)."""
+    return 8 if torch.device(device).type == "cuda" else 1
+
+
 def graphed(fn):
     """fn captured in a CUDA graph (after a warm-up call): its replay, which is what a decode step
     captured in a graph pays, without the host's launch overhead."""

@@ -40,7 +40,7 @@ T_START = time.monotonic()  # the --time-limit counts from here (imports include
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, write_results  # noqa: E402
+from bench.common import RESULTS, eval_batch_size, write_results  # noqa: E402
 from bench.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import _count, _positive, _positive_float  # noqa: E402
 
@@ -173,7 +173,8 @@ def _study(args, work: Path) -> Path:
 
     def ppl(m) -> dict:
         return {k: mla_ext.perplexity(m, tok, text, context=args.context, stride=args.context,
-                                      max_tokens=limits[k], progress=False)
+                                      max_tokens=limits[k], progress=False,
+                                      batch_size=eval_batch_size(device))
                 for k, text in texts.items()}
 
     calib = None

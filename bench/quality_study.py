@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import metadata  # noqa: E402
+from bench.common import eval_batch_size, metadata  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
 DEFAULT_DOC = ROOT / "docs" / "results.md"
@@ -74,7 +74,8 @@ def run(args, save=None) -> dict:
     def ppl(m, cache_dtype=None):
         return {name: mla_ext.perplexity(m, tok, text, context=args.context, stride=args.context,
                                          max_tokens=limits[name], progress=False,
-                                         cache_dtype=cache_dtype)
+                                         cache_dtype=cache_dtype,
+                                         batch_size=eval_batch_size(next(m.parameters()).device))
                 for name, text in texts.items()}
 
     t0 = time.time()

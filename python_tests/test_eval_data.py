@@ -85,6 +85,18 @@ def test_perplexity_through_the_latent_cache():
                    rope_dtype="int4")
 
 
+@torch.no_grad()
+def test_perplexity_batches_windows_without_changing_the_result():
+    model, tok = tiny_model(), CharTokenizer()
+    text = "windows of equal length go through the model together " * 4  # last one shorter
+    one = perplexity(model, tok, text, context=24, stride=16, progress=False, batch_size=1)
+    for b in (2, 3, 64):
+        got = perplexity(model, tok, text, context=24, stride=16, progress=False, batch_size=b)
+        assert got == pytest.approx(one, rel=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        perplexity(model, tok, text, context=24, stride=16, batch_size=0)
+
+
 def test_perplexity_rejects_bad_arguments():
     model, tok = tiny_model(), CharTokenizer()
     with pytest.raises(ValueError, match="stride"):
