@@ -160,7 +160,8 @@ def cmd_demo(args):
     from .demo import run_demo
 
     run_demo(device=_device(args.device), eval_tokens=None if args.full else args.eval_tokens,
-             calib_sequences=args.calib_sequences, context=args.context)
+             calib_sequences=args.calib_sequences, context=args.context,
+             recovery_steps=args.recovery_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-81.25 %% cache with the paper's recipe (2-norm r=4, joint "
                                    "SVD d_kv=16) and with ours (rotation-aware RoPE selection "
                                    "r=6, activation-aware SVD d_kv=12), step by step; print "
-                                   "cache sizes, held-out perplexities and chat answers.")
+                                   "cache sizes, held-out perplexities and chat answers; on a GPU "
+                                   "a short recovery fine-tune follows.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens to score (default 8192; --full scores all)")
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-sequences", type=int, default=16,
                    help="calibration sequences of 512 tokens (default 16)")
     p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--recovery-steps", type=int, default=None,
+                   help="steps of the short recovery fine-tune after the training-free steps "
+                        "(default 200 of 8 x 1024 tokens on a GPU, 0 on a CPU)")
     p.set_defaults(func=cmd_demo)
 
     from .train.cli import add_finetune_parsers

@@ -48,3 +48,20 @@ def test_paper_default_conversion_sizes_and_chat(default):
     answer = mla_ext.chat(mla, tok, "Hi!", max_new_tokens=4,
                           cache=mla_ext.LatentCache(mla, cache_dtype="int4"))
     assert isinstance(answer, str)
+
+
+def test_demo_runs_the_recovery_fine_tune_when_asked(default, capsys):
+    from mla_ext.demo import run_demo
+
+    rows = run_demo(device="cpu", eval_tokens=256, calib_sequences=2, recovery_steps=2,
+                    recovery_seq_len=128)
+    names = [r["name"] for r in rows]
+    assert len(rows) == 6 and names[-1].startswith("ours, step 4: + recovery fine-tune (2 steps")
+    step3, step4 = rows[-2], rows[-1]
+    # same cache, the weights moved: the perplexity changes, the answer is there
+    assert step4["bytes"] == step3["bytes"]
+    assert step4["ppl"] != step3["ppl"] and step4["ppl"] < float("inf")
+    assert "answer" in step4 and "answer" not in step3
+    assert "step 4 adds a short recovery fine-tune" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="recovery_steps"):
+        run_demo(device="cpu", recovery_steps=-1)
