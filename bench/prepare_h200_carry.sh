@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Prepares what an H200 lease needs beside the working tree (all git-ignored):
+#   carry/p1, carry/p2  the default model's GGUF (98 MB) in two parts (one call carries 64 MiB at
+#                       most), and tinyshakespeare.txt in p2 when ../shared/data has it;
+#   .whl                the gguf package (pure Python; the H200 image lacks it).
+# On the machine: call 1 carries carry/p1 and runs `mkdir -p /root/gguf && cp carry/p1/* /root/gguf/`;
+# call 2, within 30 s (before the machine is given back), carries carry/p2 and .whl and runs
+#   cat /root/gguf/gguf.part.aa carry/p2/gguf.part.ab > /root/gguf/model.gguf
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site MLA_EXT_DEFAULT_GGUF=/root/gguf/model.gguf
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+gguf=$($PY -c "from mla_ext.models import default_model_file; print(default_model_file())")
+rm -rf carry/p1 carry/p2 .whl
+mkdir -p carry/p1 carry/p2 .whl
+split -b 50000000 "$gguf" carry/p1/gguf.part.
+mv carry/p1/gguf.part.ab carry/p2/
+if [ -f ../shared/data/tinyshakespeare.txt ]; then cp ../shared/data/tinyshakespeare.txt carry/p2/; fi
+$PY -m pip download -q --no-deps --only-binary=:all: -d .whl gguf
+md5sum "$gguf"
+ls -l carry/p1 carry/p2 .whl
