@@ -99,6 +99,12 @@ def torch_absorbed(q_lat, q_rope, c, kr, scale):
     return torch.einsum("bhs,bsc->bhc", p, c)
 
 
+def save_results(args, rows, notes, peak, *, partial: bool):
+    return write_results("decode_h200", rows, extra={
+        "peak_read_GBps": round(peak / 1e9, 1), "notes": notes, "quick": args.quick,
+        "targets": args.targets, "partial": partial}, out_dir=args.out)
+
+
 def run(args):
     timer = Timer(warmup=3, repeat=args.repeat)
     peak = measure_peak_read_bandwidth(timer=timer)
@@ -181,9 +187,7 @@ def run(args):
                                    checked_vs_torch=checked)
                         rows.append(row)
                         if args.out_partial:  # a run cut by a time limit keeps its rows
-                            write_results("decode_h200", rows, extra={
-                                "peak_read_GBps": round(peak / 1e9, 1), "notes": notes,
-                                "partial": True}, out_dir=args.out)
+                            save_results(args, rows, notes, peak, partial=True)
                         print(f"{name:8s} D_c={D_c:5d} B={B:3d} S={S:6d} {lname:4s}/{rname:4s} "
                               f"{t:9.1f} us {nbytes / 2**20:9.1f} MiB {gbps:7.0f} GB/s "
                               f"{row['frac_peak']:5.2f} peak  x{row['speedup_vs_sdpa']} sdpa  "
@@ -233,13 +237,7 @@ def profile(args):
                   flush=True)
             continue
         eager = timer(lambda: op(*call))["median_us"]
-        graph = torch.cuda.CUDAGraph()
-        op(*call)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            op(*call)
-        replay = timer(graph.replay)["median_us"]
-        torch.cuda.synchronize()
+        replay = timer(graphed(lambda: op(*call)))["median_us"]
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 op(*call)
@@ -255,7 +253,7 @@ def profile(args):
               f"tile {int(plan[1])}", flush=True)
         for k, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
             print(f"    {t:9.1f} us avg x{n:3d}  {k}", flush=True)
-        del op, call, graph
+        del op, call
         torch.cuda.empty_cache()
 
 
@@ -277,10 +275,7 @@ def main():
         profile(args)
         return
     rows, notes, peak = run(args)
-    path = write_results("decode_h200", rows, extra={"peak_read_GBps": round(peak / 1e9, 1),
-                                                     "notes": notes, "quick": args.quick,
-                                                     "targets": args.targets},
-                         out_dir=args.out)
+    path = save_results(args, rows, notes, peak, partial=False)
     print(f"wrote {path}")
     try:
         from bench.plot import plot
