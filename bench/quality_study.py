@@ -10,6 +10,13 @@ are laid out (its Tables 1, 3, 5), with perplexity in place of benchmark suites:
     python bench/quality_study.py                     # writes bench/results/quality_smollm2.json
     python bench/quality_study.py --render            # JSON -> docs/results.md tables
 
+`--study rope` measures instead the RoPE selections at -81.25 % (partial RoPE alone at r = 4,
+then under the cache budget, per-layer splits), the rows of docs/results.md's "Greedy RoPE
+selection" section; on a CPU with its protocol:
+
+    OMP_NUM_THREADS=1 python bench/quality_study.py --study rope --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 --out bench/results/quality_rope_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -57,7 +64,25 @@ def _configs(quick: bool):
                                   cache_ratio=0.1875)
 
 
-def run(args, save=None) -> dict:
+def _rope_configs():
+    """The RoPE selections at -81.25 % of the cache (``--study rope``)."""
+    from mla_ext import MLAConfig
+
+    for strategy in ("rotation", "greedy"):
+        yield "partial_rope", MLAConfig(rope_strategy=strategy, rope_pairs=4, d_kv=None)
+    for strategy in ("rotation", "greedy"):
+        yield "low_rank", MLAConfig(rope_strategy=strategy, rope_pairs=6, d_kv=12,
+                                    svd="activation")
+    for step in (4, 1):
+        for strategy in ("rotation", "greedy"):
+            yield "budget", MLAConfig(rope_strategy=strategy, rope_pairs="auto",
+                                      svd="activation", cache_ratio=0.1875, rope_pair_step=step)
+
+
+STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs()}
+
+
+def run(args, save=None, argv=None) -> dict:
     import mla_ext
     from mla_ext.data import load_texts
 
@@ -87,7 +112,8 @@ def run(args, save=None) -> dict:
                                             "calibration part of pydoc_data.topics",
                              "texts": {k: ("all held-out tokens" if limits[k] is None
                                            else f"first {limits[k]} tokens") for k in texts},
-                             "command": "python bench/quality_study.py"},
+                             "command": " ".join(["python bench/quality_study.py",
+                                                  *(argv or [])])},
                 "rows": rows}
 
     def keep(row):
@@ -100,14 +126,20 @@ def run(args, save=None) -> dict:
     rows: list[dict] = []
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
                               max_sequences=args.calib_sequences, collect_xtx=True,
-                              collect_distances=True, progress=not args.quiet)
+                              collect_distances=True, collect_attention_sample=True,
+                              progress=not args.quiet)
     keep({"section": "original", "config": None, "ppl": ppl(model),
           "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
           / model.config.num_hidden_layers, "cache_dtype": "bf16"})
     best = None
-    for section, cfg in _configs(args.quick):
+    for section, cfg in STUDIES[args.study](args.quick):
+        start = time.time()
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
-        row = {"section": section, "config": cfg.to_dict(), "ppl": ppl(mla), "cache_dtype": None,
+        row = {"section": section, "config": cfg.to_dict(), "cache_dtype": None,
+               "convert_s": round(time.time() - start, 1),
+               "layers": [(p["rope_pairs"], p["latent_dim"])
+                          for p in mla.config.mla_ext["layers"]],
+               "ppl": ppl(mla),
                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
                / model.config.num_hidden_layers}
         keep(row)
@@ -115,7 +147,7 @@ def run(args, save=None) -> dict:
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
         del mla
-    if best is not None:
+    if best is not None and args.study == "full":
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
                                      progress=False)
         for dtype in CACHE_DTYPES:
@@ -131,7 +163,9 @@ def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
     if cfg.get("cache_ratio") is not None:
-        return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} cache_ratio={cfg['cache_ratio']}"
+        step = (f" step {cfg.get('rope_pair_step', 4)}" if cfg["rope_pairs"] == "auto" else "")
+        return (f"{cfg['rope_strategy']} r={cfg['rope_pairs']}{step} {cfg['svd']} "
+                f"cache_ratio={cfg['cache_ratio']}")
     d_kv = "full" if cfg["d_kv"] is None else cfg["d_kv"]
     return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} d_kv={d_kv}"
 
@@ -187,6 +221,9 @@ def main(argv=None):
     p.add_argument("--shakespeare-tokens", type=int, default=65536)
     p.add_argument("--calib-sequences", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke test)")
+    p.add_argument("--study", choices=sorted(STUDIES), default="full",
+                   help="full: the ablation tables (default); rope: the RoPE selections at "
+                        "-81.25 %% (see above)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:
@@ -201,7 +238,7 @@ def main(argv=None):
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(out)
 
-    run(args, save=save)
+    run(args, save=save, argv=sys.argv[1:] if argv is None else argv)
     print(f"wrote {out}")
 
 

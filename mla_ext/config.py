@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
-from .convert.rope_selection import STRATEGIES
+from .convert.rope_selection import CALIBRATED_STRATEGIES, STRATEGIES
 
 AUTO = "auto"  # rope_pairs chosen per layer by the cache budget
 
@@ -17,8 +17,10 @@ class MLAConfig:
 
     rope_strategy: which frequency pairs keep RoPE: "rotation" (default: 2-norm weighted by
         how much each pair turns over the distances the heads attend to; the best measured,
-        docs/results.md), "2-norm" (the paper's), "high", "low", "uniform" or "full". The
-        calibration-based ones need ``calibrate(..., **config.calibration_options())``.
+        docs/results.md), "greedy" (per layer and KV head, add the pair whose rotation most
+        reduces the attention-output error on a calibration sample, as EliteKV's RoPElite),
+        "2-norm" (the paper's), "high", "low", "uniform" or "full". The calibration-based ones
+        need ``calibrate(..., **config.calibration_options())``.
     rope_pairs: pairs kept per KV head (``r``); None keeps all ``d_h/2`` (no partial RoPE);
         "auto" (with cache_ratio) lets the budget choose ``r`` per layer.
     d_kv: latent width per KV head; the layer's latent is ``D_c = d_kv * H_kv``. None keeps
@@ -73,7 +75,7 @@ class MLAConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        partial = self.rope_pairs is not None and self.rope_strategy in ("2-norm", "rotation")
+        partial = self.rope_pairs is not None and self.rope_strategy in CALIBRATED_STRATEGIES
         # the per-layer split is chosen on calibration text whatever the strategy
         return partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
 
@@ -82,10 +84,16 @@ class MLAConfig:
         """Whether calibration must record attention distances (the "rotation" selection)."""
         return self.rope_pairs is not None and self.rope_strategy == "rotation"
 
+    @property
+    def needs_attention_sample(self) -> bool:
+        """Whether calibration must keep an attention sample (the "greedy" selection)."""
+        return self.rope_pairs is not None and self.rope_strategy == "greedy"
+
     def calibration_options(self) -> dict:
         """The keyword arguments of ``calibrate`` that this config needs."""
         return {"collect_xtx": self.svd.startswith("activation"),
-                "collect_distances": self.needs_distances}
+                "collect_distances": self.needs_distances,
+                "collect_attention_sample": self.needs_attention_sample}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

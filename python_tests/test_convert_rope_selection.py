@@ -125,3 +125,129 @@ def test_bad_input():
     nan = _stats(torch.full((4, 8), float("nan")), torch.ones(2, 8))
     with pytest.raises(ValueError, match="NaN"):
         _select("2-norm", 2, stats=nan)
+
+
+# --- the greedy selection: the attention-output error of each choice, on a calibration sample
+
+
+def _sample(q, k, v, inv_freq, *, queries=None, gram=None, scaling=None):
+    """An AttentionSample of one sequence: q (H, T, d_h), k and v (H_kv, T, d_h), all queries
+    (or those at ``queries``), plain RoPE of ``inv_freq``."""
+    from mla_ext.convert.calibration import AttentionSample
+
+    t, d_h = k.shape[1], k.shape[2]
+    pos = torch.arange(t) if queries is None else torch.as_tensor(queries)
+    angle = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq.float()[None]
+    angle = torch.cat([angle, angle], dim=-1)
+    gram = torch.eye(d_h, dtype=torch.float64).repeat(q.shape[0], 1, 1) if gram is None else gram
+    return AttentionSample(q=[q[:, pos].float()], query_pos=[pos], k=[k.float()], v=[v.float()],
+                           cos=[angle.cos()], sin=[angle.sin()], out_gram=gram,
+                           scaling=d_h ** -0.5 if scaling is None else scaling)
+
+
+def _greedy_stats(sample, heads, kv_heads):
+    pairs = sample.q[0].shape[-1] // 2
+    return LayerStats(q_pair_norm=torch.ones(heads, pairs, dtype=torch.float64),
+                      k_pair_norm=torch.ones(kv_heads, pairs, dtype=torch.float64), xtx=None,
+                      num_tokens=1, attention_sample=sample)
+
+
+def _naive_output_error(sample, kept, g, group):
+    """Attention outputs with only the pairs ``kept`` of KV head ``g`` rotated, against the
+    original, written out directly: the weighted squared error summed over queries."""
+    q_all, k, v = sample.q[0], sample.k[0][g].double(), sample.v[0][g].double()
+    pos, cos, sin = sample.query_pos[0], sample.cos[0].double(), sample.sin[0].double()
+    d_h = k.shape[-1]
+    half = d_h // 2
+
+    def rope(x, c, s):
+        return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+
+    rotated_dims = torch.zeros(d_h, dtype=torch.bool)
+    for j in kept:
+        rotated_dims[j] = rotated_dims[j + half] = True
+    k_rot = rope(k, cos, sin)
+    total = 0.0
+    for h in range(g * group, (g + 1) * group):
+        q = q_all[h].double()
+        q_rot = rope(q, cos[pos], sin[pos])
+        for i, p in enumerate(pos.tolist()):
+            full = q_rot[i] @ k_rot[:p + 1].T
+            mixed = (q_rot[i] * rotated_dims) @ (k_rot[:p + 1] * rotated_dims).T \
+                + (q[i] * ~rotated_dims) @ (k[:p + 1] * ~rotated_dims).T
+            ref = (full * sample.scaling).softmax(-1) @ v[:p + 1]
+            out = (mixed * sample.scaling).softmax(-1) @ v[:p + 1]
+            e = out - ref
+            total += float(e @ sample.out_gram[h] @ e)
+    return total
+
+
+def test_greedy_keeps_the_pair_whose_rotation_matters_not_the_largest():
+    # Pair 0 has by far the largest q/k but frequency 0: removing its "rotation" changes nothing.
+    # Pair 2 is smaller and turns fast: the scores depend on its rotation. 2-norm keeps pair 0,
+    # the greedy selection, which measures the output, keeps pair 2.
+    gen = torch.Generator().manual_seed(0)
+    t, d_h = 24, 8
+    q = torch.randn(2, t, d_h, generator=gen) * 0.1
+    k = torch.randn(1, t, d_h, generator=gen) * 0.1
+    for x in (q, k):
+        x[..., 0] += 6.0
+        x[..., 2] += 2.0 * torch.randn(x.shape[:-1], generator=gen)
+        x[..., 6] += 2.0 * torch.randn(x.shape[:-1], generator=gen)
+    v = torch.randn(1, t, d_h, generator=gen)
+    inv_freq = torch.tensor([0.0, 0.05, 1.3, 0.01])
+    stats = _greedy_stats(_sample(q, k, v, inv_freq), 2, 1)
+    stats.q_pair_norm = torch.tensor([[6.0, 0.1, 2.0, 0.1]] * 2, dtype=torch.float64)
+    stats.k_pair_norm = torch.tensor([[6.0, 0.1, 2.0, 0.1]], dtype=torch.float64)
+    assert select_rope_pairs("2-norm", 1, head_dim=d_h, num_heads=2, num_kv_heads=1,
+                             stats=stats).tolist() == [[0]]
+    assert select_rope_pairs("greedy", 1, head_dim=d_h, num_heads=2, num_kv_heads=1,
+                             stats=stats).tolist() == [[2]]
+
+
+def test_greedy_steps_match_a_direct_computation_of_the_output_error():
+    from mla_ext.convert.rope_selection import greedy_order
+
+    gen = torch.Generator().manual_seed(1)
+    h, h_kv, t, d_h = 4, 2, 20, 12
+    q = torch.randn(h, t, d_h, generator=gen) * 2
+    k = torch.randn(h_kv, t, d_h, generator=gen) * 2
+    v = torch.randn(h_kv, t, d_h, generator=gen)
+    blocks = torch.randn(h, 5, d_h, generator=gen, dtype=torch.float64)
+    inv_freq = 1.0 / (10.0 ** (torch.arange(d_h // 2) / (d_h // 2)))
+    sample = _sample(q, k, v, inv_freq, queries=[3, 7, 11, 19],
+                     gram=blocks.transpose(1, 2) @ blocks)
+    order = greedy_order(sample, h, h_kv, 3)
+    for g in range(h_kv):
+        kept = []
+        for step in range(3):
+            errors = {j: _naive_output_error(sample, kept + [j], g, 2)
+                      for j in range(d_h // 2) if j not in kept}
+            best = min(errors, key=lambda j: (errors[j], j))
+            assert order[g, step] == best
+            kept.append(best)
+    # a longer request continues the memoised order; a shorter one is its prefix
+    assert torch.equal(greedy_order(sample, h, h_kv, 5)[:, :3], order)
+    assert torch.equal(greedy_order(sample, h, h_kv, 2), order[:, :2])
+    stats = _greedy_stats(sample, h, h_kv)
+    pairs = select_rope_pairs("greedy", 3, head_dim=d_h, num_heads=h, num_kv_heads=h_kv,
+                              stats=stats)
+    assert torch.equal(pairs, order.sort(dim=1).values)
+
+
+def test_greedy_needs_a_matching_attention_sample():
+    stats = _stats(torch.ones(4, 8), torch.ones(2, 8))
+    with pytest.raises(ValueError, match="collect_attention_sample=True"):
+        _select("greedy", 2, stats=stats)
+    with pytest.raises(ValueError, match="needs stats"):
+        _select("greedy", 2)
+    sample = _sample(torch.ones(2, 8, 16), torch.ones(1, 8, 16), torch.ones(1, 8, 16),
+                     torch.ones(8))
+    with pytest.raises(ValueError, match="2 query heads, 1 KV heads and head_dim 16; expected 4, 2"):
+        _select("greedy", 2, stats=_greedy_stats(sample, 2, 1))
+    nan = _sample(torch.full((4, 8, 16), float("nan")), torch.ones(2, 8, 16),
+                  torch.ones(2, 8, 16), torch.ones(8))
+    with pytest.raises(ValueError, match="NaN"):
+        _select("greedy", 2, stats=_greedy_stats(nan, 4, 2))
+    # r = d_h/2 keeps every pair without a sample
+    assert _select("greedy", 8, stats=stats).tolist() == [list(range(8))] * 2

@@ -1,4 +1,5 @@
 """The rotation-aware RoPE selection and the attention-distance statistic behind it."""
+import copy
 import math
 
 import pytest
@@ -78,3 +79,44 @@ def test_rotation_conversion_end_to_end():
                               max_length=64, progress=False, **cfg.calibration_options())
     mla = mla_ext.convert_to_mla(model, cfg, calibration=calib, progress=False)
     assert torch.isfinite(mla(torch.randint(0, VOCAB, (1, 9))).logits).all()
+
+
+@torch.no_grad()
+def test_attention_sample_holds_the_layers_inputs_and_greedy_is_deterministic():
+    model = tiny_model(heads=4, kv_heads=2)
+    text = "the greedy selection measures attention outputs on a small sample " * 6
+    opts = dict(max_length=64, batch_size=2, collect_xtx=False, collect_attention_sample=True,
+                sample_sequences=3, progress=False)
+    calib = mla_ext.calibrate(model, CharTokenizer(), text, **opts)
+    ids = torch.tensor(CharTokenizer()(text)["input_ids"])
+    seqs = [ids[s:s + 64] for s in range(0, ids.numel(), 64)][:3]
+    from mla_ext.convert.calibration import SAMPLE_QUERY_STRIDE
+    for layer_idx, stats in enumerate(calib.layers):
+        sample = stats.attention_sample
+        assert len(sample.q) == 3
+        attn = model.model.layers[layer_idx].self_attn
+        for s, seq in enumerate(seqs):
+            hidden = model(seq[None], output_hidden_states=True).hidden_states[layer_idx]
+            x = model.model.layers[layer_idx].input_layernorm(hidden)[0]
+            pos = torch.arange(SAMPLE_QUERY_STRIDE - 1, seq.numel(), SAMPLE_QUERY_STRIDE)
+            assert torch.equal(sample.query_pos[s], pos)
+            torch.testing.assert_close(sample.q[s], attn.q_proj(x).view(-1, 4, 16)[pos]
+                                       .transpose(0, 1))
+            torch.testing.assert_close(sample.k[s], attn.k_proj(x).view(-1, 2, 16).transpose(0, 1))
+            torch.testing.assert_close(sample.v[s], attn.v_proj(x).view(-1, 2, 16).transpose(0, 1))
+        w_o = attn.o_proj.weight.double()
+        torch.testing.assert_close(sample.out_gram[1], w_o[:, 16:32].T @ w_o[:, 16:32])
+    cfg = mla_ext.MLAConfig(rope_strategy="greedy", rope_pairs=3, d_kv=None, svd="joint")
+    assert cfg.calibration_options()["collect_attention_sample"]
+    again = mla_ext.calibrate(model, CharTokenizer(), text, **opts)
+    first = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
+    second = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=again, progress=False)
+    for a, b in zip(first.model.layers, second.model.layers):
+        assert torch.equal(a.self_attn.rope_pairs, b.self_attn.rope_pairs)
+    x = torch.randint(0, VOCAB, (1, 9))
+    torch.testing.assert_close(first(x).logits, second(x).logits)
+    with pytest.raises(ValueError, match="sample_sequences"):
+        mla_ext.calibrate(model, CharTokenizer(), text, **{**opts, "sample_sequences": 0})
+    with pytest.raises(ValueError, match="collect_attention_sample=True"):
+        plain = mla_ext.calibrate(model, CharTokenizer(), text, max_length=64, progress=False)
+        mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=plain, progress=False)

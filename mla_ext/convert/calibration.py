@@ -5,7 +5,9 @@ Per decoder layer (ARCHITECTURE section 2):
 - the 2-norm statistic of partial RoPE: the mean over tokens of the norm of every frequency pair
   of the pre-RoPE query and key vectors (pair ``j`` = dims ``j`` and ``j + d_h/2``, rotate-half);
 - optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with;
-- optionally the attention mass at each relative distance (the rotation-aware RoPE selection).
+- optionally the attention mass at each relative distance (the rotation-aware RoPE selection);
+- optionally a small sample of one layer's pre-RoPE queries, keys and values on the first few
+  sequences (the greedy RoPE selection, which measures the attention output of each choice).
 
 Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` fold each batch into float64
 accumulators and drop it, so memory does not grow with the number of calibration tokens.
@@ -13,13 +15,44 @@ accumulators and drop it, so memory does not grow with the number of calibration
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 MIN_SEQUENCE_TOKENS = 16  # a shorter tail carries too little context to be worth a forward pass
+# The attention sample of the greedy RoPE selection: the first SAMPLE_SEQUENCES calibration
+# sequences, every SAMPLE_QUERY_STRIDE-th query of each (a query still sees all earlier keys).
+SAMPLE_SEQUENCES = 4
+SAMPLE_QUERY_STRIDE = 8
+
+
+@dataclass
+class AttentionSample:
+    """One layer's attention inputs on a few calibration sequences, for selections that measure
+    the attention output (the greedy RoPE selection). Per sequence ``s`` (lists, float32):
+
+    q[s]: (H, Q_s, d_h) pre-RoPE queries (q_proj output, bias included) at positions
+        ``query_pos[s]`` (int64, (Q_s,)); k[s], v[s]: (H_kv, T_s, d_h) pre-RoPE keys and values
+        of every position; cos[s], sin[s]: (T_s, d_h) the model's own rotary embedding (scaled
+        RoPE's ``attention_scaling`` included, so ``cos^2 + sin^2`` is its square).
+    out_gram: (H, d_h, d_h) float64, ``W_o,h^T W_o,h`` of each query head's block of o_proj:
+        an error ``e`` of head ``h``'s output changes the residual stream by ``e^T G_h e``.
+    scaling: the softmax scale of the scores.
+    """
+
+    q: list[torch.Tensor]
+    query_pos: list[torch.Tensor]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    cos: list[torch.Tensor]
+    sin: list[torch.Tensor]
+    out_gram: torch.Tensor
+    scaling: float
+    # memo of the greedy selection's order per (num_heads, num_kv_heads): it only depends on
+    # this sample, and a budget asks for every r in turn
+    orders: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -35,6 +68,7 @@ class LayerStats:
         distance ``0..L-1`` (original model, RoPE applied), averaged over query positions: each
         row sums to 1. None if not collected.
     inv_freq: (d_h/2,) float64, the rotary frequency of each pair (radians per position).
+    attention_sample: an :class:`AttentionSample` of this layer; None if not collected.
     """
 
     q_pair_norm: torch.Tensor
@@ -43,6 +77,7 @@ class LayerStats:
     num_tokens: int
     distance_mass: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None
+    attention_sample: AttentionSample | None = None
 
 
 @dataclass
@@ -176,7 +211,7 @@ class _Accumulator:
     """Running sums of one layer, kept on the device the layer's activations arrive on."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool,
-                 max_length: int | None = None):
+                 max_length: int | None = None, sample_sequences: int = 0):
         self.shape_q = (num_heads, 2, head_dim // 2)
         self.shape_k = (num_kv_heads, 2, head_dim // 2)
         self.collect_xtx = collect_xtx
@@ -190,6 +225,10 @@ class _Accumulator:
         self.xtx: torch.Tensor | None = None
         self.q_tokens = 0
         self.k_tokens = 0
+        self.sample_sequences = sample_sequences
+        self.sample: dict[str, list] = {name: [] for name in
+                                        ("q", "query_pos", "k", "v", "cos", "sin")}
+        self.sample_attn = None
 
     @staticmethod
     def _pair_norm_sum(y: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -221,6 +260,47 @@ class _Accumulator:
         if self.max_length:
             self._add_distances(self.last_q, output.detach())
             self.last_q = None
+
+    def sample_pre_hook(self, module, args, kwargs):
+        """Keep the attention inputs of the first ``sample_sequences`` sequences. The
+        projections are recomputed from the weights (calling the modules would run the q/k
+        hooks twice)."""
+        taken = len(self.sample["q"])
+        if taken >= self.sample_sequences:
+            return
+        from torch.nn.functional import linear
+
+        x = (args[0] if args else kwargs["hidden_states"]).detach()
+        x = x[:self.sample_sequences - taken]
+        cos, sin = kwargs["position_embeddings"]
+        h, h_kv, d_h = self.shape_q[0], self.shape_k[0], 2 * self.shape_q[2]
+        b, t = x.shape[0], x.shape[1]
+        queries = torch.arange(SAMPLE_QUERY_STRIDE - 1, t, SAMPLE_QUERY_STRIDE, device=x.device)
+
+        def heads(lin, n):
+            y = linear(x, lin.weight, lin.bias).view(b, t, n, d_h).transpose(1, 2)
+            return y.to("cpu", torch.float32)
+
+        q, k, v = heads(module.q_proj, h), heads(module.k_proj, h_kv), heads(module.v_proj, h_kv)
+        for i in range(b):
+            self.sample["q"].append(q[i][:, queries.cpu()].contiguous())
+            self.sample["query_pos"].append(queries.cpu())
+            self.sample["k"].append(k[i].contiguous())
+            self.sample["v"].append(v[i].contiguous())
+            self.sample["cos"].append(cos[min(i, cos.shape[0] - 1)].to("cpu", torch.float32))
+            self.sample["sin"].append(sin[min(i, sin.shape[0] - 1)].to("cpu", torch.float32))
+        self.sample_attn = module
+
+    def _attention_sample(self) -> AttentionSample | None:
+        if not self.sample["q"]:
+            return None
+        attn = self.sample_attn
+        h, d_h = self.shape_q[0], 2 * self.shape_q[2]
+        w_o = attn.o_proj.weight.detach().to("cpu", torch.float64)
+        blocks = w_o.view(w_o.shape[0], h, d_h).transpose(0, 1)              # (H, d, d_h)
+        scaling = float(getattr(attn, "scaling", d_h ** -0.5))
+        return AttentionSample(**self.sample, out_gram=blocks.transpose(1, 2) @ blocks,
+                               scaling=scaling)
 
     def _add_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """Fold the original attention's probability at each query-key distance into the sums;
@@ -262,6 +342,7 @@ class _Accumulator:
             xtx=None if self.xtx is None else self.xtx.cpu(),
             num_tokens=n,
             distance_mass=mass,
+            attention_sample=self._attention_sample(),
         )
 
 
@@ -290,7 +371,8 @@ def _batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]
 
 def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_length: int = 512,
               max_sequences: int = 128, batch_size: int = 4, collect_xtx: bool = True,
-              collect_distances: bool = False, progress: bool = True) -> Calibration:
+              collect_distances: bool = False, collect_attention_sample: bool = False,
+              sample_sequences: int = SAMPLE_SEQUENCES, progress: bool = True) -> Calibration:
     """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
 
     model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
@@ -302,9 +384,15 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
         costs ``d^2`` float64 per layer).
     collect_distances: also record the attention mass at each query-key distance (needed by the
         "rotation" RoPE selection; recomputes every layer's attention scores once more).
+    collect_attention_sample: also keep every layer's pre-RoPE queries (every
+        ``SAMPLE_QUERY_STRIDE``-th position), keys and values on the first ``sample_sequences``
+        sequences (needed by the "greedy" RoPE selection; about
+        ``sample_sequences * max_length * (2 H_kv + H / SAMPLE_QUERY_STRIDE) * d_h`` float32
+        values per layer).
     Returns a :class:`Calibration` with float64 statistics on the CPU.
     """
     _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(sample_sequences, "sample_sequences")
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError("model has no .config; a transformers model is needed")
@@ -318,7 +406,9 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     base = getattr(model, "base_model", model)
     device = base.get_input_embeddings().weight.device
     accs = [_Accumulator(h, h_kv, head_dim, collect_xtx,
-                         max_length if collect_distances else None) for _ in projections]
+                         max_length if collect_distances else None,
+                         sample_sequences if collect_attention_sample else 0)
+            for _ in projections]
     handles = []
     was_training = model.training
     try:
@@ -329,6 +419,10 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
             for acc, layer in zip(accs, layers):
                 handles.append(layer.self_attn.register_forward_pre_hook(
                     acc.attn_pre_hook, with_kwargs=True))
+        if collect_attention_sample:
+            for acc, layer in zip(accs, layers):
+                handles.append(layer.self_attn.register_forward_pre_hook(
+                    acc.sample_pre_hook, with_kwargs=True))
         model.eval()
         batches = list(_batches(seqs, batch_size))
         with torch.no_grad():
