@@ -115,7 +115,8 @@ def test_split_candidates_keep_r_a_multiple_of_the_pair_step():
 def _calibration(model, sequences=4):
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(64 * sequences))
     return mla_ext.calibrate(model, CharTokenizer(), text, max_length=64, collect_xtx=True,
-                             collect_distances=True, progress=False)
+                             collect_distances=True, collect_attention_sample=True,
+                             progress=False)
 
 
 @torch.no_grad()
@@ -145,15 +146,16 @@ def _converted_layer_error(original, mla, seq):
     return errors
 
 
-@pytest.mark.parametrize("svd", ["activation", "joint"])
-def test_split_errors_are_those_of_the_converted_layers(svd):
+@pytest.mark.parametrize("svd,strategy", [("activation", "rotation"), ("joint", "rotation"),
+                                          ("activation", "greedy")])
+def test_split_errors_are_those_of_the_converted_layers(svd, strategy):
     model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
     calib = _calibration(model)
-    measured = measure_split_errors(model, calib, strategy="rotation", svd=svd, max_cost=40,
+    measured = measure_split_errors(model, calib, strategy=strategy, svd=svd, max_cost=40,
                                     num_sequences=1)
     for r, width in ((1, 8), (3, 16), (2, 32)):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
-            rope_strategy="rotation", rope_pairs=r, d_kv=width // 2, svd=svd),
+            rope_strategy=strategy, rope_pairs=r, d_kv=width // 2, svd=svd),
             calibration=calib, progress=False)
         expected = _converted_layer_error(model, mla, calib.sequences[0])
         for layer, want in zip(measured, expected):
