@@ -124,8 +124,8 @@ def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent
 
 def _cuda_decode_unsupported(q_lat, latent, k_rope_cache) -> str | None:
     """Why the CUDA kernel does not take these inputs (None: it does). It takes 16-bit queries,
-    a float latent of the queries' dtype, 16-bit or fp8 RoPE keys and d_r a multiple of 8 up to
-    64; other combinations run the reference."""
+    a float latent of the queries' dtype, 16-bit or fp8 RoPE keys and an even d_r up to 64 (a
+    multiple of 4 for fp8 keys); other combinations run the reference."""
     if not q_lat.is_cuda:
         return None
     if q_lat.dtype not in (torch.bfloat16, torch.float16):
@@ -133,8 +133,10 @@ def _cuda_decode_unsupported(q_lat, latent, k_rope_cache) -> str | None:
     if k_rope_cache.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
         return f"RoPE keys in {k_rope_cache.dtype}"
     d_r = k_rope_cache.shape[-1] if k_rope_cache.dim() == 4 else 0
-    if d_r % 8 != 0 or d_r > 64:
-        return f"d_r = {d_r} (the kernel takes multiples of 8 up to 64)"
+    if d_r % 2 != 0 or not 2 <= d_r <= 64:
+        return f"d_r = {d_r} (the kernel takes even d_r up to 64)"
+    if k_rope_cache.dtype == torch.float8_e4m3fn and d_r % 4 != 0:
+        return f"fp8 RoPE keys with d_r = {d_r} (the kernel needs a multiple of 4 for fp8 keys)"
     if latent.dtype in reference.FLOAT_DTYPES and latent.dtype != q_lat.dtype:
         return f"a {latent.dtype} latent under {q_lat.dtype} queries"
     return None

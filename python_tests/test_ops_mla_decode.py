@@ -170,7 +170,10 @@ def random_params(n: int, seed: int, *, cpu: bool) -> list[DecodeParam]:
         rope_dtype = rng.choice([torch.bfloat16, torch.float16, torch.float8_e4m3fn])
         groups = [g for g in (8, 16, 24, 32, 64, 128, D_c) if D_c % g == 0 and g <= D_c]
         group_size = rng.choice(groups) if latent_dtype in QUANT_DTYPES else D_c
-        d_r = rng.choice([8, 16, 32] if cpu else [8, 16, 16, 32, 32, 64])
+        # every even d_r up to 64 (d_r = 2r); the CUDA kernel pads those that are not multiples of 8
+        d_r = rng.choice([8, 16, 32] if cpu else [2, 4, 6, 8, 12, 16, 16, 20, 24, 32, 32, 40, 64])
+        if rope_dtype == torch.float8_e4m3fn and d_r % 4:
+            d_r += 2  # fp8 keys: the kernel copies 4 bytes at least
         out.append(DecodeParam(B, s_q, H, H_kv, d_r, D_c, block_size, lens,
                                latent_dtype, rope_dtype, q_dtype, group_size, seed * 100003 + i))
     return out
@@ -296,7 +299,7 @@ GPU_PARAMS = random_params(520, seed=11, cpu=False)
 @pytest.mark.parametrize("p", GPU_PARAMS, ids=lambda p: f"s{p.seed}")
 def test_mla_decode_cuda_matches_reference(p):
     args, raw = make_inputs(p, "cuda")
-    out = ops.mla_decode(*args)
+    out = torch.ops.mla_ext.mla_decode(*args, None)  # the kernel itself, never the fallback
     check_against_reference(p, out, args)
     check_format_error(p, out, args, raw)
 
@@ -304,13 +307,15 @@ def test_mla_decode_cuda_matches_reference(p):
 @pytest.mark.gpu
 def test_mla_decode_cuda_long_and_split():
     # Long sequences next to empty and tiny ones: many splits per sequence and the LSE merge.
-    for D_c, H, H_kv in ((512, 32, 8), (2048, 32, 32), (96, 9, 3), (1024, 128, 128)):
+    # d_r = 12: the default conversion's r = 6 (keys padded to 16 in shared memory).
+    for D_c, H, H_kv, d_r in ((512, 32, 8, 16), (2048, 32, 32, 16), (96, 9, 3, 12),
+                              (1024, 128, 128, 16), (512, 32, 32, 12)):
         for dt in (torch.bfloat16, torch.uint8, torch.int8, torch.float8_e4m3fn):
-            p = DecodeParam(4, 1, H, H_kv, 16, D_c, 64, (20000, 0, 1, 7777), dt,
+            p = DecodeParam(4, 1, H, H_kv, d_r, D_c, 64, (20000, 0, 1, 7777), dt,
                             torch.float8_e4m3fn, torch.bfloat16, 64 if D_c % 64 == 0 else D_c,
                             seed=D_c + H)
             args, raw = make_inputs(p, "cuda")
-            out = ops.mla_decode(*args)
+            out = torch.ops.mla_ext.mla_decode(*args, None)
             check_against_reference(p, out, args)
             check_format_error(p, out, args, raw)
 
@@ -338,12 +343,13 @@ def test_mla_decode_cuda_plan_reuse_and_graph():
 
 @pytest.mark.gpu
 def test_mla_decode_cuda_falls_back_to_reference_with_a_warning():
-    # d_r = 12 (r = 6 pairs, the default conversion) is not a multiple of 8: reference, warned once
-    p = DecodeParam(2, 1, 8, 4, 12, 64, 16, (40, 7), torch.bfloat16, torch.bfloat16,
+    # fp8 keys with d_r = 6 (r = 3 pairs) are 6 bytes per head, below the kernel's 4-byte copies
+    # at a 4-byte alignment: reference, warned once
+    p = DecodeParam(2, 1, 8, 4, 6, 64, 16, (40, 7), torch.bfloat16, torch.float8_e4m3fn,
                     torch.bfloat16, 64, seed=4)
     args, _ = make_inputs(p, "cuda")
     ops._warned_fallbacks.clear()
-    with pytest.warns(RuntimeWarning, match="d_r = 12"):
+    with pytest.warns(RuntimeWarning, match="d_r = 6"):
         out = ops.mla_decode(*args)
     check_against_reference(p, out, args)
 

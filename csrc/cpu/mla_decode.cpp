@@ -174,7 +174,7 @@ at::Tensor mla_decode_plan_cpu(const at::Tensor& q_lat, const at::Tensor& latent
   MLA_CHECK_SHAPE("mla_decode_plan", seq_lens, q_lat.size(0));
   MLA_CHECK_CONTIGUOUS("mla_decode_plan", seq_lens);
   const int64_t B = q_lat.size(0);
-  const int tile_tokens = decode::kTileTokens;
+  const int tile_tokens = decode::kDefaultTileTokens;
   at::Tensor plan = at::empty({decode::plan_numel(B)}, seq_lens.options());
   const int target = std::min<int>(decode::kPlanSlots, std::max(1, at::get_num_threads()));
   decode::make_plan(seq_lens.data_ptr<int32_t>(), static_cast<int>(B), tile_tokens, target,

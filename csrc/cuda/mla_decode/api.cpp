@@ -72,8 +72,8 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   constexpr const char* kOp = "mla_decode";
   const int bucket = decode::bucket_of(p.D_c);
   TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
-              decode::kMaxLatentDim[decode::kNumBuckets - 1], ", got D_c = ", p.D_c);
-  const int kernel_rows = decode::kBucketRowTiles[bucket] * 8;
+              decode::kBuckets[decode::kNumBuckets - 1].max_latent, ", got D_c = ", p.D_c);
+  const decode::KernelShape shape = decode::kernel_shape_of(bucket);
   const auto* props = at::cuda::getDeviceProperties(device.index());
   const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
   const int sm_smem = static_cast<int>(props->sharedMemPerMultiprocessor);
@@ -81,14 +81,14 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   // barriers then overlap) and each still keeps two tiles in flight, else one CTA; all rows of
   // the kernel's tile per CTA if possible, fewer (each fewer KV heads' keys) if not.
   int stages = 0;
-  for (int rows = kernel_rows; rows >= 8 && stages == 0; rows -= 8) {
+  for (int rows = shape.rows; rows >= 8 && stages == 0; rows -= 8) {
     p.rows_per_cta = rows;
-    for (int ctas = decode::kBucketMinCtas[bucket]; ctas >= 1 && stages == 0; --ctas) {
+    for (int ctas = decode::kBuckets[bucket].min_ctas; ctas >= 1 && stages == 0; --ctas) {
       const int budget = std::min(smem_limit, sm_smem / ctas - 1024);  // the driver's 1 KB a CTA
       const int fewest = ctas > 1 ? 3 : decode::kMinStages;
       for (int ctiles = 2; ctiles >= 1 && stages == 0; --ctiles) {
         for (int ns = decode::kMaxStages; ns >= fewest; --ns) {
-          const decode::SmemLayout layout = decode::make_smem_layout(p, ns, kernel_rows, ctiles);
+          const decode::SmemLayout layout = decode::make_smem_layout(p, ns, shape, ctiles);
           if (layout.total <= budget) {
             p.smem = layout;
             stages = ns;
@@ -98,11 +98,11 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
       }
     }
   }
-  if (stages == 0) p.smem = decode::make_smem_layout(p, decode::kMinStages, kernel_rows, 1);
+  if (stages == 0) p.smem = decode::make_smem_layout(p, decode::kMinStages, shape, 1);
   TORCH_CHECK(stages > 0, kOp, ": D_c = ", p.D_c, ", H_kv = ", p.H_kv, ", d_r = ", p.d_r,
               " need ", p.smem.total, " bytes of shared memory per CTA; this GPU allows ",
               smem_limit);
-  const int tile_tokens = decode::kTileTokens;
+  const int tile_tokens = shape.tile_tokens;
   p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
   // The occupancy query costs microseconds of host time per call: remember its answers.
   static std::mutex cache_mutex;
@@ -153,6 +153,9 @@ MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
   p.rope_kind = rope_kind_of(rope_dtype);
   p.rope_path = rope_path_of(rope_dtype, q_dtype);
   p.rope_esize = p.rope_kind == decode::kRopeFp8 ? 1 : 2;
+  p.d_r_pad = (d.d_r + 7) / 8 * 8;
+  const int key_bytes = d.d_r * p.rope_esize;
+  p.rope_chunk = key_bytes % 16 == 0 ? 16 : key_bytes % 8 == 0 ? 8 : 4;
   p.latent_row_bytes = d.format == LatentFormat::kFloat ? d.D_c * 2
                        : d.format == LatentFormat::kInt4 ? d.D_c / 2
                                                           : d.D_c;
@@ -179,9 +182,13 @@ void check_cuda_support(const MlaDecodeDims& d, const at::Tensor& q_lat, const a
                   k_rope_dtype == at::kFloat8_e4m3fn,
               kOp, ": the CUDA kernel takes bf16, fp16 or fp8 RoPE keys (fp32 runs on CPU only), "
               "got ", k_rope_dtype);
-  TORCH_CHECK(d.d_r % 8 == 0 && d.d_r <= 8 * decode::kMaxRopeSteps, kOp,
-              ": the CUDA kernel needs d_r to be a multiple of 8 up to ", 8 * decode::kMaxRopeSteps,
+  TORCH_CHECK(d.d_r >= 2 && d.d_r % 2 == 0 && d.d_r <= 8 * decode::kMaxRopeSteps, kOp,
+              ": the CUDA kernel needs an even d_r up to ", 8 * decode::kMaxRopeSteps,
               ", got d_r = ", d.d_r);
+  // Keys are copied in pieces of 4, 8 or 16 bytes per KV head.
+  TORCH_CHECK(k_rope_dtype != at::kFloat8_e4m3fn || d.d_r % 4 == 0, kOp,
+              ": the CUDA kernel needs d_r to be a multiple of 4 for fp8 RoPE keys, got d_r = ",
+              d.d_r);
   TORCH_CHECK(d.B * d.s_q * d.H < (int64_t{1} << 31) && d.max_blocks < (int64_t{1} << 31) &&
                   d.num_blocks * d.block_size < (int64_t{1} << 31),
               kOp, ": sizes exceed the kernel's 32-bit index range");

@@ -6,25 +6,41 @@
 
 namespace mla_ext::decode {
 
-// Every CTA has kWarps warps and streams the cache in tiles of kTileTokens tokens. A tile never
-// crosses a cache block (block_size is a multiple of it), so its rows are contiguous in memory
-// and one block-table entry addresses the whole tile.
+// Every CTA has kWarps warps and streams the cache in tiles of one or two pieces. A piece is 16
+// tokens inside one cache block (block_size is a multiple of it): its rows are contiguous in
+// memory and one block-table entry addresses it. It is also the M = 16 of the score MMA.
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileTokens = 16;
-constexpr int kPieceTokens = kTileTokens;  // block_size must be a multiple of this
+constexpr int kPieceTokens = 16;
 
-// Latent-width buckets. A bucket holds D_c up to kMaxLatentDim[i]; in the output product warp w
-// owns the 16-channel tiles w, w + kWarps, ... (kBucketChanTiles of them), so
-// kWarps * kBucketChanTiles * 16 == kMaxLatentDim. kBucketRowTiles * 8 (query token, head) rows
-// share one CTA: they sit on the MMA's N = 8 dimension. The output accumulators cost
-// kBucketChanTiles * kBucketRowTiles * 4 registers per thread.
+// Latent-width buckets. A bucket holds D_c up to max_latent. In the output product warp w owns
+// the 16-channel tiles w, w + kWarps, ... (chan_tiles of them), so kWarps * chan_tiles * 16 ==
+// max_latent; the accumulators cost chan_tiles * row_tiles * 4 registers per thread.
+// row_tiles * 8 (query token, head) rows share one CTA on the MMA's N = 8 dimension.
+// A tile of `pieces` pieces has pieces * row_tiles score blocks (16 tokens x 8 rows); each block
+// belongs to kWarps / (pieces * row_tiles) warps that split its latent channels (1: no partial
+// scores to add). q_in_regs: each warp keeps its queries' MMA fragments in registers (no
+// shared-memory copy of q); the widest buckets have no registers left for that.
+// min_ctas: CTAs per SM the launch bound asks registers for.
+struct BucketShape {
+  int max_latent, chan_tiles, row_tiles, pieces, min_ctas;
+  bool q_in_regs;
+};
 constexpr int kNumBuckets = 5;
-constexpr int kMaxLatentDim[kNumBuckets] = {128, 256, 512, 1024, 2048};
-constexpr int kBucketChanTiles[kNumBuckets] = {1, 2, 4, 8, 16};
-constexpr int kBucketRowTiles[kNumBuckets] = {4, 4, 4, 4, 2};
-// Buckets whose registers leave room for two CTAs per SM (the launch bound asks for it).
-constexpr int kBucketMinCtas[kNumBuckets] = {2, 2, 1, 1, 1};
+constexpr BucketShape kBuckets[kNumBuckets] = {
+    {128, 1, 4, 2, 2, true},
+    {256, 2, 4, 2, 2, false},
+    {512, 4, 4, 2, 1, true},
+    {1024, 8, 4, 2, 1, false},
+    {2048, 16, 2, 1, 1, false},
+};
+
+constexpr int bucket_tile_tokens(int bucket) { return kBuckets[bucket].pieces * kPieceTokens; }
+constexpr int bucket_k_split(int bucket) {
+  return kWarps / (kBuckets[bucket].pieces * kBuckets[bucket].row_tiles);
+}
+// The tile size the CPU plan uses (the CUDA plan uses its bucket's).
+constexpr int kDefaultTileTokens = 2 * kPieceTokens;
 
 // Pipeline depth: tiles of the cache in shared memory at once (one being computed, the rest in
 // flight), chosen per launch from the shared memory left.
@@ -32,22 +48,27 @@ constexpr int kMinStages = 2;
 constexpr int kMaxStages = 8;
 
 // The fewest tiles a split takes, so that the query load and the merge stay small next to it.
-constexpr int kMinTilesPerSplit = 4;
+constexpr int kMinTilesPerSplit = 2;
 
-// RoPE keys: d_r a multiple of 8 (the k = 8 MMA steps), at most this many steps.
+// RoPE keys: any even d_r up to 8 * kMaxRopeSteps; shared memory pads each KV head's key to a
+// multiple of 8 (the k = 8 MMA steps) with zeros.
 constexpr int kMaxRopeSteps = 8;
 
 constexpr int bucket_of(int64_t latent_dim) {
   for (int i = 0; i < kNumBuckets; ++i) {
-    if (latent_dim <= kMaxLatentDim[i]) return i;
+    if (latent_dim <= kBuckets[i].max_latent) return i;
   }
   return -1;
 }
 
-static_assert(kWarps * kBucketChanTiles[0] * 16 == kMaxLatentDim[0]);
-static_assert(kWarps * kBucketChanTiles[1] * 16 == kMaxLatentDim[1]);
-static_assert(kWarps * kBucketChanTiles[2] * 16 == kMaxLatentDim[2]);
-static_assert(kWarps * kBucketChanTiles[3] * 16 == kMaxLatentDim[3]);
-static_assert(kWarps * kBucketChanTiles[4] * 16 == kMaxLatentDim[4]);
+constexpr bool buckets_consistent() {
+  for (int i = 0; i < kNumBuckets; ++i) {
+    const BucketShape& s = kBuckets[i];
+    const int blocks = s.pieces * s.row_tiles;
+    if (kWarps * s.chan_tiles * 16 != s.max_latent || kWarps % blocks != 0) return false;
+  }
+  return true;
+}
+static_assert(buckets_consistent());
 
 }  // namespace mla_ext::decode

@@ -1,17 +1,21 @@
-// Device body of mla_decode: one CTA = one split (a run of 16-token tiles of one sequence) x one
-// chunk of (new token, head) rows. The cache streams through a ring of shared-memory stages
-// (cp.async, up to kMaxStages - 1 tiles in flight). Per tile:
-//   1. S^T = C Q^T on tensor cores (m16n8k16; tokens on M, rows on N = 8), the latent channels
-//      split over the 8 warps; the RoPE scores go into the same accumulators (m16n8k8, one MMA
-//      per run of rows sharing a KV head, the other rows' queries masked to zero); each warp
-//      writes its partial scores; barrier;
-//   2. the next tile's copies are issued; per row: sum the partials, mask, online softmax (base
-//      2), P^T to shared memory; wait for the next tile; barrier;
+// Device body of mla_decode: one CTA = one split (a run of tiles of one sequence) x one chunk of
+// (new token, head) rows. A tile is one or two 16-token pieces (config.h); the cache streams
+// through a ring of shared-memory stages (cp.async, up to kMaxStages - 1 tiles in flight).
+// Per tile:
+//   1. S^T = C Q^T on tensor cores (m16n8k16; tokens on M, rows on N = 8). Each warp owns one
+//      16 x 8 score block (or a share of its latent channels in the widest bucket) and adds the
+//      block's RoPE scores to the same accumulators (m16n8k8, one MMA per run of rows sharing a
+//      KV head, the other rows' queries masked to zero); the scores go to shared memory; barrier;
+//   2. the next tile's copies are issued; per row: mask, online softmax (base 2), P^T to shared
+//      memory as two 16-bit terms (hi + lo: P to ~16 bits, not the 8 of one bf16, so that the
+//      output matches fp32 attention up to summation order); wait for the next tile; barrier;
 //   3. (quantized caches) dequantize the next tile into the other 16-bit compute tile;
-//      O^T += C^T P^T on tensor cores with the same compute tile as A (the latent is K and V),
+//      O^T += C^T (P_hi + P_lo)^T on tensor cores with the same compute tile as A (the latent is K and V),
 //      each warp owning its channel tiles; (quantized caches) barrier.
 // Two barriers per tile for float caches, three for quantized ones. A sequence with one split
 // writes o_lat and lse directly; split ones write fp32 partials that combine.cu merges.
+// Every address a thread copies from or to is fixed per CTA up to the tile's block: it is
+// computed once (CopyGeometry), so that a tile's copies cost little more than their cp.async.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,88 +24,148 @@
 
 #include <cstdint>
 
-#include "core/quant.h"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/split_plan.h"
 #include "cuda/mla_decode/traits.h"
 
 namespace mla_ext::decode {
 
-template <typename T, int kChanTiles, int kRowTiles>
+// One thread's share of a piece's copies: it copies column `col` (bytes) of rows row0,
+// row0 + row_step, ... < 16 (row0 >= 16: nothing). RoPE keys keep the column in the global row
+// (src_col) and in the padded shared-memory row (dst_col) apart; `general` (more columns than
+// threads) computes them per copy instead.
+struct CopyGeometry {
+  int lat_col, lat_row0, lat_row_step;
+  int rope_src_col, rope_dst_col, rope_row0, rope_row_step;
+  bool rope_general;
+};
+
+template <typename T, int kBucket>
 struct DecodeKernel {
+  static constexpr BucketShape kShape = kBuckets[kBucket];
+  static constexpr int kChanTiles = kShape.chan_tiles;
+  static constexpr int kRowTiles = kShape.row_tiles;
+  static constexpr int kPieces = kShape.pieces;
+  static constexpr bool kQRegs = kShape.q_in_regs;
   static constexpr int kRows = kRowTiles * 8;
+  static constexpr int kTile = kPieces * kPieceTokens;
+  static constexpr int kBlocks = kPieces * kRowTiles;  // 16 x 8 score blocks per tile
+  static constexpr int kKSplit = kWarps / kBlocks;     // warps sharing one block's channels
+  static constexpr int kKSteps = kWarps * kChanTiles / kKSplit;  // a warp's 16-channel steps, at most
   static constexpr int kSpartLd = spart_ld(kRows);
+  static constexpr int kPtLd = pt_ld(kTile);
   static constexpr int kThreadsPerRow = kThreads / kRows;  // softmax threads of one row
-  static constexpr int kTokensPerThread = kTileTokens / kThreadsPerRow;
-  static constexpr int kRopeSplit = kWarps / kRowTiles;  // warps sharing one row tile's RoPE runs
+  static constexpr int kTokensPerThread = kTile / kThreadsPerRow;
+  static constexpr int kPieceThreads = kThreads / kPieces;  // threads copying one piece
   static constexpr bool kHalf = std::is_same_v<T, __half>;
   static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0);
-  static_assert(kTokensPerThread * kThreadsPerRow == kTileTokens);
-  static_assert(kWarps % kRowTiles == 0 && kTileTokens == 16);
+  static_assert(kTokensPerThread * kThreadsPerRow == kTile);
+  static_assert(kKSplit * kBlocks == kWarps);
+  // A float latent row (D_c * 2 bytes, 16 per copy) never has more columns than a piece threads.
+  static_assert(kShape.max_latent * 2 / 16 <= kPieceThreads);
 
-  // Copies `bytes` (a multiple of 8) with the lanes of one warp, 16 bytes a copy where both
-  // addresses and the size allow it.
-  static __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int bytes,
-                                                   int lane) {
-    if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | bytes) & 15) == 0) {
-      for (int j = lane * 16; j < bytes; j += 32 * 16) cp_async16(dst + j, src + j);
-    } else {
-      for (int j = lane * 8; j < bytes; j += 32 * 8) cp_async8(dst + j, src + j);
+  // The block-table entry of this thread's piece of `tile`, or -1 for a piece past the end.
+  static __device__ __forceinline__ int piece_block(const MlaDecodeParams& p, int b, int len,
+                                                    int tile, int piece) {
+    const int tok = tile * kTile + piece * kPieceTokens;
+    return tok < len ? p.block_table[static_cast<int64_t>(b) * p.max_blocks + tok / p.block_size]
+                     : -1;
+  }
+
+  static __device__ CopyGeometry copy_geometry(const MlaDecodeParams& p, int kv_lo, int kv_cnt) {
+    CopyGeometry g{};
+    const int ltid = threadIdx.x % kPieceThreads;
+    {
+      const int cols = p.D_c / 8;  // 16-byte columns of a float latent row
+      g.lat_row_step = kPieceThreads / cols;
+      g.lat_col = (ltid % cols) * 16;
+      g.lat_row0 = ltid < g.lat_row_step * cols ? ltid / cols : kPieceTokens;
+    }
+    const int u = p.rope_chunk;
+    const int src_kvb = p.d_r * p.rope_esize;
+    const int per_head = src_kvb / u;
+    const int cols = kv_cnt * per_head;
+    g.rope_general = cols > kPieceThreads;
+    if (!g.rope_general) {
+      g.rope_row_step = kPieceThreads / cols;
+      g.rope_row0 = ltid < g.rope_row_step * cols ? ltid / cols : kPieceTokens;
+      const int col = ltid % cols, h = col / per_head, w = col % per_head;
+      int kv = kv_lo + h;
+      if (kv >= p.H_kv) kv -= p.H_kv;
+      g.rope_src_col = kv * src_kvb + w * u;
+      g.rope_dst_col = h * p.smem.rope_kvb + w * u;
+    }
+    return g;
+  }
+
+  // A contiguous piece of `bytes` (a multiple of 16) by the piece's threads.
+  static __device__ __forceinline__ void copy_contiguous(uint8_t* dst, const uint8_t* src,
+                                                         int bytes) {
+    for (int j = (threadIdx.x % kPieceThreads) * 16; j < bytes; j += kPieceThreads * 16) {
+      cp_async16(dst + j, src + j);
     }
   }
 
-  // Issues the copies of one tile into stage `stage` (no commit). The tile's 16 tokens are
-  // consecutive slots of one block; tokens past the sequence end are copied as they are (valid
-  // memory of that block) and masked later, except float latent rows, which are zero-filled so
-  // that P = 0 never multiplies a NaN.
-  // The block-table entry of a tile (all threads load the same word).
-  static __device__ __forceinline__ int tile_block(const MlaDecodeParams& p, int b, int tile) {
-    return p.block_table[static_cast<int64_t>(b) * p.max_blocks + tile * kTileTokens / p.block_size];
-  }
-
-  // blk: tile_block(p, b, tile), loaded an iteration ahead so that the copies need not wait for
-  // it.
+  // Issues this thread's copies of its piece of `tile` into stage `stage` (no commit). blk:
+  // piece_block(), loaded an iteration ahead so that the copies need not wait for it. Tokens past
+  // the sequence end inside a live piece are copied as they are (valid memory of that block) and
+  // masked later, except float latent rows, which are zero-filled so that P = 0 never multiplies
+  // a NaN; a piece past the end copies nothing but those zeros.
   static __device__ void issue_tile(const MlaDecodeParams& p, uint8_t* smem, int stage, int len,
-                                    int tile, int blk, int kv_lo, int kv_cnt) {
+                                    int tile, int blk, int kv_lo, int kv_cnt,
+                                    const CopyGeometry& geo) {
     const SmemLayout& L = p.smem;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int tok0 = tile * kTileTokens;
-    const int64_t slot0 = static_cast<int64_t>(blk) * p.block_size + tok0 % p.block_size;
+    const int piece = threadIdx.x / kPieceThreads;
+    const int ptok0 = tile * kTile + piece * kPieceTokens;
+    const int64_t slot0 =
+        blk >= 0 ? static_cast<int64_t>(blk) * p.block_size + ptok0 % p.block_size : 0;
     uint8_t* st = smem + L.stages + stage * L.stage_bytes;
     if (p.format == kFmtFloat) {
-      const int row_bytes = p.D_c * 2;
-      for (int t = warp; t < kTileTokens; t += kWarps) {
-        const int valid = tok0 + t < len ? 16 : 0;
-        const uint8_t* src = p.latent + (slot0 + t) * row_bytes;
-        uint8_t* dst = st + L.st_latent + t * L.ld_tile * 2;
-        for (int c = lane * 16; c < row_bytes; c += 32 * 16) cp_async16(dst + c, src + c, valid);
+      const int row_bytes = p.D_c * 2, pitch = L.ld_tile * 2;
+      const int live = blk >= 0 ? len - ptok0 : 0;
+      const uint8_t* src = p.latent + slot0 * row_bytes + geo.lat_col;
+      uint8_t* dst = st + L.st_latent + piece * kPieceTokens * pitch + geo.lat_col;
+      for (int r = geo.lat_row0; r < kPieceTokens; r += geo.lat_row_step) {
+        cp_async16(dst + r * pitch, src + r * row_bytes, r < live ? 16 : 0);
+      }
+    } else if (blk >= 0) {
+      const int rb = p.latent_row_bytes;
+      copy_contiguous(st + L.st_latent + piece * kPieceTokens * rb, p.latent + slot0 * rb,
+                      kPieceTokens * rb);
+      const int sb = p.num_groups * 2;  // 16 rows of it: a multiple of 32 bytes
+      copy_contiguous(st + L.st_scale + piece * kPieceTokens * sb, p.latent_scale + slot0 * sb,
+                      kPieceTokens * sb);
+      if (p.format == kFmtInt4) {
+        copy_contiguous(st + L.st_zero + piece * kPieceTokens * sb, p.latent_zero + slot0 * sb,
+                        kPieceTokens * sb);
+      }
+    }
+    if (blk < 0) return;
+    // RoPE keys of the CTA's KV heads kv_lo .. kv_lo + kv_cnt - 1 (cyclic), each head's key at
+    // its padded place in the shared-memory row.
+    const int u = p.rope_chunk;
+    const int src_kvb = p.d_r * p.rope_esize;
+    const int src_pitch = p.H_kv * src_kvb;
+    const uint8_t* src = p.k_rope + slot0 * src_pitch;
+    uint8_t* dst = st + L.st_rope + piece * kPieceTokens * L.rope_ld;
+    if (!geo.rope_general) {
+      for (int r = geo.rope_row0; r < kPieceTokens; r += geo.rope_row_step) {
+        cp_async_n(dst + r * L.rope_ld + geo.rope_dst_col, src + r * src_pitch + geo.rope_src_col, u);
       }
     } else {
-      const int bytes = kTileTokens * p.latent_row_bytes;  // a multiple of 16
-      const uint8_t* src = p.latent + slot0 * p.latent_row_bytes;
-      for (int j = tid * 16; j < bytes; j += kThreads * 16) cp_async16(st + L.st_latent + j, src + j);
-      const int sbytes = kTileTokens * p.num_groups * 2;
-      const int64_t soff = slot0 * p.num_groups * 2;
-      for (int j = tid * 16; j < sbytes; j += kThreads * 16) {
-        cp_async16(st + L.st_scale + j, p.latent_scale + soff + j);
-        if (p.format == kFmtInt4) cp_async16(st + L.st_zero + j, p.latent_zero + soff + j);
+      const int per_head = src_kvb / u, cols = kv_cnt * per_head;
+      for (int c = threadIdx.x % kPieceThreads; c < kPieceTokens * cols; c += kPieceThreads) {
+        const int r = c / cols, col = c - r * cols, h = col / per_head, w = col - h * per_head;
+        int kv = kv_lo + h;
+        if (kv >= p.H_kv) kv -= p.H_kv;
+        cp_async_n(dst + r * L.rope_ld + h * L.rope_kvb + w * u,
+                   src + r * src_pitch + kv * src_kvb + w * u, u);
       }
-    }
-    // RoPE keys of the CTA's KV heads kv_lo .. kv_lo + kv_cnt - 1 (cyclic): one or two pieces.
-    const int kvb = p.d_r * p.rope_esize;
-    const int first = kv_cnt < p.H_kv - kv_lo ? kv_cnt : p.H_kv - kv_lo;
-    for (int t = warp; t < kTileTokens; t += kWarps) {
-      const uint8_t* src = p.k_rope + (slot0 + t) * p.H_kv * kvb;
-      uint8_t* dst = st + L.st_rope + t * L.rope_ld;
-      warp_copy(dst, src + kv_lo * kvb, first * kvb, lane);
-      if (first < kv_cnt) warp_copy(dst + first * kvb, src, (kv_cnt - first) * kvb, lane);
     }
     if (p.rope_kind == kRopeFp8) {
-      const int sbytes = kTileTokens * p.H_kv * 2;  // a multiple of 32
-      const uint8_t* src = p.k_rope_scale + slot0 * p.H_kv * 2;
-      for (int j = tid * 16; j < sbytes; j += kThreads * 16) {
-        cp_async16(st + L.st_rope_scale + j, src + j);
-      }
+      const int sb = p.H_kv * 2;
+      copy_contiguous(st + L.st_rope_scale + piece * kPieceTokens * sb, p.k_rope_scale + slot0 * sb,
+                      kPieceTokens * sb);
     }
   }
 
@@ -116,9 +180,9 @@ struct DecodeKernel {
     const __half* sc = reinterpret_cast<const __half*>(st + L.st_scale);
     const __half* zr = reinterpret_cast<const __half*>(st + L.st_zero);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int tok0 = tile * kTileTokens;
+    const int tok0 = tile * kTile;
     const bool uniform_group = p.group_size % 8 == 0;
-    for (int t = warp; t < kTileTokens; t += kWarps) {
+    for (int t = warp; t < kTile; t += kWarps) {
       const bool live = tok0 + t < len;
       const __half* srow = sc + t * p.num_groups;
       const __half* zrow = zr + t * p.num_groups;
@@ -138,20 +202,30 @@ struct DecodeKernel {
             w1 = w.y;
           }
           float v[8];
+          if (p.format == kFmtFp8) {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            float sj = s0, zj = z0;
-            if (!uniform_group) {
-              const int gj = (c8 + j) / p.group_size;
-              sj = __half2float(srow[gj]);
-              zj = p.format == kFmtInt4 ? __half2float(zrow[gj]) : 0.f;
+            for (int j = 0; j < 4; ++j) {
+              const uint32_t h2 = fp8x2_to_half2(static_cast<uint16_t>(((j < 2 ? w0 : w1) >> (16 * (j % 2))) & 0xFFFF));
+              const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
+              v[2 * j] = f.x;
+              v[2 * j + 1] = f.y;
             }
-            if (p.format == kFmtInt4) {
-              v[j] = quant::dequantize_int4(static_cast<uint8_t>((w0 >> (4 * j)) & 0xF), sj, zj);
-            } else {
-              const uint8_t byte = static_cast<uint8_t>(((j < 4 ? w0 : w1) >> (8 * (j % 4))) & 0xFF);
-              v[j] = p.format == kFmtInt8 ? quant::dequantize_int8(static_cast<int8_t>(byte), sj)
-                                          : fp8_to_float(byte) * sj;
+          } else if (p.format == kFmtInt4) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = nibble_to_float(w0, j);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = int8_byte_to_float(j < 4 ? w0 : w1, j % 4);
+          }
+          if (uniform_group) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) v[j] = fmaf(v[j], s0, z0);
+          } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              const int gj = (c8 + j) / p.group_size;
+              const float zj = p.format == kFmtInt4 ? __half2float(zrow[gj]) : 0.f;
+              v[j] = fmaf(v[j], __half2float(srow[gj]), zj);
             }
           }
           out = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
@@ -178,6 +252,7 @@ struct DecodeKernel {
     const int group = p.H / p.H_kv;
     const bool quant = p.format != kFmtFloat;
     const int num_stages = L.num_stages;
+    const int my_piece = tid / kPieceThreads;
 
     // KV heads of rows row0 .. row0 + rows_here - 1: a cyclic range [kv_lo, kv_lo + kv_cnt).
     int kv_lo, kv_cnt;
@@ -185,27 +260,69 @@ struct DecodeKernel {
       kv_lo = 0;
       kv_cnt = p.H_kv;
     } else {
+      // Rows that wrap past head H - 1 (the next query token) go on from KV head 0, and may come
+      // back to kv_lo's own head: then the CTA needs every KV head.
       kv_lo = (row0 % p.H) / group;
       const int kv_last = ((row0 + rows_here - 1) % p.H) / group;
-      kv_cnt = (kv_last - kv_lo + p.H_kv) % p.H_kv + 1;
+      const bool wraps = row0 % p.H + rows_here > p.H;
+      kv_cnt = wraps ? p.H_kv - kv_lo + kv_last + 1 : kv_last - kv_lo + 1;
+      if (kv_cnt >= p.H_kv) {
+        kv_lo = 0;
+        kv_cnt = p.H_kv;
+      }
+    }
+
+    // Zero the padding of each KV head's key (d_r .. d_r_pad) in every stage: cp.async never
+    // writes it, and the RoPE MMA reads it (times a zero query, but 0 * NaN is NaN). The bytes
+    // are disjoint from every copy's, so no barrier is needed before the copies.
+    if (p.d_r_pad != p.d_r) {
+      const int src_kvb = p.d_r * p.rope_esize, pad = L.rope_kvb - src_kvb;  // a multiple of 4
+      const int words = pad / 4, per_stage = kTile * L.kv_max * words;
+      for (int idx = tid; idx < num_stages * per_stage; idx += kThreads) {
+        const int s = idx / per_stage, rest = idx % per_stage;
+        const int t = rest / (L.kv_max * words), hw = rest % (L.kv_max * words);
+        uint8_t* at = smem + L.stages + s * L.stage_bytes + L.st_rope + t * L.rope_ld +
+                      (hw / words) * L.rope_kvb + src_kvb + (hw % words) * 4;
+        *reinterpret_cast<uint32_t*>(at) = 0u;
+      }
     }
 
     // Start the first tiles' copies before anything else.
+    const CopyGeometry geo = copy_geometry(p, kv_lo, kv_cnt);
     for (int s = 0; s < num_stages - 1; ++s) {
       const int tile = tile_begin + s;
-      if (tile < tile_end) issue_tile(p, smem, s, len, tile, tile_block(p, b, tile), kv_lo, kv_cnt);
+      if (tile < tile_end) {
+        issue_tile(p, smem, s, len, tile, piece_block(p, b, len, tile, my_piece), kv_lo, kv_cnt,
+                   geo);
+      }
       cp_async_commit();
     }
     int next_blk = tile_begin + num_stages - 1 < tile_end
-                       ? tile_block(p, b, tile_begin + num_stages - 1) : 0;
+                       ? piece_block(p, b, len, tile_begin + num_stages - 1, my_piece) : -1;
 
-    // Queries of this CTA's rows (zero rows and channels past the end); RoPE queries in the
-    // dtype of the RoPE MMA (fp16 for fp8 keys, else the queries' dtype).
-    T* q_s = reinterpret_cast<T*>(smem + L.q);
+    // Warp roles: the score block (piece, row tile) this warp computes and its channel slice.
+    const int kslice = warp / kBlocks, wblock = warp % kBlocks;
+    const int wpiece = wblock / kRowTiles, wnt = wblock % kRowTiles;
+    const int g = lane / 4, tq = lane % 4;
+
+    // Queries of this CTA's rows (zero rows and channels past the end): MMA fragments in
+    // registers, or a shared-memory tile; RoPE queries in the dtype of the RoPE MMA (fp16 for fp8
+    // keys, else the queries' dtype), padded with zeros to d_r_pad.
     const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
-    {
-      const T* q_lat = reinterpret_cast<const T*>(p.q_lat);
-      const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
+    const T* q_lat = reinterpret_cast<const T*>(p.q_lat);
+    T* q_s = reinterpret_cast<T*>(smem + L.q);
+    uint32_t qf[kQRegs ? kKSteps : 1][2];
+    if constexpr (kQRegs) {
+      const int r = wnt * 8 + g;
+      const T* qrow = q_lat + (q_row_base + r) * p.D_c;
+#pragma unroll
+      for (int i = 0; i < kKSteps; ++i) {
+        const int c0 = (kslice + kKSplit * i) * 16 + 2 * tq;
+        const bool live = r < rows_here;
+        qf[i][0] = live && c0 < p.D_c ? *reinterpret_cast<const uint32_t*>(qrow + c0) : 0u;
+        qf[i][1] = live && c0 + 8 < p.D_c ? *reinterpret_cast<const uint32_t*>(qrow + c0 + 8) : 0u;
+      }
+    } else {
       const int chunks = L.ld_tile / 8;
       for (int idx = tid; idx < p.rows_per_cta * chunks; idx += kThreads) {
         const int r = idx / chunks, c8 = (idx % chunks) * 8;
@@ -215,11 +332,15 @@ struct DecodeKernel {
         }
         *reinterpret_cast<uint4*>(q_s + r * L.ld_tile + c8) = v;
       }
+    }
+    {
+      const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
       const bool rope_half = p.rope_path == kRopeFp8Keys;
       uint16_t* qr_s = reinterpret_cast<uint16_t*>(smem + L.q_rope);
-      for (int idx = tid; idx < kRows * p.d_r; idx += kThreads) {
-        const int r = idx / p.d_r, j = idx % p.d_r;
-        const float x = r < rows_here ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + j]) : 0.f;
+      for (int idx = tid; idx < kRows * p.d_r_pad; idx += kThreads) {
+        const int r = idx / p.d_r_pad, j = idx % p.d_r_pad;
+        const float x = r < rows_here && j < p.d_r
+                            ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + j]) : 0.f;
         if (rope_half) {
           const __half h = __float2half_rn(x);
           qr_s[idx] = *reinterpret_cast<const uint16_t*>(&h);
@@ -234,18 +355,16 @@ struct DecodeKernel {
         const int pad = L.ld_tile - p.D_c;
         for (int s = 0; s < num_stages; ++s) {
           T* tile = reinterpret_cast<T*>(smem + L.stages + s * L.stage_bytes + L.st_latent);
-          for (int idx = tid; idx < kTileTokens * pad; idx += kThreads) {
+          for (int idx = tid; idx < kTile * pad; idx += kThreads) {
             tile[(idx / pad) * L.ld_tile + p.D_c + idx % pad] = from_float<T>(0.f);
           }
         }
       }
     }
 
-    // The RoPE runs of this warp: in row tile rope_nt, rows j = 0..7 form runs of equal KV
-    // head; a run starting at j is this warp's when j % kRopeSplit == rope_part. For lane's B
-    // column (row g = lane / 4) my_run is the start of its run (-1: a row past the end).
-    const int g = lane / 4, tq = lane % 4;
-    const int rope_nt = warp % kRowTiles, rope_part = warp / kRowTiles;
+    // The RoPE runs of this warp: in row tile wnt, rows j = 0..7 form runs of equal KV head; a
+    // run starting at j is this warp's when j % kKSplit == kslice. For lane's B column (row g)
+    // my_run is the start of its run (-1: a row past the end).
     uint32_t run_mask = 0;
     uint32_t run_kvl_lo = 0u, run_kvl_hi = 0u;  // local KV head of rows j < 4 / j >= 4, 8 bits each
     int my_run = -1;
@@ -254,12 +373,12 @@ struct DecodeKernel {
       int prev = -2, start = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int lr = rope_nt * 8 + j;
+        const int lr = wnt * 8 + j;
         const int kv = (row0 + lr) % p.H / group;
         const int kvl = lr < rows_here ? (kv - kv_lo + p.H_kv) % p.H_kv : -1;
         if (kvl >= 0 && kvl != prev) {
           start = j;
-          if (j % kRopeSplit == rope_part) run_mask |= 1u << j;
+          if (j % kKSplit == kslice) run_mask |= 1u << j;
         }
         (j < 4 ? run_kvl_lo : run_kvl_hi) |= static_cast<uint32_t>(kvl < 0 ? 0 : kvl) << (8 * (j % 4));
         if (j == g && kvl >= 0) my_run = start;
@@ -268,10 +387,10 @@ struct DecodeKernel {
         prev = kvl;
       }
     }
-    const int rope_steps = p.d_r / 8;
+    const int rope_steps = p.d_r_pad / 8;
     // B fragments of this lane's RoPE query row, read from shared memory at each use.
     const uint32_t* qr_row = reinterpret_cast<const uint32_t*>(smem + L.q_rope) +
-                             ((rope_nt * 8 + g) * p.d_r + 2 * tq) / 2;
+                             ((wnt * 8 + g) * p.d_r_pad + 2 * tq) / 2;
 
     float acc[kChanTiles][kRowTiles][4];
 #pragma unroll
@@ -290,6 +409,7 @@ struct DecodeKernel {
 
     float* spart = reinterpret_cast<float*>(smem + L.spart);
     T* pt = reinterpret_cast<T*>(smem + L.pt);
+    T* pt_lo = reinterpret_cast<T*>(smem + L.pt_lo);
     float* alpha_s = reinterpret_cast<float*>(smem + L.stats);
     const int steps16 = p.D16 / 16;
     const int pending = num_stages - 2;
@@ -307,37 +427,36 @@ struct DecodeKernel {
       const uint8_t* st = smem + L.stages + stage * L.stage_bytes;
       const T* ctile = reinterpret_cast<const T*>(quant ? smem + L.ctile[it & 1] : st + L.st_latent);
 
-      // 1. partial scores: this warp's latent channel tiles, then its RoPE runs.
-      float sacc[kRowTiles][4];
-#pragma unroll
-      for (int j = 0; j < kRowTiles; ++j)
-#pragma unroll
-        for (int k = 0; k < 4; ++k) sacc[j][k] = 0.f;
-#pragma unroll
-      for (int j = 0; j < kChanTiles; ++j) {
-        const int ks = warp + kWarps * j;
-        if (ks >= steps16) break;
-        const int c0 = ks * 16;
-        uint32_t a[4];
+      // 1. this warp's score block: its latent channels, then its RoPE runs.
+      float sacc[4] = {0.f, 0.f, 0.f, 0.f};
+      {
         const int mat = lane / 8;
-        ldmatrix_x4(a, ctile + ((mat % 2) * 8 + lane % 8) * L.ld_tile + c0 + (mat / 2) * 8);
+        const T* a_row = ctile + (wpiece * kPieceTokens + (mat % 2) * 8 + lane % 8) * L.ld_tile +
+                         (mat / 2) * 8;
+        const T* q_row = q_s + (wnt * 8 + lane % 8) * L.ld_tile + ((lane % 16) / 8) * 8;
 #pragma unroll
-        for (int nt = 0; nt < kRowTiles; ++nt) {
-          uint32_t bq[2];
-          const int l = lane % 16;
-          ldmatrix_x2(bq, q_s + (nt * 8 + l % 8) * L.ld_tile + c0 + (l / 8) * 8);
-          mma16816<T>(sacc[nt], a, bq);
+        for (int i = 0; i < kKSteps; ++i) {
+          const int ks = kslice + kKSplit * i;
+          if (ks >= steps16) break;
+          uint32_t a[4];
+          ldmatrix_x4(a, a_row + ks * 16);
+          if constexpr (kQRegs) {
+            mma16816<T>(sacc, a, qf[i]);
+          } else {
+            uint32_t bq[2];
+            ldmatrix_x2(bq, q_row + ks * 16);
+            mma16816<T>(sacc, a, bq);
+          }
         }
       }
       if (run_mask != 0) {
-        const uint8_t* rope = st + L.st_rope;
-        const int kvb = p.d_r * p.rope_esize;
+        const uint8_t* rope = st + L.st_rope + wpiece * kPieceTokens * L.rope_ld;
         float racc[4] = {0.f, 0.f, 0.f, 0.f};
         for (uint32_t m = run_mask; m != 0; m &= m - 1) {
           const int j = __ffs(m) - 1;
           const bool mine = my_run == j;
           const int kvl = ((j < 4 ? run_kvl_lo : run_kvl_hi) >> (8 * (j % 4))) & 0xFF;
-          const uint8_t* key = rope + kvl * kvb;
+          const uint8_t* key = rope + kvl * L.rope_kvb;
 #pragma unroll
           for (int k = 0; k < kMaxRopeSteps; ++k) {
             if (k >= rope_steps) break;
@@ -361,26 +480,20 @@ struct DecodeKernel {
         }
         if (p.rope_path == kRopeFp8Keys) {
           // fp8 keys carry a scale per (token, KV head): applied to the score.
-          const __half* rs = reinterpret_cast<const __half*>(st + L.st_rope_scale);
+          const __half* rs = reinterpret_cast<const __half*>(st + L.st_rope_scale) +
+                             wpiece * kPieceTokens * p.H_kv;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             racc[k] *= __half2float(rs[(g + (k / 2) * 8) * p.H_kv + kv_of_col[k % 2]]);
           }
         }
-        // sacc[rope_nt] with a run-time index would put sacc in local memory.
 #pragma unroll
-        for (int nt = 0; nt < kRowTiles; ++nt) {
-          if (nt == rope_nt) {
-#pragma unroll
-            for (int k = 0; k < 4; ++k) sacc[nt][k] += racc[k];
-          }
-        }
+        for (int k = 0; k < 4; ++k) sacc[k] += racc[k];
       }
-#pragma unroll
-      for (int nt = 0; nt < kRowTiles; ++nt) {
-        float* dst = spart + (warp * kTileTokens + g) * kSpartLd + nt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(dst) = make_float2(sacc[nt][0], sacc[nt][1]);
-        *reinterpret_cast<float2*>(dst + 8 * kSpartLd) = make_float2(sacc[nt][2], sacc[nt][3]);
+      {
+        float* dst = spart + (kslice * kTile + wpiece * kPieceTokens + g) * kSpartLd + wnt * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(dst) = make_float2(sacc[0], sacc[1]);
+        *reinterpret_cast<float2*>(dst + 8 * kSpartLd) = make_float2(sacc[2], sacc[3]);
       }
       __syncthreads();
 
@@ -390,13 +503,13 @@ struct DecodeKernel {
         const int ahead = tile + num_stages - 1;
         if (ahead < tile_end) {
           issue_tile(p, smem, (it + num_stages - 1) % num_stages, len, ahead, next_blk, kv_lo,
-                     kv_cnt);
-          if (ahead + 1 < tile_end) next_blk = tile_block(p, b, ahead + 1);
+                     kv_cnt, geo);
+          if (ahead + 1 < tile_end) next_blk = piece_block(p, b, len, ahead + 1, my_piece);
         }
         cp_async_commit();
       }
       {
-        const int tok0 = tile * kTileTokens;
+        const int tok0 = tile * kTile;
         float s[kTokensPerThread];
         float tile_max = -INFINITY;
 #pragma unroll
@@ -407,7 +520,7 @@ struct DecodeKernel {
           if (my_row_valid && pos < len && pos <= my_last_visible) {
             float dot = 0.f;
 #pragma unroll
-            for (int w = 0; w < kWarps; ++w) dot += spart[(w * kTileTokens + t) * kSpartLd + my_row];
+            for (int w = 0; w < kKSplit; ++w) dot += spart[(w * kTile + t) * kSpartLd + my_row];
             v = dot * p.softmax_scale_log2;
           }
           s[k] = v;
@@ -425,7 +538,9 @@ struct DecodeKernel {
           const int t = my_sub + k * kThreadsPerRow;
           const float pv = s[k] == -INFINITY ? 0.f : exp2f(s[k] - m_new);
           psum += pv;
-          pt[my_row * kPtLd + t] = from_float<T>(pv);
+          const T hi = from_float<T>(pv);
+          pt[my_row * kPtLd + t] = hi;
+          pt_lo[my_row * kPtLd + t] = from_float<T>(pv - to_float<T>(hi));
         }
 #pragma unroll
         for (int off = kThreadsPerRow / 2; off > 0; off /= 2) {
@@ -443,12 +558,16 @@ struct DecodeKernel {
       if (quant && !single_ctile && tile + 1 < tile_end) {
         dequantize_tile(p, smem, (it + 1) % num_stages, (it + 1) & 1, len, tile + 1);
       }
-      uint32_t bp[kRowTiles][2];
+      uint32_t bp[kPieces][kRowTiles][2], bp_lo[kPieces][kRowTiles][2];
 #pragma unroll
-      for (int nt = 0; nt < kRowTiles; ++nt) {
-        const int l = lane % 16;
-        ldmatrix_x2(bp[nt], pt + (nt * 8 + l % 8) * kPtLd + (l / 8) * 8);
-      }
+      for (int kt = 0; kt < kPieces; ++kt)
+#pragma unroll
+        for (int nt = 0; nt < kRowTiles; ++nt) {
+          const int l = lane % 16;
+          const int at = (nt * 8 + l % 8) * kPtLd + kt * kPieceTokens + (l / 8) * 8;
+          ldmatrix_x2(bp[kt][nt], pt + at);
+          ldmatrix_x2(bp_lo[kt][nt], pt_lo + at);
+        }
       float a_lo[kRowTiles], a_hi[kRowTiles];
       bool rescale = false;
 #pragma unroll
@@ -463,18 +582,26 @@ struct DecodeKernel {
       for (int mt = 0; mt < kChanTiles; ++mt) {
         const int c0 = (warp + kWarps * mt) * 16;
         if (c0 >= p.D16) break;
-        uint32_t a[4];
-        const int mat = lane / 8;
-        ldmatrix_x4_trans(a, ctile + ((mat / 2) * 8 + lane % 8) * L.ld_tile + c0 + (mat % 2) * 8);
+        if (rescale) {
 #pragma unroll
-        for (int nt = 0; nt < kRowTiles; ++nt) {
-          if (rescale) {
+          for (int nt = 0; nt < kRowTiles; ++nt) {
             acc[mt][nt][0] *= a_lo[nt];
             acc[mt][nt][1] *= a_hi[nt];
             acc[mt][nt][2] *= a_lo[nt];
             acc[mt][nt][3] *= a_hi[nt];
           }
-          mma16816<T>(acc[mt][nt], a, bp[nt]);
+        }
+        const int mat = lane / 8;
+#pragma unroll
+        for (int kt = 0; kt < kPieces; ++kt) {
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, ctile + (kt * kPieceTokens + (mat / 2) * 8 + lane % 8) * L.ld_tile +
+                                   c0 + (mat % 2) * 8);
+#pragma unroll
+          for (int nt = 0; nt < kRowTiles; ++nt) {
+            mma16816<T>(acc[mt][nt], a, bp_lo[kt][nt]);
+            mma16816<T>(acc[mt][nt], a, bp[kt][nt]);
+          }
         }
       }
       if (quant) {
@@ -525,10 +652,10 @@ struct DecodeKernel {
   }
 };
 
-template <typename T, int kChanTiles, int kRowTiles, int kMinCtas>
-__global__ void __launch_bounds__(kThreads, kMinCtas)
+template <typename T, int kBucket>
+__global__ void __launch_bounds__(kThreads, kBuckets[kBucket].min_ctas)
     mla_decode_kernel(const __grid_constant__ MlaDecodeParams params) {
-  DecodeKernel<T, kChanTiles, kRowTiles>::run(params);
+  DecodeKernel<T, kBucket>::run(params);
 }
 
 }  // namespace mla_ext::decode

@@ -11,8 +11,7 @@ namespace mla_ext::decode {
 
 template <typename T, int kBucket>
 constexpr auto bucket_kernel() {
-  return &mla_decode_kernel<T, kBucketChanTiles[kBucket], kBucketRowTiles[kBucket],
-                            kBucketMinCtas[kBucket]>;
+  return &mla_decode_kernel<T, kBucket>;
 }
 
 template <typename T, int kBucket>

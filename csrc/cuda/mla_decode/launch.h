@@ -16,7 +16,7 @@ int decode_ctas_per_sm(int smem_bytes);
 template <typename T, int kBucket>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// Computes the split plan on the device (one thread: B is small and this keeps it capturable).
+// Computes the split plan on the device (one CTA, so that it stays capturable).
 void launch_plan(const int32_t* seq_lens, int batch, int tile_tokens, int target_parts,
                  int capacity, int32_t* plan, cudaStream_t stream);
 

@@ -25,6 +25,21 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// An async copy of `bytes` = 16, 8 or 4 (uniform across the CTA).
+__device__ __forceinline__ void cp_async_n(void* dst, const void* src, int bytes) {
+  if (bytes == 16) {
+    cp_async16(dst, src);
+  } else if (bytes == 8) {
+    cp_async8(dst, src);
+  } else {
+    cp_async4(dst, src);
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -79,6 +94,17 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
 __device__ __forceinline__ float fp8_to_float(uint8_t v) {
   const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(v), __NV_E4M3);
   return __half2float(__half(h));
@@ -118,6 +144,18 @@ __device__ __forceinline__ void mma16808(float (&c)[4], const uint32_t (&a)[2], 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(b));
   }
+}
+
+// Exact small-integer -> float conversions on the FP32 pipe (the integer converter runs at a
+// quarter of its rate): the integer goes into the mantissa of 2^23 and 2^23 is subtracted.
+// Nibble j (0..7) of w as a float in [0, 15].
+__device__ __forceinline__ float nibble_to_float(uint32_t w, int j) {
+  return __uint_as_float(((w >> (4 * j)) & 0xFu) | 0x4B000000u) - 8388608.f;
+}
+// Byte j (0..3) of w as a signed int8, as a float: the byte is biased by 128 (xor 0x80) first.
+__device__ __forceinline__ float int8_byte_to_float(uint32_t w, int j) {
+  const uint32_t biased = __byte_perm(w ^ 0x80808080u, 0x4B000000u, 0x7650u | static_cast<uint32_t>(j));
+  return __uint_as_float(biased) - 8388736.f;  // 2^23 + 128
 }
 
 // Two fp8 e4m3 values (low byte first) -> two fp16 values in one register.

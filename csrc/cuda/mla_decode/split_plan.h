@@ -32,56 +32,89 @@ inline int64_t plan_numel(int64_t batch) {
 // sum_b ceil(tiles_b / chunk) <= total / chunk + B <= target_parts + B <= capacity.
 // Rounding each sequence's split count up can overshoot target_parts by up to B parts (a second,
 // mostly idle wave), so the chunk grows until the parts fit in one wave or cannot shrink further.
-C10_HOST_DEVICE inline void make_plan(const int32_t* seq_lens, int batch, int tile_tokens,
-                                      int target_parts, int capacity, int32_t* plan) {
+// The pieces below are shared by the serial host plan (make_plan) and the device plan, which
+// runs them over the threads of one CTA (split_plan.cu).
+
+C10_HOST_DEVICE inline int64_t tiles_of(int32_t len, int tile_tokens) {
+  return len > 0 ? (len + tile_tokens - 1) / tile_tokens : 0;
+}
+
+C10_HOST_DEVICE inline int64_t parts_of(int64_t tiles, int64_t chunk) {
+  return tiles > chunk ? (tiles + chunk - 1) / chunk : 1;
+}
+
+C10_HOST_DEVICE inline int64_t first_chunk(int64_t total_tiles, int target_parts) {
+  const int64_t chunk = (total_tiles + target_parts - 1) / target_parts;
+  return chunk < kMinTilesPerSplit ? kMinTilesPerSplit : chunk;
+}
+
+C10_HOST_DEVICE inline int64_t grow_chunk(int64_t chunk) { return chunk + (chunk / 8 > 1 ? chunk / 8 : 1); }
+
+// Splits of a sequence of `tiles` tiles and the tiles of each: an even share, recounted because
+// an even share can leave the last split empty.
+C10_HOST_DEVICE inline void split_shape(int64_t tiles, int64_t chunk, int64_t* splits,
+                                        int64_t* per_split) {
+  int64_t n = (tiles + chunk - 1) / chunk;
+  if (n < 1) n = 1;
+  const int64_t per = (tiles + n - 1) / n;
+  *per_split = per;
+  *splits = per > 0 ? (tiles + per - 1) / per : 1;
+}
+
+C10_HOST_DEVICE inline void write_split(int32_t* work, int b, int part, int64_t s,
+                                        int64_t per_split, int64_t tiles) {
+  const int64_t first = s * per_split;
+  const int64_t last = first + per_split < tiles ? first + per_split : tiles;
+  work[4 * part] = b;
+  work[4 * part + 1] = static_cast<int32_t>(first);
+  work[4 * part + 2] = static_cast<int32_t>(last);
+  work[4 * part + 3] = static_cast<int32_t>(s);
+}
+
+C10_HOST_DEVICE inline void write_idle(int32_t* work, int part) {
+  work[4 * part] = -1;
+  work[4 * part + 1] = work[4 * part + 2] = work[4 * part + 3] = 0;
+}
+
+C10_HOST_DEVICE inline void write_header(int32_t* plan, int capacity, int tile_tokens, int used,
+                                         int batch) {
+  plan[0] = capacity;
+  plan[1] = tile_tokens;
+  plan[2] = used;
+  plan[3] = batch;
+}
+
+inline void make_plan(const int32_t* seq_lens, int batch, int tile_tokens, int target_parts,
+                      int capacity, int32_t* plan) {
   int64_t total_tiles = 0, max_tiles = 0;
   for (int b = 0; b < batch; ++b) {
-    const int64_t tiles = seq_lens[b] > 0 ? (seq_lens[b] + tile_tokens - 1) / tile_tokens : 0;
+    const int64_t tiles = tiles_of(seq_lens[b], tile_tokens);
     total_tiles += tiles;
     max_tiles = tiles > max_tiles ? tiles : max_tiles;
   }
-  int64_t chunk = (total_tiles + target_parts - 1) / target_parts;
-  if (chunk < kMinTilesPerSplit) chunk = kMinTilesPerSplit;
+  int64_t chunk = first_chunk(total_tiles, target_parts);
   for (int iter = 0; iter < 64 && chunk < max_tiles; ++iter) {
     int64_t parts = 0;
-    for (int b = 0; b < batch; ++b) {
-      const int64_t tiles = seq_lens[b] > 0 ? (seq_lens[b] + tile_tokens - 1) / tile_tokens : 0;
-      parts += tiles > chunk ? (tiles + chunk - 1) / chunk : 1;
-    }
+    for (int b = 0; b < batch; ++b) parts += parts_of(tiles_of(seq_lens[b], tile_tokens), chunk);
     if (parts <= target_parts) break;
-    chunk += chunk / 8 > 1 ? chunk / 8 : 1;
+    chunk = grow_chunk(chunk);
   }
   int32_t* work = plan + kPlanHeader;
   int32_t* info = work + 4 * capacity;
   int part = 0;
   for (int b = 0; b < batch; ++b) {
-    const int64_t len = seq_lens[b] > 0 ? seq_lens[b] : 0;
-    const int64_t tiles = (len + tile_tokens - 1) / tile_tokens;
-    int64_t splits = (tiles + chunk - 1) / chunk;
-    if (splits < 1) splits = 1;
-    const int64_t per_split = (tiles + splits - 1) / splits;
-    // Recount: an even share can leave the last split empty; drop such splits.
-    splits = per_split > 0 ? (tiles + per_split - 1) / per_split : 1;
+    const int64_t tiles = tiles_of(seq_lens[b], tile_tokens);
+    int64_t splits, per_split;
+    split_shape(tiles, chunk, &splits, &per_split);
     info[2 * b] = part;
     info[2 * b + 1] = static_cast<int32_t>(splits);
     for (int64_t s = 0; s < splits && part < capacity; ++s, ++part) {
-      const int64_t first = s * per_split;
-      const int64_t last = first + per_split < tiles ? first + per_split : tiles;
-      work[4 * part] = b;
-      work[4 * part + 1] = static_cast<int32_t>(first);
-      work[4 * part + 2] = static_cast<int32_t>(last);
-      work[4 * part + 3] = static_cast<int32_t>(s);
+      write_split(work, b, part, s, per_split, tiles);
     }
   }
   const int used = part;
-  for (; part < capacity; ++part) {
-    work[4 * part] = -1;
-    work[4 * part + 1] = work[4 * part + 2] = work[4 * part + 3] = 0;
-  }
-  plan[0] = capacity;
-  plan[1] = tile_tokens;
-  plan[2] = used;
-  plan[3] = batch;
+  for (; part < capacity; ++part) write_idle(work, part);
+  write_header(plan, capacity, tile_tokens, used, batch);
 }
 
 }  // namespace mla_ext::decode

@@ -25,13 +25,14 @@ enum RopePath : int {
 // tile the tensor cores read is the stage itself for float caches and one of two dequantized
 // tiles (ctile) for quantized ones.
 struct SmemLayout {
-  int q, q_rope, stages, ctile[2], spart, pt, stats, total;
-  int stage_bytes, num_stages;
+  int q, q_rope, stages, ctile[2], spart, pt, pt_lo, stats, total;
+  int stage_bytes, num_stages, tile_tokens;
   // offsets inside a stage
   int st_latent, st_scale, st_zero, st_rope, st_rope_scale;
-  int ld_tile;  // elements per row of q and of 16-bit latent tiles: D16 + 8 (odd multiple of 16 B)
-  int rope_ld;  // bytes per token of the RoPE tile: the CTA's KV heads, padded likewise
-  int kv_max;   // KV heads of a CTA's rope tile (at most)
+  int ld_tile;   // elements per row of q and of 16-bit latent tiles: D16 + 8 (odd multiple of 16 B)
+  int rope_kvb;  // bytes of one KV head's key in the RoPE tile: d_r padded to a multiple of 8
+  int rope_ld;   // bytes per token of the RoPE tile: the CTA's KV heads, padded likewise
+  int kv_max;    // KV heads of a CTA's rope tile (at most)
 };
 
 struct MlaDecodeParams {
@@ -50,11 +51,13 @@ struct MlaDecodeParams {
   float* ws_o;                   // [max_parts, s_q * H, D_c] partial outputs of split sequences
   float* ws_lse;                 // [max_parts, s_q * H]
   int B, s_q, H, H_kv, D_c, D16, d_r, block_size, max_blocks, num_groups, group_size;
+  int d_r_pad;       // d_r rounded up to a multiple of 8
   int rows;          // s_q * H: (new token, head) pairs of one sequence
-  int rows_per_cta;  // at most kBucketRowTiles * 8, a multiple of 8, so that shared memory fits
+  int rows_per_cta;  // at most row_tiles * 8, a multiple of 8, so that shared memory fits
   int row_chunks;    // ceil(rows / rows_per_cta)
   int max_parts;
   int format, rope_kind, rope_path, rope_esize, latent_row_bytes;
+  int rope_chunk;    // bytes per cp.async of RoPE keys: 16, 8 or 4 (what d_r * esize allows)
   float softmax_scale_log2;  // softmax_scale * log2(e): the kernel works in base 2
   SmemLayout smem;
 };
@@ -75,43 +78,59 @@ C10_HOST_DEVICE inline int max_kv_per_cta(int rows_per_cta, int H, int H_kv) {
   return n < H_kv ? n : H_kv;
 }
 
-// Floats per token of the partial-score buffer (one slice per warp): rows plus 4, so that a
-// warp's softmax reads (4 rows x 8 tokens) hit 32 distinct banks.
+// Floats per token of the score buffer (one slice per warp sharing a block's channels): rows
+// plus 4, so that a warp's softmax reads (4 rows x 8 tokens) hit 32 distinct banks.
 C10_HOST_DEVICE constexpr int spart_ld(int rows) { return rows + 4; }
-// 16-bit elements per row of P^T: tokens plus 8 (48 bytes, conflict-free ldmatrix).
-constexpr int kPtLd = kTileTokens + 8;
+// 16-bit elements per row of P^T: tokens plus 8 (an odd multiple of 16 bytes for 16 or 32
+// tokens: conflict-free ldmatrix).
+C10_HOST_DEVICE constexpr int pt_ld(int tile_tokens) { return tile_tokens + 8; }
 
-// kernel_rows: the rows of the kernel's MMA tiles (kBucketRowTiles * 8); p.rows_per_cta <= it
-// rows are stored (a smaller CTA needs fewer KV heads' keys). ldmatrix of the rows past
-// rows_per_cta reads the regions that follow q, inside the allocation; their scores are masked.
-// ctiles: 2 dequantized compute tiles (the next tile is dequantized while this one is used), or 1
-// (a barrier more per tile, for quantized caches of the widest latents).
-inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, int kernel_rows,
+// The kernel's compile-time shape a layout is made for (config.h BucketShape, resolved).
+struct KernelShape {
+  int rows;         // row_tiles * 8: the rows of the kernel's MMA tiles; p.rows_per_cta <= it
+  int tile_tokens;  // pieces * 16
+  int k_split;      // warps sharing one score block's channels
+  bool q_in_regs;
+};
+
+inline KernelShape kernel_shape_of(int bucket) {
+  const BucketShape& b = kBuckets[bucket];
+  return {b.row_tiles * 8, b.pieces * kPieceTokens, kWarps / (b.pieces * b.row_tiles), b.q_in_regs};
+}
+
+// Rows past rows_per_cta are stored for q_rope only (ldmatrix of them reads zeros); a smaller CTA
+// needs fewer KV heads' keys. ctiles: 2 dequantized compute tiles (the next tile is dequantized
+// while this one is used), or 1 (a barrier more per tile, for quantized caches of the widest
+// latents).
+inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, const KernelShape& k,
                                    int ctiles = 2) {
   SmemLayout s{};
-  const int rows = kernel_rows;
+  const int rows = k.rows, tile = k.tile_tokens;
   const bool quant = p.format != kFmtFloat;
+  s.tile_tokens = tile;
   s.ld_tile = p.D16 + 8;
   s.kv_max = max_kv_per_cta(p.rows_per_cta, p.H, p.H_kv);
-  s.rope_ld = conflict_free_pitch(s.kv_max * p.d_r * p.rope_esize);
+  s.rope_kvb = p.d_r_pad * p.rope_esize;
+  s.rope_ld = conflict_free_pitch(s.kv_max * s.rope_kvb);
   s.num_stages = num_stages;
   int off = 0;
   auto take = [&](int bytes) { int at = off; off += align16(bytes); return at; };
-  s.q = take(p.rows_per_cta * s.ld_tile * 2);
-  s.q_rope = take(rows * p.d_r * 2);
-  s.spart = take(kWarps * kTileTokens * spart_ld(rows) * 4);
-  s.pt = take(rows * kPtLd * 2);
+  s.q = k.q_in_regs ? 0 : take(p.rows_per_cta * s.ld_tile * 2);
+  s.q_rope = take(rows * p.d_r_pad * 2);
+  s.spart = take(k.k_split * tile * spart_ld(rows) * 4);
+  s.pt = take(rows * pt_ld(tile) * 2);
+  s.pt_lo = take(rows * pt_ld(tile) * 2);
   s.stats = take(3 * rows * 4);
-  const int ctile_bytes = kTileTokens * s.ld_tile * 2;
+  const int ctile_bytes = tile * s.ld_tile * 2;
   s.ctile[0] = quant ? take(ctile_bytes) : 0;
   s.ctile[1] = quant ? (ctiles > 1 ? take(ctile_bytes) : s.ctile[0]) : 0;
   int st = 0;
   auto take_st = [&](int bytes) { int at = st; st += align16(bytes); return at; };
-  s.st_latent = take_st(quant ? kTileTokens * p.latent_row_bytes : ctile_bytes);
-  s.st_scale = quant ? take_st(kTileTokens * p.num_groups * 2) : 0;
-  s.st_zero = p.format == kFmtInt4 ? take_st(kTileTokens * p.num_groups * 2) : 0;
-  s.st_rope = take_st(kTileTokens * s.rope_ld);
-  s.st_rope_scale = p.rope_kind == kRopeFp8 ? take_st(kTileTokens * p.H_kv * 2) : 0;
+  s.st_latent = take_st(quant ? tile * p.latent_row_bytes : ctile_bytes);
+  s.st_scale = quant ? take_st(tile * p.num_groups * 2) : 0;
+  s.st_zero = p.format == kFmtInt4 ? take_st(tile * p.num_groups * 2) : 0;
+  s.st_rope = take_st(tile * s.rope_ld);
+  s.st_rope_scale = p.rope_kind == kRopeFp8 ? take_st(tile * p.H_kv * 2) : 0;
   s.stage_bytes = st;
   s.stages = take(num_stages * st);
   s.total = off;
