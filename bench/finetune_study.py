@@ -7,8 +7,9 @@ seen, before the first step and after every --eval-every steps:
   original       the unconverted model (the paper's baseline: the same tokens, no conversion)
   paper_dkv{8,16,32}   the paper's conversion: 2-norm partial RoPE r = 4, joint weight SVD
   ours_cache{8,16,32}  the project's default method (``mla_ext.MLAConfig()``: rotation-aware
-                       RoPE selection, activation-aware SVD, r = 6) at the same cache bytes
-                       as paper_dkv{8,16,32}: d_kv = 4, 12 (the default itself), 28
+                       RoPE selection, activation-aware SVD, RoPE pairs and latent width per
+                       layer under a cache budget) at the same cache bytes as
+                       paper_dkv{8,16,32}: cache_ratio 0.125, 0.1875 (the default), 0.3125
 
     python bench/finetune_study.py                       # all 7, ~7 minutes on one H200
     python bench/finetune_study.py --configs original,ours_cache16 --tokens 2M
@@ -56,9 +57,10 @@ SLACK_S = 2.0
 def study_config(name: str, head_dim: int):
     """The MLAConfig of a study configuration (None for the original model).
 
-    ``ours_cache{d}`` is the default method at the cache size of ``paper_dkv{d}``: the
-    default's RoPE pairs and the latent width that keeps ``2 r + d_kv`` per KV head equal
-    (r = 6 gives d_kv = d - 4; d = 16 is then exactly ``MLAConfig()``)."""
+    ``ours_cache{d}`` is the default method at the cache size of ``paper_dkv{d}``: a budgeted
+    default gets the cache ratio ``(2 r + d_kv) / (2 d_h)`` of the paper's config (d = 16 is
+    then exactly ``MLAConfig()``, -81.25 %); a fixed one keeps its RoPE pairs and the latent
+    width that keeps ``2 r + d_kv`` per KV head equal."""
     from mla_ext import MLAConfig
 
     if name == "original":
@@ -183,8 +185,8 @@ def _study(args, work: Path) -> Path:
         calib = mla_ext.calibrate(
             model, tok, mla_ext.default_calibration_text(), max_length=512,
             max_sequences=args.calib_sequences, progress=not args.quiet,
-            collect_xtx=any(c.calibration_options()["collect_xtx"] for c in needs),
-            collect_distances=any(c.calibration_options()["collect_distances"] for c in needs))
+            **{name: any(c.calibration_options()[name] for c in needs)
+               for name in needs[0].calibration_options()})
     print(f"setup {time.monotonic() - study.t0:.1f} s; {steps} steps x "
           f"{args.seq_len * args.batch_size} tokens per run, evaluation every {eval_every} steps",
           flush=True)

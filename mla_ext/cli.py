@@ -35,24 +35,25 @@ def _add_mla_args(p):
                    help="which RoPE frequency pairs each KV head keeps (default rotation: the "
                         "paper's 2-norm weighted by how much each pair turns over the distances "
                         "the heads attend to; 2-norm is the paper's)")
-    p.add_argument("--rope-pairs", type=_rope_pairs, default=6,
-                   help="pairs kept per KV head, r (default 6; 'all' keeps every pair; 'auto' "
-                        "lets --cache-ratio choose r per layer)")
-    p.add_argument("--d-kv", type=_optional_int, default=12,
-                   help="latent width per KV head (default 12: with r = 6 the best measured split "
-                        "of -81.25 %% cache; 'full' keeps full rank)")
+    p.add_argument("--rope-pairs", type=_rope_pairs, default="auto",
+                   help="pairs kept per KV head, r (default auto: --cache-ratio chooses r and the "
+                        "latent width per layer; 'all' keeps every pair; an int fixes r in every "
+                        "layer, with --d-kv or --cache-ratio)")
+    p.add_argument("--d-kv", type=_optional_int, default=None,
+                   help="latent width per KV head with an int --rope-pairs ('full' or left out: "
+                        "full rank; the paper's -81.25 %% is --rope-pairs 4 --d-kv 16)")
     p.add_argument("--svd", default="activation",
                    choices=("joint", "split", "activation", "activation-split"),
                    help="low-rank method: activation-aware (default) or the paper's joint/split "
                         "weight SVD")
     p.add_argument("--cache-ratio", type=float, default=None,
-                   help="a cache budget instead of --d-kv: the converted bf16 cache as a fraction "
-                        "of the original (0.1875 = -81.25 %%), the latent width spread over the "
-                        "layers (needs --svd joint or activation)")
+                   help="the converted bf16 cache as a fraction of the original (default 0.1875 "
+                        "= -81.25 %% with --rope-pairs auto; with an int --rope-pairs it spreads "
+                        "the latent width over the layers instead of --d-kv; needs --svd joint "
+                        "or activation)")
     p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
-                        f"(default {ROPE_PAIR_STEP}: d_r = 2r a multiple of 8, what the CUDA decode "
-                        f"kernel takes; 1 searches every r)")
+                        f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")
     p.add_argument("--calib-text", default=None,
                    help="calibration text: a file, directory or JSONL (default: the calibration "
                         "part of pydoc_data.topics)")
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load SmolLM2-135M-Instruct and convert it training-free at "
                                    "-81.25 %% cache with the paper's recipe (2-norm r=4, joint "
                                    "SVD d_kv=16) and with ours (rotation-aware RoPE selection "
-                                   "r=6, activation-aware SVD d_kv=12), step by step; print "
+                                   "and activation-aware SVD, RoPE pairs and latent width chosen "
+                                   "per layer under the budget), step by step; print "
                                    "cache sizes, held-out perplexities and chat answers; on a GPU "
                                    "a short recovery fine-tune follows.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")

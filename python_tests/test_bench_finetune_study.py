@@ -97,8 +97,8 @@ def test_configs_are_the_papers_and_the_default_method():
     for d in (8, 16, 32):
         ours = finetune_study.study_config(f"ours_cache{d}", 64)
         assert (ours.rope_strategy, ours.svd) == (default.rope_strategy, default.svd)
-        # the same cache bytes per token as the paper's config: 2 r + d_kv per KV head
-        assert 2 * ours.rope_pairs + ours.d_kv == 2 * 4 + d
+        # the same cache bytes per token as the paper's config: 2 r + d_kv of 2 d_h per KV head
+        assert ours.cache_ratio == (2 * 4 + d) / (2 * 64)
     assert finetune_study.study_config("ours_cache16", 64) == default
 
 

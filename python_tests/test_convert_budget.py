@@ -191,9 +191,20 @@ def test_per_layer_split_meets_the_budget_and_survives_save_load(ratio, tmp_path
     torch.testing.assert_close(loaded(ids).logits, mla(ids).logits)
 
 
-def test_per_layer_split_keeps_d_r_a_multiple_of_8_by_default():
-    # the CUDA decode kernel takes d_r = 2 r in multiples of 8: r in multiples of 4
-    assert mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.3).rope_pair_step == 4
+def test_the_default_is_the_per_layer_split_at_minus_81_percent():
+    default = mla_ext.MLAConfig()
+    assert (default.rope_pairs, default.cache_ratio, default.rope_pair_step, default.d_kv) == \
+        ("auto", 0.1875, 1, None)
+    assert mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.3).cache_ratio == 0.3
+    # fixed settings stay fixed: no budget unless asked for
+    paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
+    assert paper.cache_ratio is None and paper.d_kv == 16
+    assert mla_ext.MLAConfig.from_dict(default.to_dict()) == default
+    with pytest.raises(ValueError, match="d_kv=16 needs an int rope_pairs"):
+        mla_ext.MLAConfig(d_kv=16)
+
+
+def test_per_layer_split_keeps_d_r_a_multiple_of_8_with_step_4():
     model = tiny_model(layers=3, heads=4, kv_heads=2, head_dim=32, hidden=64)
     calib = _calibration(model)
     mla = _auto_converted(model, 0.3, calib, rope_pair_step=4)
@@ -240,15 +251,21 @@ def test_cli_takes_rope_pairs_auto():
                                       "--cache-ratio", "0.1875"])
     cfg = _mla_config(args)
     assert cfg.rope_pairs == "auto" and cfg.cache_ratio == 0.1875 and cfg.needs_calibration
-    assert cfg.rope_pair_step == 4
+    assert cfg.rope_pair_step == 1
+    # the CLI's defaults are MLAConfig's
+    assert _mla_config(build_parser().parse_args(["convert", "--out", "x"])) == mla_ext.MLAConfig()
     args = build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto",
-                                      "--cache-ratio", "0.1875", "--rope-pair-step", "1"])
-    assert _mla_config(args).rope_pair_step == 1
+                                      "--cache-ratio", "0.3", "--rope-pair-step", "4"])
+    assert (_mla_config(args).rope_pair_step, _mla_config(args).cache_ratio) == (4, 0.3)
     for bad in ("0", "all", "x"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["convert", "--out", "x", "--rope-pair-step", bad])
-    with pytest.raises(ValueError, match="cache_ratio"):
-        _mla_config(build_parser().parse_args(["convert", "--out", "x", "--rope-pairs", "auto"]))
+    paper = _mla_config(build_parser().parse_args(["convert", "--out", "x", "--rope-strategy",
+                                                   "2-norm", "--rope-pairs", "4", "--d-kv",
+                                                   "16", "--svd", "joint"]))
+    assert (paper.rope_pairs, paper.d_kv, paper.cache_ratio) == (4, 16, None)
+    with pytest.raises(ValueError, match="d_kv=16 needs an int rope_pairs"):
+        _mla_config(build_parser().parse_args(["convert", "--out", "x", "--d-kv", "16"]))
 
 
 def test_split_study_measures_both_per_layer_searches_and_takes_a_subset():

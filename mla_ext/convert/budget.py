@@ -13,8 +13,8 @@ quantization groups need). Two ways to spend it:
   the residual stream on calibration text, and a knapsack over the layers picks the candidates
   of least total error whose cache fills the budget. RoPE pairs and latent channels have no
   common unit otherwise: the measured error is what makes them comparable. ``rope_pair_step``
-  keeps each layer's ``r`` a multiple of a step: 4 (the default) gives ``d_r = 2r`` a multiple
-  of 8, what the CUDA decode kernel takes; 1 searches every ``r``.
+  keeps each layer's ``r`` a multiple of a step: 1 (the default) searches every ``r``; 4 gives
+  ``d_r = 2r`` a multiple of 8.
 """
 from __future__ import annotations
 
@@ -36,9 +36,9 @@ QUERY_STRIDE = 16
 # Candidates cost at most this multiple of the budget's mean per layer: a layer that needs much
 # more than its share would starve the others anyway.
 MAX_COST_FACTOR = 1.5
-# Kept pairs per layer move in steps of this many pairs by default: d_r = 2 r is then a multiple
-# of 8, what the CUDA decode kernel takes (other d_r run the PyTorch reference).
-ROPE_PAIR_STEP = 4
+# Kept pairs per layer move in steps of this many pairs by default: every r (the CUDA decode
+# kernel takes every even d_r up to 64; 4 would keep d_r a multiple of 8).
+ROPE_PAIR_STEP = 1
 
 
 def latent_budget(cache_ratio: float, num_layers: int, num_kv_heads: int, head_dim: int,
@@ -250,8 +250,8 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
 
     strategy: the RoPE selection (its pairs for each r); svd: "joint" or "activation".
     max_cost: the largest cost (values per token) a candidate may have.
-    rope_pair_step: only ``r`` that are multiples of it (1: every ``r``; ``ROPE_PAIR_STEP``
-        keeps ``d_r`` a multiple of 8 for the CUDA decode kernel).
+    rope_pair_step: only ``r`` that are multiples of it (1: every ``r``; 4 keeps ``d_r`` a
+        multiple of 8).
     """
     if svd not in ("joint", "activation"):
         raise ValueError(f"a per-layer split needs svd 'joint' or 'activation', got {svd!r}")
