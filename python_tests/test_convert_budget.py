@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import mla_ext
-from mla_ext.convert.budget import (LATENT_STEP, QUERY_STRIDE, SplitCandidate,
-                                    allocate_latent_widths, choose_splits, latent_budget,
-                                    measure_split_errors, split_candidates)
+from mla_ext.convert.budget import (LATENT_STEP, MAX_SEARCHED_PAIRS, QUERY_STRIDE,
+                                    SplitCandidate, allocate_latent_widths, choose_splits,
+                                    latent_budget, measure_split_errors, split_candidates)
 from test_convert_rotation import CharTokenizer
 from tiny import VOCAB, converted, tiny_model
 
@@ -91,6 +91,12 @@ def test_split_candidates_respect_the_cost():
     assert (8, 8) in {(c.rope_pairs, c.latent_dim) for c in cands}
     with pytest.raises(ValueError, match="cheapest"):
         split_candidates(num_kv_heads=2, head_dim=16, max_cost=11, max_latent=32)
+
+
+def test_split_candidates_stay_within_the_decode_kernels_d_r():
+    # a Llama-2-sized head (64 pairs) with room for all of them: the search stops at d_r = 64
+    cands = split_candidates(num_kv_heads=1, head_dim=128, max_cost=10_000, max_latent=64)
+    assert max(c.rope_pairs for c in cands) == MAX_SEARCHED_PAIRS == 32
 
 
 def test_split_candidates_keep_r_a_multiple_of_the_pair_step():

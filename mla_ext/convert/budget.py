@@ -110,15 +110,20 @@ def _check_pair_step(pair_step, head_dim: int | None = None) -> None:
                          f"of head_dim {head_dim}: no layer could keep a multiple of it")
 
 
+# The most pairs the search gives a layer: d_r = 2r <= 64, what the CUDA decode kernel takes
+# (csrc/cuda/mla_decode/config.h kMaxRopeSteps); a fixed rope_pairs may still ask for more.
+MAX_SEARCHED_PAIRS = 32
+
+
 def split_candidates(num_kv_heads: int, head_dim: int, max_cost: int,
                      max_latent: int, step: int = LATENT_STEP,
                      pair_step: int = 1) -> list[SplitCandidate]:
-    """Every ``(r, D_c)`` with ``r`` a multiple of ``pair_step`` in ``[pair_step, d_h/2]``,
-    ``D_c`` a multiple of ``step`` in ``[step, max_latent]`` and a cost of at most
-    ``max_cost``."""
+    """Every ``(r, D_c)`` with ``r`` a multiple of ``pair_step`` in
+    ``[pair_step, min(d_h/2, MAX_SEARCHED_PAIRS)]``, ``D_c`` a multiple of ``step`` in
+    ``[step, max_latent]`` and a cost of at most ``max_cost``."""
     _check_pair_step(pair_step, head_dim)
     out = []
-    for r in range(pair_step, head_dim // 2 + 1, pair_step):
+    for r in range(pair_step, min(head_dim // 2, MAX_SEARCHED_PAIRS) + 1, pair_step):
         rope = num_kv_heads * 2 * r
         for width in range(step, max_latent + 1, step):
             if rope + width <= max_cost:

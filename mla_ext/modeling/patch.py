@@ -176,8 +176,8 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
                    progress: bool = True):
     """Convert ``model`` (a transformers LlamaForCausalLM) to MLA in place and return it.
 
-    config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE r = 6, activation SVD,
-        d_kv = 12).
+    config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE and activation-aware SVD,
+        the RoPE pairs and latent width of each layer chosen under a -81.25 % cache budget).
     calibration: ``mla_ext.calibrate(model, tokenizer, texts)`` of this model, needed by the
         2-norm RoPE selection and the activation-aware SVD.
     The decoder layers then call MLAAttention unchanged; ``model.config.mla_ext`` records the
