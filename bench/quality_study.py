@@ -17,6 +17,9 @@ selection" section; on a CPU with its protocol:
     OMP_NUM_THREADS=1 python bench/quality_study.py --study rope --max-tokens 8192 \
         --shakespeare-tokens 8192 --calib-sequences 16 --out bench/results/quality_rope_cpu.json
 
+`--study formats` measures the cache formats (bf16, int8, fp8, int4, read back through the
+LatentCache) on the default conversion, ``MLAConfig()``.
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -79,7 +82,15 @@ def _rope_configs():
                                       svd="activation", cache_ratio=0.1875, rope_pair_step=step)
 
 
-STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs()}
+def _format_configs():
+    """The default conversion, whose cache formats follow (``--study formats``)."""
+    from mla_ext import MLAConfig
+
+    yield "budget", MLAConfig()
+
+
+STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
+           "formats": lambda quick: _format_configs()}
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -147,7 +158,7 @@ def run(args, save=None, argv=None) -> dict:
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
         del mla
-    if best is not None and args.study == "full":
+    if best is not None and args.study in ("full", "formats"):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
                                      progress=False)
         for dtype in CACHE_DTYPES:
@@ -200,7 +211,7 @@ def render(data: dict) -> str:
     titles = {"original": "Original model", "partial_rope": "1. Partial RoPE only (full-rank latent)",
               "low_rank": "2. Partial RoPE r = 4 + low-rank keys/values",
               "budget": "2b. A cache budget of -81.25 % spread over the layers (ours)",
-              "cache_dtype": "3. Cache formats on the best d_kv = 16 configuration (through the "
+              "cache_dtype": "3. Cache formats on the best -81.25 % configuration (through the "
                              "LatentCache, 64-token chunks)"}
     for section, title in titles.items():
         part = [r for r in rows if r["section"] == section]
@@ -223,7 +234,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke test)")
     p.add_argument("--study", choices=sorted(STUDIES), default="full",
                    help="full: the ablation tables (default); rope: the RoPE selections at "
-                        "-81.25 %% (see above)")
+                        "-81.25 %%; formats: the cache formats of the default conversion (see "
+                        "above)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:
