@@ -41,14 +41,6 @@ using decode::MlaDecodeParams;
     __VA_ARGS__();                                                             \
   }
 
-int rope_kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return decode::kRopeBf16;
-    case at::kHalf: return decode::kRopeFp16;
-    default: return decode::kRopeFp8;
-  }
-}
-
 int rope_path_of(at::ScalarType rope, at::ScalarType q) {
   if (rope == at::kFloat8_e4m3fn) return decode::kRopeFp8Keys;
   return rope == q ? decode::kRopeLdmatrix : decode::kRopeConvert;
@@ -150,9 +142,8 @@ MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
   p.group_size = d.group_size;
   p.rows = d.s_q * d.H;
   p.format = format_of(d.format);
-  p.rope_kind = rope_kind_of(rope_dtype);
   p.rope_path = rope_path_of(rope_dtype, q_dtype);
-  p.rope_esize = p.rope_kind == decode::kRopeFp8 ? 1 : 2;
+  p.rope_esize = p.rope_path == decode::kRopeFp8Keys ? 1 : 2;
   p.d_r_pad = (d.d_r + 7) / 8 * 8;
   const int key_bytes = d.d_r * p.rope_esize;
   p.rope_chunk = key_bytes % 16 == 0 ? 16 : key_bytes % 8 == 0 ? 8 : 4;

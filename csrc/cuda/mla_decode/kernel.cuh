@@ -48,9 +48,9 @@ struct DecodeKernel {
   static constexpr int kPieces = kShape.pieces;
   static constexpr bool kQRegs = kShape.q_in_regs;
   static constexpr int kRows = kRowTiles * 8;
-  static constexpr int kTile = kPieces * kPieceTokens;
+  static constexpr int kTile = bucket_tile_tokens(kBucket);
   static constexpr int kBlocks = kPieces * kRowTiles;  // 16 x 8 score blocks per tile
-  static constexpr int kKSplit = kWarps / kBlocks;     // warps sharing one block's channels
+  static constexpr int kKSplit = bucket_k_split(kBucket);  // warps sharing one block's channels
   static constexpr int kKSteps = kWarps * kChanTiles / kKSplit;  // a warp's 16-channel steps, at most
   static constexpr int kSpartLd = spart_ld(kRows);
   static constexpr int kPtLd = pt_ld(kTile);
@@ -162,7 +162,7 @@ struct DecodeKernel {
                    src + r * src_pitch + kv * src_kvb + w * u, u);
       }
     }
-    if (p.rope_kind == kRopeFp8) {
+    if (p.rope_path == kRopeFp8Keys) {
       const int sb = p.H_kv * 2;
       copy_contiguous(st + L.st_rope_scale + piece * kPieceTokens * sb, p.k_rope_scale + slot0 * sb,
                       kPieceTokens * sb);

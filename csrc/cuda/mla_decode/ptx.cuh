@@ -105,15 +105,6 @@ __device__ __forceinline__ float to_float<__half>(__half x) {
   return __half2float(x);
 }
 
-__device__ __forceinline__ float fp8_to_float(uint8_t v) {
-  const __half_raw h = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(v), __NV_E4M3);
-  return __half2float(__half(h));
-}
-
-__device__ __forceinline__ float half_bits_to_float(const uint8_t* p) {
-  return __half2float(*reinterpret_cast<const __half*>(p));
-}
-
 // Waits until at most `pending` of this thread's copy groups are still in flight (pending is the
 // pipeline depth minus two, fixed per launch; wait_group takes an immediate).
 __device__ __forceinline__ void cp_async_wait_pending(int pending) {

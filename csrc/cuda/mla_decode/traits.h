@@ -10,7 +10,6 @@
 
 namespace mla_ext::decode {
 
-enum RopeKind : int { kRopeBf16 = 0, kRopeFp16 = 1, kRopeFp8 = 3 };
 enum FormatKind : int { kFmtFloat = 0, kFmtInt8 = 1, kFmtFp8 = 2, kFmtInt4 = 3 };
 
 // How the RoPE score's MMA reads its key operand.
@@ -26,7 +25,7 @@ enum RopePath : int {
 // tiles (ctile) for quantized ones.
 struct SmemLayout {
   int q, q_rope, stages, ctile[2], spart, pt, pt_lo, stats, total;
-  int stage_bytes, num_stages, tile_tokens;
+  int stage_bytes, num_stages;
   // offsets inside a stage
   int st_latent, st_scale, st_zero, st_rope, st_rope_scale;
   int ld_tile;   // elements per row of q and of 16-bit latent tiles: D16 + 8 (odd multiple of 16 B)
@@ -56,7 +55,7 @@ struct MlaDecodeParams {
   int rows_per_cta;  // at most row_tiles * 8, a multiple of 8, so that shared memory fits
   int row_chunks;    // ceil(rows / rows_per_cta)
   int max_parts;
-  int format, rope_kind, rope_path, rope_esize, latent_row_bytes;
+  int format, rope_path, rope_esize, latent_row_bytes;
   int rope_chunk;    // bytes per cp.async of RoPE keys: 16, 8 or 4 (what d_r * esize allows)
   float softmax_scale_log2;  // softmax_scale * log2(e): the kernel works in base 2
   SmemLayout smem;
@@ -95,11 +94,12 @@ struct KernelShape {
 
 inline KernelShape kernel_shape_of(int bucket) {
   const BucketShape& b = kBuckets[bucket];
-  return {b.row_tiles * 8, b.pieces * kPieceTokens, kWarps / (b.pieces * b.row_tiles), b.q_in_regs};
+  return {b.row_tiles * 8, bucket_tile_tokens(bucket), bucket_k_split(bucket), b.q_in_regs};
 }
 
-// Rows past rows_per_cta are stored for q_rope only (ldmatrix of them reads zeros); a smaller CTA
-// needs fewer KV heads' keys. ctiles: 2 dequantized compute tiles (the next tile is dequantized
+// q holds rows_per_cta rows, q_rope all the kernel's rows (zeros past rows_per_cta): ldmatrix of
+// q rows past rows_per_cta reads the regions that follow, inside the allocation, and those rows'
+// scores are masked. A smaller CTA needs fewer KV heads' keys. ctiles: 2 dequantized compute tiles (the next tile is dequantized
 // while this one is used), or 1 (a barrier more per tile, for quantized caches of the widest
 // latents).
 inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, const KernelShape& k,
@@ -107,7 +107,6 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, con
   SmemLayout s{};
   const int rows = k.rows, tile = k.tile_tokens;
   const bool quant = p.format != kFmtFloat;
-  s.tile_tokens = tile;
   s.ld_tile = p.D16 + 8;
   s.kv_max = max_kv_per_cta(p.rows_per_cta, p.H, p.H_kv);
   s.rope_kvb = p.d_r_pad * p.rope_esize;
@@ -130,7 +129,7 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, con
   s.st_scale = quant ? take_st(tile * p.num_groups * 2) : 0;
   s.st_zero = p.format == kFmtInt4 ? take_st(tile * p.num_groups * 2) : 0;
   s.st_rope = take_st(tile * s.rope_ld);
-  s.st_rope_scale = p.rope_kind == kRopeFp8 ? take_st(tile * p.H_kv * 2) : 0;
+  s.st_rope_scale = p.rope_path == kRopeFp8Keys ? take_st(tile * p.H_kv * 2) : 0;
   s.stage_bytes = st;
   s.stages = take(num_stages * st);
   s.total = off;
