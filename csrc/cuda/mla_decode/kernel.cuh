@@ -4,8 +4,9 @@
 // Per tile:
 //   1. S^T = C Q^T on tensor cores (m16n8k16; tokens on M, rows on N = 8). Each warp owns one
 //      16 x 8 score block (or a share of its latent channels in the widest bucket) and adds the
-//      block's RoPE scores to the same accumulators (m16n8k8, one MMA per run of rows sharing a
-//      KV head, the other rows' queries masked to zero); the scores go to shared memory; barrier;
+//      block's RoPE scores to the same accumulators: one MMA chain whose K runs over the keys of
+//      the block's runs of rows sharing a KV head, against block-diagonal queries (each row's
+//      query in its own head's K range, zeros elsewhere); the scores go to shared memory; barrier;
 //   2. the next tile's copies are issued; per row: mask, online softmax (base 2), P^T to shared
 //      memory as two 16-bit terms (hi + lo: P to ~16 bits, not the 8 of one bf16, so that the
 //      output matches fp32 attention up to summation order); wait for the next tile; barrier;
@@ -23,6 +24,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/split_plan.h"
@@ -34,9 +36,12 @@ namespace mla_ext::decode {
 // row0 + row_step, ... < 16 (row0 >= 16: nothing). RoPE keys keep the column in the global row
 // (src_col) and in the padded shared-memory row (dst_col) apart; `general` (more columns than
 // threads) computes them per copy instead.
+// The loops step pointers by the *_step_bytes strides (no per-copy address multiply).
 struct CopyGeometry {
   int lat_col, lat_row0, lat_row_step;
+  int lat_src_step_bytes, lat_dst_step_bytes;
   int rope_src_col, rope_dst_col, rope_row0, rope_row_step;
+  int rope_src_step_bytes, rope_dst_step_bytes;
   bool rope_general;
 };
 
@@ -80,6 +85,8 @@ struct DecodeKernel {
       g.lat_row_step = kPieceThreads / cols;
       g.lat_col = (ltid % cols) * 16;
       g.lat_row0 = ltid < g.lat_row_step * cols ? ltid / cols : kPieceTokens;
+      g.lat_src_step_bytes = g.lat_row_step * p.D_c * 2;
+      g.lat_dst_step_bytes = g.lat_row_step * p.smem.ld_tile * 2;
     }
     const int u = p.rope_chunk;
     const int src_kvb = p.d_r * p.rope_esize;
@@ -94,6 +101,8 @@ struct DecodeKernel {
       if (kv >= p.H_kv) kv -= p.H_kv;
       g.rope_src_col = kv * src_kvb + w * u;
       g.rope_dst_col = h * p.smem.rope_kvb + w * u;
+      g.rope_src_step_bytes = g.rope_row_step * p.H_kv * src_kvb;
+      g.rope_dst_step_bytes = g.rope_row_step * p.smem.rope_ld;
     }
     return g;
   }
@@ -101,8 +110,9 @@ struct DecodeKernel {
   // A contiguous piece of `bytes` (a multiple of 16) by the piece's threads.
   static __device__ __forceinline__ void copy_contiguous(uint8_t* dst, const uint8_t* src,
                                                          int bytes) {
+    const uint32_t to = smem_addr(dst);
     for (int j = (threadIdx.x % kPieceThreads) * 16; j < bytes; j += kPieceThreads * 16) {
-      cp_async16(dst + j, src + j);
+      cp_async16(to + j, src + j);
     }
   }
 
@@ -123,10 +133,16 @@ struct DecodeKernel {
     if (p.format == kFmtFloat) {
       const int row_bytes = p.D_c * 2, pitch = L.ld_tile * 2;
       const int live = blk >= 0 ? len - ptok0 : 0;
-      const uint8_t* src = p.latent + slot0 * row_bytes + geo.lat_col;
-      uint8_t* dst = st + L.st_latent + piece * kPieceTokens * pitch + geo.lat_col;
+      const uint8_t* src = p.latent + (slot0 + geo.lat_row0) * row_bytes + geo.lat_col;
+      uint32_t dst = smem_addr(st + L.st_latent + (piece * kPieceTokens + geo.lat_row0) * pitch +
+                               geo.lat_col);
+      // unrolled: each copy keeps its own address registers (a pointer bumped right after its
+      // LDGSTS waits for the copy to have read it)
+#pragma unroll 4
       for (int r = geo.lat_row0; r < kPieceTokens; r += geo.lat_row_step) {
-        cp_async16(dst + r * pitch, src + r * row_bytes, r < live ? 16 : 0);
+        cp_async16(dst, src, r < live ? 16 : 0);
+        src += geo.lat_src_step_bytes;
+        dst += geo.lat_dst_step_bytes;
       }
     } else if (blk >= 0) {
       const int rb = p.latent_row_bytes;
@@ -149,8 +165,13 @@ struct DecodeKernel {
     const uint8_t* src = p.k_rope + slot0 * src_pitch;
     uint8_t* dst = st + L.st_rope + piece * kPieceTokens * L.rope_ld;
     if (!geo.rope_general) {
+      const uint8_t* from = src + geo.rope_row0 * src_pitch + geo.rope_src_col;
+      uint32_t to = smem_addr(dst + geo.rope_row0 * L.rope_ld + geo.rope_dst_col);
+#pragma unroll 4
       for (int r = geo.rope_row0; r < kPieceTokens; r += geo.rope_row_step) {
-        cp_async_n(dst + r * L.rope_ld + geo.rope_dst_col, src + r * src_pitch + geo.rope_src_col, u);
+        cp_async_n(to, from, u);
+        from += geo.rope_src_step_bytes;
+        to += geo.rope_dst_step_bytes;
       }
     } else {
       const int per_head = src_kvb / u, cols = kv_cnt * per_head;
@@ -158,7 +179,7 @@ struct DecodeKernel {
         const int r = c / cols, col = c - r * cols, h = col / per_head, w = col - h * per_head;
         int kv = kv_lo + h;
         if (kv >= p.H_kv) kv -= p.H_kv;
-        cp_async_n(dst + r * L.rope_ld + h * L.rope_kvb + w * u,
+        cp_async_n(smem_addr(dst + r * L.rope_ld + h * L.rope_kvb + w * u),
                    src + r * src_pitch + kv * src_kvb + w * u, u);
       }
     }
@@ -334,19 +355,53 @@ struct DecodeKernel {
       }
     }
     {
+      // The RoPE runs of each row tile and its step table (one thread per row tile), then the
+      // block-diagonal queries: row r's query in the k-units of its run, zeros elsewhere.
+      int* tab = reinterpret_cast<int*>(smem + L.rope_tab);
+      const int upr = L.rope_units_per_run;
+      if (tid < kRowTiles) {
+        int* t = tab + tid * L.rope_tab_ld;
+        int runs = 0, prev = -1, run_kvl[8];
+        for (int j = 0; j < 8; ++j) {
+          const int lr = tid * 8 + j;
+          int run = -1;
+          if (lr < rows_here) {
+            const int kvl = ((row0 + lr) % p.H / group - kv_lo + p.H_kv) % p.H_kv;
+            if (kvl != prev) run_kvl[runs++] = kvl;
+            prev = kvl;
+            run = runs - 1;
+          }
+          t[1 + j] = run;
+        }
+        const int units = runs * upr, steps = (units + 1) / 2;
+        t[0] = steps;
+        for (int s = 0; s < steps; ++s) {
+          int off[2];
+          for (int h = 0; h < 2; ++h) {
+            // past the last unit (an odd count): run 0's keys, finite, times a zero query
+            const int u = 2 * s + h < units ? 2 * s + h : 0;
+            off[h] = run_kvl[u / upr] * L.rope_kvb + (u % upr) * 8 * p.rope_esize;
+          }
+          t[kRopeTabHeader + s] = off[0] | (off[1] << 16);
+        }
+      }
+      __syncthreads();
       const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
       const bool rope_half = p.rope_path == kRopeFp8Keys;
-      uint16_t* qr_s = reinterpret_cast<uint16_t*>(smem + L.q_rope);
-      for (int idx = tid; idx < kRows * p.d_r_pad; idx += kThreads) {
-        const int r = idx / p.d_r_pad, j = idx % p.d_r_pad;
-        const float x = r < rows_here && j < p.d_r
-                            ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + j]) : 0.f;
+      uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
+      const int cols = L.rope_steps_max * 16;
+      for (int idx = tid; idx < p.rows_per_cta * cols; idx += kThreads) {
+        const int r = idx / cols, k = idx % cols;
+        const int u = k / 8, d = (u % upr) * 8 + k % 8;
+        const int run = tab[(r / 8) * L.rope_tab_ld + 1 + r % 8];
+        const float x = run >= 0 && u / upr == run && d < p.d_r
+                            ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + d]) : 0.f;
         if (rope_half) {
           const __half h = __float2half_rn(x);
-          qr_s[idx] = *reinterpret_cast<const uint16_t*>(&h);
+          rq[r * L.rope_q_ld + k] = *reinterpret_cast<const uint16_t*>(&h);
         } else {
           const T h = from_float<T>(x);
-          qr_s[idx] = *reinterpret_cast<const uint16_t*>(&h);
+          rq[r * L.rope_q_ld + k] = *reinterpret_cast<const uint16_t*>(&h);
         }
       }
       if (!quant) {
@@ -362,35 +417,13 @@ struct DecodeKernel {
       }
     }
 
-    // The RoPE runs of this warp: in row tile wnt, rows j = 0..7 form runs of equal KV head; a
-    // run starting at j is this warp's when j % kKSplit == kslice. For lane's B column (row g)
-    // my_run is the start of its run (-1: a row past the end).
-    uint32_t run_mask = 0;
-    uint32_t run_kvl_lo = 0u, run_kvl_hi = 0u;  // local KV head of rows j < 4 / j >= 4, 8 bits each
-    int my_run = -1;
-    int kv_of_col[2] = {0, 0};  // global KV head of this lane's two accumulator columns
-    {
-      int prev = -2, start = 0;
+    // This warp's row tile's RoPE steps, and the B fragments' rows of its block-diagonal queries.
+    const int* rope_tab = reinterpret_cast<const int*>(smem + L.rope_tab) + wnt * L.rope_tab_ld;
+    const uint16_t* rq_row = reinterpret_cast<const uint16_t*>(smem + L.rope_q) +
+                             (wnt * 8 + lane % 8) * L.rope_q_ld + ((lane % 16) / 8) * 8;
+    int kv_of_col[2];  // global KV head of this lane's two accumulator columns (fp8 key scales)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int lr = wnt * 8 + j;
-        const int kv = (row0 + lr) % p.H / group;
-        const int kvl = lr < rows_here ? (kv - kv_lo + p.H_kv) % p.H_kv : -1;
-        if (kvl >= 0 && kvl != prev) {
-          start = j;
-          if (j % kKSplit == kslice) run_mask |= 1u << j;
-        }
-        (j < 4 ? run_kvl_lo : run_kvl_hi) |= static_cast<uint32_t>(kvl < 0 ? 0 : kvl) << (8 * (j % 4));
-        if (j == g && kvl >= 0) my_run = start;
-        if (j == 2 * tq) kv_of_col[0] = kv;
-        if (j == 2 * tq + 1) kv_of_col[1] = kv;
-        prev = kvl;
-      }
-    }
-    const int rope_steps = p.d_r_pad / 8;
-    // B fragments of this lane's RoPE query row, read from shared memory at each use.
-    const uint32_t* qr_row = reinterpret_cast<const uint32_t*>(smem + L.q_rope) +
-                             ((wnt * 8 + g) * p.d_r_pad + 2 * tq) / 2;
+    for (int c = 0; c < 2; ++c) kv_of_col[c] = (row0 + wnt * 8 + 2 * tq + c) % p.H / group;
 
     float acc[kChanTiles][kRowTiles][4];
 #pragma unroll
@@ -412,6 +445,7 @@ struct DecodeKernel {
     T* pt_lo = reinterpret_cast<T*>(smem + L.pt_lo);
     float* alpha_s = reinterpret_cast<float*>(smem + L.stats);
     const int steps16 = p.D16 / 16;
+    const bool full_width = steps16 == kKSteps * kKSplit;
     const int pending = num_stages - 2;
 
     cp_async_wait_pending(pending);
@@ -427,68 +461,89 @@ struct DecodeKernel {
       const uint8_t* st = smem + L.stages + stage * L.stage_bytes;
       const T* ctile = reinterpret_cast<const T*>(quant ? smem + L.ctile[it & 1] : st + L.st_latent);
 
-      // 1. this warp's score block: its latent channels, then its RoPE runs.
+      // 1. this warp's score block: its latent channels, then its RoPE runs. A latent as wide as
+      // the bucket runs the chain without a bound check per step (whose branches would also
+      // cost a warp re-convergence before every MMA).
       float sacc[4] = {0.f, 0.f, 0.f, 0.f};
       {
         const int mat = lane / 8;
         const T* a_row = ctile + (wpiece * kPieceTokens + (mat % 2) * 8 + lane % 8) * L.ld_tile +
                          (mat / 2) * 8;
         const T* q_row = q_s + (wnt * 8 + lane % 8) * L.ld_tile + ((lane % 16) / 8) * 8;
+        auto latent_chain = [&](auto full_width) {
 #pragma unroll
-        for (int i = 0; i < kKSteps; ++i) {
-          const int ks = kslice + kKSplit * i;
-          if (ks >= steps16) break;
-          uint32_t a[4];
-          ldmatrix_x4(a, a_row + ks * 16);
-          if constexpr (kQRegs) {
-            mma16816<T>(sacc, a, qf[i]);
-          } else {
-            uint32_t bq[2];
-            ldmatrix_x2(bq, q_row + ks * 16);
-            mma16816<T>(sacc, a, bq);
+          for (int i = 0; i < kKSteps; ++i) {
+            const int ks = kslice + kKSplit * i;
+            if constexpr (!decltype(full_width)::value) {
+              if (ks >= steps16) break;
+            }
+            uint32_t a[4];
+            ldmatrix_x4(a, a_row + ks * 16);
+            if constexpr (kQRegs) {
+              mma16816<T>(sacc, a, qf[i]);
+            } else {
+              uint32_t bq[2];
+              ldmatrix_x2(bq, q_row + ks * 16);
+              mma16816<T>(sacc, a, bq);
+            }
           }
+        };
+        if (full_width) {
+          latent_chain(std::true_type{});
+        } else {
+          latent_chain(std::false_type{});
         }
       }
-      if (run_mask != 0) {
+      {
+        // RoPE: one k16 step covers two 8-dim units (of one run or two); each lane's A address
+        // comes from the step table, its B fragment from the block-diagonal queries.
         const uint8_t* rope = st + L.st_rope + wpiece * kPieceTokens * L.rope_ld;
+        const int steps = rope_tab[0];
         float racc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (uint32_t m = run_mask; m != 0; m &= m - 1) {
-          const int j = __ffs(m) - 1;
-          const bool mine = my_run == j;
-          const int kvl = ((j < 4 ? run_kvl_lo : run_kvl_hi) >> (8 * (j % 4))) & 0xFF;
-          const uint8_t* key = rope + kvl * L.rope_kvb;
-#pragma unroll
-          for (int k = 0; k < kMaxRopeSteps; ++k) {
-            if (k >= rope_steps) break;
-            const uint32_t bq = mine ? qr_row[k * 4] : 0u;
-            uint32_t a[2];
-            if (p.rope_path == kRopeLdmatrix) {
-              ldmatrix_x2(a, key + (lane % 16) * L.rope_ld + k * 16);
-              mma16808<kHalf>(racc, a, bq);
-            } else if (p.rope_path == kRopeConvert) {
-              const uint8_t* k0 = key + g * L.rope_ld + (k * 8 + 2 * tq) * 2;
-              a[0] = convert_pair<kHalf>(*reinterpret_cast<const uint32_t*>(k0));
-              a[1] = convert_pair<kHalf>(*reinterpret_cast<const uint32_t*>(k0 + 8 * L.rope_ld));
-              mma16808<kHalf>(racc, a, bq);
+#pragma unroll 2
+        for (int s = kslice; s < steps; s += kKSplit) {
+          const uint32_t offs = static_cast<uint32_t>(rope_tab[kRopeTabHeader + s]);
+          uint32_t bq[2];
+          ldmatrix_x2(bq, rq_row + s * 16);
+          uint32_t a[4];
+          if (p.rope_path == kRopeLdmatrix) {
+            ldmatrix_x4(a, rope + (lane % 16) * L.rope_ld + (lane < 16 ? offs & 0xFFFFu : offs >> 16));
+            mma16816<T>(sacc, a, bq);
+          } else {
+            const uint8_t* k0 = rope + g * L.rope_ld + (offs & 0xFFFFu);
+            const uint8_t* k1 = rope + g * L.rope_ld + (offs >> 16);
+            const int hi = 8 * L.rope_ld;
+            if (p.rope_path == kRopeConvert) {
+              auto pair = [&](const uint8_t* at) {
+                return convert_pair<kHalf>(*reinterpret_cast<const uint32_t*>(at + 4 * tq));
+              };
+              a[0] = pair(k0);
+              a[1] = pair(k0 + hi);
+              a[2] = pair(k1);
+              a[3] = pair(k1 + hi);
+              mma16816<T>(sacc, a, bq);
             } else {
-              const uint8_t* k0 = key + g * L.rope_ld + k * 8 + 2 * tq;
-              a[0] = fp8x2_to_half2(*reinterpret_cast<const uint16_t*>(k0));
-              a[1] = fp8x2_to_half2(*reinterpret_cast<const uint16_t*>(k0 + 8 * L.rope_ld));
-              mma16808<true>(racc, a, bq);
+              auto pair = [&](const uint8_t* at) {
+                return fp8x2_to_half2(*reinterpret_cast<const uint16_t*>(at + 2 * tq));
+              };
+              a[0] = pair(k0);
+              a[1] = pair(k0 + hi);
+              a[2] = pair(k1);
+              a[3] = pair(k1 + hi);
+              mma16816<__half>(racc, a, bq);
             }
           }
         }
         if (p.rope_path == kRopeFp8Keys) {
-          // fp8 keys carry a scale per (token, KV head): applied to the score.
+          // fp8 keys carry a scale per (token, KV head), applied to the score: column r of the
+          // block-diagonal product only holds row r's own head.
           const __half* rs = reinterpret_cast<const __half*>(st + L.st_rope_scale) +
                              wpiece * kPieceTokens * p.H_kv;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            racc[k] *= __half2float(rs[(g + (k / 2) * 8) * p.H_kv + kv_of_col[k % 2]]);
+            sacc[k] += racc[k] * __half2float(rs[(g + (k / 2) * 8) * p.H_kv + kv_of_col[k % 2]]);
           }
         }
-#pragma unroll
-        for (int k = 0; k < 4; ++k) sacc[k] += racc[k];
       }
       {
         float* dst = spart + (kslice * kTile + wpiece * kPieceTokens + g) * kSpartLd + wnt * 8 + 2 * tq;

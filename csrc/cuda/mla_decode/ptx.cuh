@@ -15,22 +15,23 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy; src_bytes = 0 writes zeros (tokens past the sequence end).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes = 16) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+// Async copies to a shared-memory address (smem_addr); src_bytes = 0 writes zeros (tokens past
+// the sequence end).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
 
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 }
 
 // An async copy of `bytes` = 16, 8 or 4 (uniform across the CTA).
-__device__ __forceinline__ void cp_async_n(void* dst, const void* src, int bytes) {
+__device__ __forceinline__ void cp_async_n(uint32_t dst, const void* src, int bytes) {
   if (bytes == 16) {
     cp_async16(dst, src);
   } else if (bytes == 8) {
@@ -116,24 +117,6 @@ __device__ __forceinline__ void cp_async_wait_pending(int pending) {
     case 4: cp_async_wait<4>(); break;
     case 5: cp_async_wait<5>(); break;
     default: cp_async_wait<6>(); break;
-  }
-}
-
-// m16n8k8 (the RoPE score: K = 8 key dims per step); fp16 or bf16 operands by kHalf.
-template <bool kHalf>
-__device__ __forceinline__ void mma16808(float (&c)[4], const uint32_t (&a)[2], uint32_t b) {
-  if constexpr (kHalf) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(b));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(b));
   }
 }
 

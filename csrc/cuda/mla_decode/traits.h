@@ -24,7 +24,7 @@ enum RopePath : int {
 // tile the tensor cores read is the stage itself for float caches and one of two dequantized
 // tiles (ctile) for quantized ones.
 struct SmemLayout {
-  int q, q_rope, stages, ctile[2], spart, pt, pt_lo, stats, total;
+  int q, rope_q, rope_tab, stages, ctile[2], spart, pt, pt_lo, stats, total;
   int stage_bytes, num_stages;
   // offsets inside a stage
   int st_latent, st_scale, st_zero, st_rope, st_rope_scale;
@@ -32,6 +32,13 @@ struct SmemLayout {
   int rope_kvb;  // bytes of one KV head's key in the RoPE tile: d_r padded to a multiple of 8
   int rope_ld;   // bytes per token of the RoPE tile: the CTA's KV heads, padded likewise
   int kv_max;    // KV heads of a CTA's rope tile (at most)
+  // The RoPE score of a row tile is one MMA chain over its runs (rows sharing a KV head): the
+  // keys of run i fill k-units (8 key dims each) i * units_per_run ..; the queries form a
+  // block-diagonal B (rope_q: each row's query in its run's units, zeros elsewhere).
+  int rope_units_per_run;  // d_r_pad / 8
+  int rope_steps_max;      // k16 steps of the longest row tile: ceil(runs * units_per_run / 2)
+  int rope_q_ld;           // 16-bit elements per row of rope_q (an odd multiple of 16 bytes)
+  int rope_tab_ld;         // ints per row tile in rope_tab: steps, run of each row, step offsets
 };
 
 struct MlaDecodeParams {
@@ -77,6 +84,16 @@ C10_HOST_DEVICE inline int max_kv_per_cta(int rows_per_cta, int H, int H_kv) {
   return n < H_kv ? n : H_kv;
 }
 
+// Runs (consecutive rows of one KV head) in 8 consecutive rows: a new run starts at each row
+// that is a multiple of the group (a new head, or head 0 of the next query token).
+C10_HOST_DEVICE inline int max_rope_runs(int H, int H_kv) {
+  if (H_kv == 1) return 1;
+  const int group = H / H_kv;
+  const int n = 1 + (7 + group - 1) / group;
+  return n < 8 ? n : 8;
+}
+constexpr int kRopeTabHeader = 9;  // steps, then the run of each of the 8 rows (-1: no row)
+
 // Floats per token of the score buffer (one slice per warp sharing a block's channels): rows
 // plus 4, so that a warp's softmax reads (4 rows x 8 tokens) hit 32 distinct banks.
 C10_HOST_DEVICE constexpr int spart_ld(int rows) { return rows + 4; }
@@ -97,9 +114,9 @@ inline KernelShape kernel_shape_of(int bucket) {
   return {b.row_tiles * 8, bucket_tile_tokens(bucket), bucket_k_split(bucket), b.q_in_regs};
 }
 
-// q holds rows_per_cta rows, q_rope all the kernel's rows (zeros past rows_per_cta): ldmatrix of
-// q rows past rows_per_cta reads the regions that follow, inside the allocation, and those rows'
-// scores are masked. A smaller CTA needs fewer KV heads' keys. ctiles: 2 dequantized compute tiles (the next tile is dequantized
+// q and rope_q hold rows_per_cta rows: ldmatrix of q rows past rows_per_cta reads the regions
+// that follow, inside the allocation, and those rows' scores are masked; row tiles past
+// rows_per_cta take no RoPE steps. A smaller CTA needs fewer KV heads' keys. ctiles: 2 dequantized compute tiles (the next tile is dequantized
 // while this one is used), or 1 (a barrier more per tile, for quantized caches of the widest
 // latents).
 inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, const KernelShape& k,
@@ -115,7 +132,12 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, con
   int off = 0;
   auto take = [&](int bytes) { int at = off; off += align16(bytes); return at; };
   s.q = k.q_in_regs ? 0 : take(p.rows_per_cta * s.ld_tile * 2);
-  s.q_rope = take(rows * p.d_r_pad * 2);
+  s.rope_units_per_run = p.d_r_pad / 8;
+  s.rope_steps_max = (max_rope_runs(p.H, p.H_kv) * s.rope_units_per_run + 1) / 2;
+  s.rope_q_ld = conflict_free_pitch(s.rope_steps_max * 32) / 2;
+  s.rope_tab_ld = kRopeTabHeader + s.rope_steps_max;
+  s.rope_q = take(p.rows_per_cta * s.rope_q_ld * 2);
+  s.rope_tab = take(rows / 8 * s.rope_tab_ld * 4);
   s.spart = take(k.k_split * tile * spart_ld(rows) * 4);
   s.pt = take(rows * pt_ld(tile) * 2);
   s.pt_lo = take(rows * pt_ld(tile) * 2);
