@@ -2,7 +2,12 @@
 # Prepares what an H200 lease needs beside the working tree (all git-ignored):
 #   carry/p1, carry/p2  the default model's GGUF (98 MB) in two parts (one call carries 64 MiB at
 #                       most), and tinyshakespeare.txt in p2 when ../shared/data has it;
-#   .whl                the gguf package (pure Python; the H200 image lacks it).
+#   .whl                the gguf package (pure Python; the H200 image lacks it);
+#   carry/p1/corpus     with CORPUS=1: the linux-doc + default training corpus
+#                       (bench/build_doc_corpus.py) packed for --seq-len 2048, its shard gzipped
+#                       (8 MB, so that p1 stays under 64 MiB); on the machine:
+#                       mkdir -p /root/corpus && cp carry/p1/corpus/index.json /root/corpus/ &&
+#                       for f in carry/p1/corpus/*.gz; do gunzip -c $f > /root/corpus/$(basename $f .gz); done
 # On the machine: call 1 carries carry/p1 and runs `mkdir -p /root/gguf && cp carry/p1/* /root/gguf/`;
 # call 2, within 30 s (before the machine is given back), carries carry/p2 and .whl and runs
 #   cat /root/gguf/gguf.part.aa carry/p2/gguf.part.ab > /root/gguf/model.gguf
@@ -18,5 +23,14 @@ split -b 50000000 "$gguf" carry/p1/gguf.part.
 mv carry/p1/gguf.part.ab carry/p2/
 if [ -f ../shared/data/tinyshakespeare.txt ]; then cp ../shared/data/tinyshakespeare.txt carry/p2/; fi
 $PY -m pip download -q --no-deps --only-binary=:all: -d .whl gguf
+if [ "${CORPUS:-0}" = 1 ]; then
+  tmp=$(mktemp -d)
+  $PY bench/build_doc_corpus.py --out "$tmp/corpus"
+  $PY -m mla_ext.cli pack --data "$tmp/corpus" --out "$tmp/packed" --seq-len 2048
+  mkdir -p carry/p1/corpus
+  cp "$tmp/packed/index.json" carry/p1/corpus/
+  for shard in "$tmp"/packed/shard_*.bin; do gzip -c "$shard" > "carry/p1/corpus/$(basename "$shard").gz"; done
+  rm -rf "$tmp"
+fi
 md5sum "$gguf"
 ls -l carry/p1 carry/p2 .whl
