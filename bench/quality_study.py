@@ -20,6 +20,15 @@ selection" section; on a CPU with its protocol:
 `--study formats` measures the cache formats (bf16, int8, fp8, int4, read back through the
 LatentCache) on the default conversion, ``MLAConfig()``.
 
+`--study correction` measures the fitted correction of the dropped RoPE pairs
+(``rope_correction``: none, fitted-uniform, fitted-attention) on partial RoPE alone (rotation,
+r = 4) and on the default conversion ``MLAConfig()``; its calibration also collects the fit's
+sums (``collect_rope_fit=True``). The CPU protocol:
+
+    OMP_NUM_THREADS=1 python bench/quality_study.py --study correction --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 \
+        --out bench/results/quality_correction_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -89,8 +98,22 @@ def _format_configs():
     yield "budget", MLAConfig()
 
 
+def _correction_configs():
+    """The fitted RoPE correction, partial RoPE alone and the default conversion
+    (``--study correction``)."""
+    from mla_ext import MLAConfig
+    from mla_ext.convert.rope_correction import ROPE_CORRECTIONS
+
+    for correction in ROPE_CORRECTIONS:
+        yield "partial_rope", MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=None,
+                                        rope_correction=correction)
+    for correction in ROPE_CORRECTIONS:
+        yield "budget", MLAConfig(rope_correction=correction)
+
+
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
-           "formats": lambda quick: _format_configs()}
+           "formats": lambda quick: _format_configs(),
+           "correction": lambda quick: _correction_configs()}
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -138,6 +161,7 @@ def run(args, save=None, argv=None) -> dict:
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
                               max_sequences=args.calib_sequences, collect_xtx=True,
                               collect_distances=True, collect_attention_sample=True,
+                              collect_rope_fit=args.study == "correction",
                               progress=not args.quiet)
     keep({"section": "original", "config": None, "ppl": ppl(model),
           "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
@@ -173,6 +197,9 @@ def run(args, save=None, argv=None) -> dict:
 def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
+    correction = cfg.get("rope_correction", "none")
+    if correction != "none":
+        return _name({**cfg, "rope_correction": "none"}) + f" {correction}"
     if cfg.get("cache_ratio") is not None:
         step = (f" step {cfg.get('rope_pair_step', 4)}" if cfg["rope_pairs"] == "auto" else "")
         return (f"{cfg['rope_strategy']} r={cfg['rope_pairs']}{step} {cfg['svd']} "
@@ -234,8 +261,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke test)")
     p.add_argument("--study", choices=sorted(STUDIES), default="full",
                    help="full: the ablation tables (default); rope: the RoPE selections at "
-                        "-81.25 %%; formats: the cache formats of the default conversion (see "
-                        "above)")
+                        "-81.25 %%; formats: the cache formats of the default conversion; "
+                        "correction: the fitted RoPE correction (see above)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:

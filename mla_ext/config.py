@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
+from .convert.rope_correction import check_correction
 from .convert.rope_selection import CALIBRATED_STRATEGIES, STRATEGIES
 
 AUTO = "auto"  # rope_pairs chosen per layer by the cache budget
@@ -38,6 +39,14 @@ class MLAConfig:
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
         to 64); 4 keeps each ``d_r = 2r`` a multiple of 8. Ignored for a fixed rope_pairs.
+    rope_correction: what replaces the rotation of a dropped RoPE pair ``j`` in the scores:
+        "none" (default: ``q[j]^T k[j]``, no rotation), or a data-fitted position-free 2x2
+        ``M`` per query head and dropped pair (``q[j]^T M k[j]``, folded into ``q_proj``),
+        the least-squares fit of the original score terms over the causal (query, key) pairs
+        of the calibration text, weighted by the original model's attention probabilities
+        ("fitted-attention") or uniformly ("fitted-uniform"); convert/rope_correction.py.
+        Needs ``calibrate(..., collect_rope_fit=True)``. Not the default: measured on the
+        default model it does not help (docs/results.md, "Fitted RoPE correction").
 
     The default, rotation-aware RoPE with ``r`` per layer and activation-aware SVD under a
     -81.25 % budget, is the best measured training-free conversion of the default model
@@ -52,12 +61,14 @@ class MLAConfig:
     svd: str = "activation"
     cache_ratio: float | None = None
     rope_pair_step: int = ROPE_PAIR_STEP
+    rope_correction: str = "none"
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
             raise ValueError(f"rope_strategy must be one of {STRATEGIES}, got {self.rope_strategy!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        check_correction(self.rope_correction)
         for name in ("rope_pairs", "d_kv"):
             value = getattr(self, name)
             if name == "rope_pairs" and value == AUTO:
@@ -86,7 +97,8 @@ class MLAConfig:
     def needs_calibration(self) -> bool:
         partial = self.rope_pairs is not None and self.rope_strategy in CALIBRATED_STRATEGIES
         # the per-layer split is chosen on calibration text whatever the strategy
-        return partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
+        return (partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
+                or self.needs_rope_fit)
 
     @property
     def needs_distances(self) -> bool:
@@ -98,11 +110,17 @@ class MLAConfig:
         """Whether calibration must keep an attention sample (the "greedy" selection)."""
         return self.rope_pairs is not None and self.rope_strategy == "greedy"
 
+    @property
+    def needs_rope_fit(self) -> bool:
+        """Whether calibration must sum the fitted RoPE correction's normal equations."""
+        return self.rope_pairs is not None and self.rope_correction != "none"
+
     def calibration_options(self) -> dict:
         """The keyword arguments of ``calibrate`` that this config needs."""
         return {"collect_xtx": self.svd.startswith("activation"),
                 "collect_distances": self.needs_distances,
-                "collect_attention_sample": self.needs_attention_sample}
+                "collect_attention_sample": self.needs_attention_sample,
+                "collect_rope_fit": self.needs_rope_fit}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
