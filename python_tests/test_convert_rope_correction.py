@@ -210,7 +210,7 @@ def test_bad_values_and_missing_statistics_raise():
     with pytest.raises(ValueError, match="rope_correction"):
         mla_ext.MLAConfig(rope_correction="fitted")
     with pytest.raises(ValueError, match="rope_correction"):
-        mla_ext.MLAConfig(rope_correction=None)
+        mla_ext.MLAConfig(rope_correction=1)
     model = tiny_model(heads=4, kv_heads=2)
     calib = _calibrate(model, collect_xtx=False)
     cfg = mla_ext.MLAConfig(rope_strategy="high", rope_pairs=2, d_kv=None, svd="joint",
@@ -219,3 +219,17 @@ def test_bad_values_and_missing_statistics_raise():
         mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
     with pytest.raises(ValueError, match="calibration"):
         mla_ext.convert_to_mla(copy.deepcopy(model), cfg, progress=False)
+
+
+def test_default_is_fitted_where_the_conversion_calibrates_anyway():
+    assert mla_ext.MLAConfig().rope_correction == "fitted-attention"
+    assert mla_ext.MLAConfig().calibration_options()["collect_rope_fit"]
+    # weight-only (no calibration) and full RoPE conversions do not start to need one
+    weight_only = mla_ext.MLAConfig(rope_strategy="high", rope_pairs=2, d_kv=4, svd="joint")
+    assert weight_only.rope_correction == "none" and not weight_only.needs_calibration
+    assert mla_ext.MLAConfig(**LOSSLESS).rope_correction == "none"
+    # a config saved before the option existed was converted without a correction
+    old = mla_ext.MLAConfig().to_dict()
+    del old["rope_correction"]
+    assert mla_ext.MLAConfig.from_dict(old).rope_correction == "none"
+    assert mla_ext.MLAConfig.from_dict(mla_ext.MLAConfig().to_dict()) == mla_ext.MLAConfig()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 
 ROPE_CORRECTIONS = ("none", "fitted-attention", "fitted-uniform")
+# the best measured on the default model (docs/results.md, "Fitted RoPE correction")
+DEFAULT_ROPE_CORRECTION = "fitted-attention"
 WEIGHTINGS = ("uniform", "attention")  # the leading axis of PairFitSums' tensors
 # ridge toward the identity, relative to the mean diagonal of each 4x4 Gram matrix
 RIDGE = 1e-4

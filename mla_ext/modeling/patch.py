@@ -199,9 +199,10 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
     layers = _decoder_layers(model)
     if config.needs_calibration:
         if calibration is None:
-            raise ValueError(f"rope_strategy={config.rope_strategy!r} / svd={config.svd!r} need "
-                             "calibration statistics: pass calibration=mla_ext.calibrate(model, "
-                             "tokenizer, texts)")
+            raise ValueError(f"rope_strategy={config.rope_strategy!r} / svd={config.svd!r} / "
+                             f"rope_correction={config.rope_correction!r} need calibration "
+                             "statistics: pass calibration=mla_ext.calibrate(model, tokenizer, "
+                             "texts, **config.calibration_options())")
         calibration.check_matches(model.config)
         if config.svd.startswith("activation") and any(s.xtx is None for s in calibration.layers):
             raise ValueError(f"svd={config.svd!r} needs activation statistics: calibrate with "
