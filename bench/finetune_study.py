@@ -68,7 +68,8 @@ def study_config(name: str, head_dim: int):
     method, d = name.split("_dkv") if name.startswith("paper") else name.split("_cache")
     d = int(d)
     if method == "paper":
-        return MLAConfig(rope_strategy="2-norm", rope_pairs=PAPER_R, d_kv=d, svd="joint")
+        return MLAConfig(rope_strategy="2-norm", rope_pairs=PAPER_R, d_kv=d, svd="joint",
+                         rope_correction="none")
     default = MLAConfig()
     if default.cache_ratio is not None or not isinstance(default.rope_pairs, int):
         return dataclasses.replace(default, cache_ratio=(2 * PAPER_R + d) / (2 * head_dim))

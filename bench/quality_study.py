@@ -20,6 +20,15 @@ selection" section; on a CPU with its protocol:
 `--study formats` measures the cache formats (bf16, int8, fp8, int4, read back through the
 LatentCache) on the default conversion, ``MLAConfig()``.
 
+`--study correction` measures the fitted correction of the dropped RoPE pairs
+(``rope_correction``: none, fitted-uniform, fitted-attention) on partial RoPE alone (rotation,
+r = 4) and on the default conversion ``MLAConfig()``; its calibration also collects the fit's
+sums (``collect_rope_fit=True``). The CPU protocol:
+
+    OMP_NUM_THREADS=1 python bench/quality_study.py --study correction --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 \
+        --out bench/results/quality_correction_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -49,8 +58,19 @@ SVDS = ("joint", "split", "activation", "activation-split")
 CACHE_DTYPES = ("bf16", "int8", "fp8", "int4")
 
 
-def _configs(quick: bool):
+def _uncorrected():
+    """MLAConfig with ``rope_correction="none"`` unless a row says otherwise: the tables
+    measured before the fitted RoPE correction became the default."""
+    from functools import partial
+
     from mla_ext import MLAConfig
+
+    return partial(MLAConfig, rope_correction="none")
+
+
+def _configs(quick: bool):
+    """The ablation tables; measured before the fitted RoPE correction, so without it."""
+    MLAConfig = _uncorrected()  # noqa: N806
 
     rs = (4,) if quick else (2, 4, 8)
     for strategy in STRATEGIES:
@@ -68,8 +88,9 @@ def _configs(quick: bool):
 
 
 def _rope_configs():
-    """The RoPE selections at -81.25 % of the cache (``--study rope``)."""
-    from mla_ext import MLAConfig
+    """The RoPE selections at -81.25 % of the cache (``--study rope``), without the fitted RoPE
+    correction, as docs/results.md's table of them was measured."""
+    MLAConfig = _uncorrected()  # noqa: N806
 
     for strategy in ("rotation", "greedy"):
         yield "partial_rope", MLAConfig(rope_strategy=strategy, rope_pairs=4, d_kv=None)
@@ -89,8 +110,22 @@ def _format_configs():
     yield "budget", MLAConfig()
 
 
+def _correction_configs():
+    """The fitted RoPE correction, partial RoPE alone and the default conversion
+    (``--study correction``)."""
+    from mla_ext import MLAConfig
+    from mla_ext.convert.rope_correction import ROPE_CORRECTIONS
+
+    for correction in ROPE_CORRECTIONS:
+        yield "partial_rope", MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=None,
+                                        rope_correction=correction)
+    for correction in ROPE_CORRECTIONS:
+        yield "budget", MLAConfig(rope_correction=correction)
+
+
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
-           "formats": lambda quick: _format_configs()}
+           "formats": lambda quick: _format_configs(),
+           "correction": lambda quick: _correction_configs()}
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -135,15 +170,17 @@ def run(args, save=None, argv=None) -> dict:
             save(result())
 
     rows: list[dict] = []
+    configs = list(STUDIES[args.study](args.quick))
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
                               max_sequences=args.calib_sequences, collect_xtx=True,
                               collect_distances=True, collect_attention_sample=True,
+                              collect_rope_fit=any(c.needs_rope_fit for _, c in configs),
                               progress=not args.quiet)
     keep({"section": "original", "config": None, "ppl": ppl(model),
           "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
           / model.config.num_hidden_layers, "cache_dtype": "bf16"})
     best = None
-    for section, cfg in STUDIES[args.study](args.quick):
+    for section, cfg in configs:
         start = time.time()
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
         row = {"section": section, "config": cfg.to_dict(), "cache_dtype": None,
@@ -173,6 +210,9 @@ def run(args, save=None, argv=None) -> dict:
 def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
+    correction = cfg.get("rope_correction", "none")
+    if correction != "none":
+        return _name({**cfg, "rope_correction": "none"}) + f" {correction}"
     if cfg.get("cache_ratio") is not None:
         step = (f" step {cfg.get('rope_pair_step', 4)}" if cfg["rope_pairs"] == "auto" else "")
         return (f"{cfg['rope_strategy']} r={cfg['rope_pairs']}{step} {cfg['svd']} "
@@ -234,8 +274,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few configurations (smoke test)")
     p.add_argument("--study", choices=sorted(STUDIES), default="full",
                    help="full: the ablation tables (default); rope: the RoPE selections at "
-                        "-81.25 %%; formats: the cache formats of the default conversion (see "
-                        "above)")
+                        "-81.25 %%; formats: the cache formats of the default conversion; "
+                        "correction: the fitted RoPE correction (see above)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:

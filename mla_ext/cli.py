@@ -8,6 +8,7 @@ import time
 import torch
 
 from .convert.budget import ROPE_PAIR_STEP
+from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, ROPE_CORRECTIONS
 from .convert.rope_selection import STRATEGIES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +55,11 @@ def _add_mla_args(p):
     p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
                         f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")
+    p.add_argument("--rope-correction", default=None, choices=ROPE_CORRECTIONS,
+                   help="a data-fitted 2x2 map in place of each dropped RoPE pair's rotation, "
+                        f"folded into q_proj (default: {DEFAULT_ROPE_CORRECTION} when the "
+                        "conversion calibrates anyway, else none; none is the paper's; see "
+                        "MLAConfig)")
     p.add_argument("--calib-text", default=None,
                    help="calibration text: a file, directory or JSONL (default: the calibration "
                         "part of pydoc_data.topics)")
@@ -97,7 +103,8 @@ def _mla_config(args):
 
     return MLAConfig(rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs,
                      d_kv=args.d_kv, svd=args.svd, cache_ratio=args.cache_ratio,
-                     rope_pair_step=args.rope_pair_step)
+                     rope_pair_step=args.rope_pair_step,
+                     rope_correction=args.rope_correction)
 
 
 def _calibration(args, model, tokenizer, cfg):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
+from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, check_correction
 from .convert.rope_selection import CALIBRATED_STRATEGIES, STRATEGIES
 
 AUTO = "auto"  # rope_pairs chosen per layer by the cache budget
@@ -38,12 +39,27 @@ class MLAConfig:
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
         to 64); 4 keeps each ``d_r = 2r`` a multiple of 8. Ignored for a fixed rope_pairs.
+    rope_correction: what replaces the rotation of a dropped RoPE pair ``j`` in the scores:
+        "fitted-attention" or "fitted-uniform", a data-fitted position-free 2x2
+        ``M`` per query head and dropped pair (``q[j]^T M k[j]``, folded into ``q_proj``),
+        the least-squares fit of the original score terms over the causal (query, key) pairs
+        of the calibration text, weighted by the original model's attention probabilities or
+        uniformly (convert/rope_correction.py); or "none" (the paper's: ``q[j]^T k[j]``, no
+        rotation). A fitted one needs ``calibrate(..., collect_rope_fit=True)`` (in
+        ``calibration_options()``). None (default): "fitted-attention" when the rest of the
+        config calibrates anyway (the default config does) and drops pairs, "none" otherwise,
+        so a weight-only conversion still needs no calibration. Measured on the default model
+        (docs/results.md, "Fitted RoPE correction"): "fitted-attention" lowers the default
+        conversion's perplexity by 22 % / 12 % on pydoc / Shakespeare; "fitted-uniform" makes
+        it worse. A config read back from a checkpoint written before this option has "none".
 
     The default, rotation-aware RoPE with ``r`` per layer and activation-aware SVD under a
     -81.25 % budget, is the best measured training-free conversion of the default model
-    (docs/results.md: 13.9x / 12.2x the original perplexity on pydoc / Shakespeare, against
-    18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
-    ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")``.
+    with the attention-weighted fitted correction of the dropped pairs (docs/results.md:
+    10.9x / 10.7x the original perplexity on pydoc / Shakespeare, 13.9x / 12.2x without the
+    correction, 18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
+    ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
+    rope_correction="none")``.
     """
 
     rope_strategy: str = "rotation"
@@ -52,6 +68,7 @@ class MLAConfig:
     svd: str = "activation"
     cache_ratio: float | None = None
     rope_pair_step: int = ROPE_PAIR_STEP
+    rope_correction: str | None = None
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -81,12 +98,18 @@ class MLAConfig:
                 raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
             if self.svd not in ("joint", "activation"):
                 raise ValueError(f"cache_ratio needs svd 'joint' or 'activation', got {self.svd!r}")
+        if self.rope_correction is None:
+            self.rope_correction = "none"
+            if self.needs_calibration and self.rope_pairs is not None:
+                self.rope_correction = DEFAULT_ROPE_CORRECTION
+        check_correction(self.rope_correction)
 
     @property
     def needs_calibration(self) -> bool:
         partial = self.rope_pairs is not None and self.rope_strategy in CALIBRATED_STRATEGIES
         # the per-layer split is chosen on calibration text whatever the strategy
-        return partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
+        return (partial or self.svd.startswith("activation") or self.rope_pairs == AUTO
+                or self.needs_rope_fit)
 
     @property
     def needs_distances(self) -> bool:
@@ -98,11 +121,17 @@ class MLAConfig:
         """Whether calibration must keep an attention sample (the "greedy" selection)."""
         return self.rope_pairs is not None and self.rope_strategy == "greedy"
 
+    @property
+    def needs_rope_fit(self) -> bool:
+        """Whether calibration must sum the fitted RoPE correction's normal equations."""
+        return self.rope_pairs is not None and self.rope_correction != "none"
+
     def calibration_options(self) -> dict:
         """The keyword arguments of ``calibrate`` that this config needs."""
         return {"collect_xtx": self.svd.startswith("activation"),
                 "collect_distances": self.needs_distances,
-                "collect_attention_sample": self.needs_attention_sample}
+                "collect_attention_sample": self.needs_attention_sample,
+                "collect_rope_fit": self.needs_rope_fit}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,4 +142,5 @@ class MLAConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown MLAConfig fields {sorted(unknown)}")
-        return cls(**data)
+        # written before the option existed: converted without a correction
+        return cls(**{"rope_correction": "none", **data})

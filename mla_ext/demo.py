@@ -18,7 +18,8 @@ from .modeling import LatentCache, convert_to_mla, kv_cache_bytes_per_token
 from .models import DEFAULT_MODEL_NAME, load_default_model
 
 # The paper's defaults for a d_h = 64 model: 2-norm, r = d_h/16 = 4, joint SVD, d_kv = d_h/4.
-PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
+PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
+                  rope_correction="none")
 # Ours at the same cache size (-81.25 %): rotation-aware RoPE selection + activation-aware
 # joint SVD, each layer's RoPE pairs and latent width chosen under the budget (the split that
 # measures best, `python -m mla_ext.demo splits`, docs/results.md).
@@ -46,6 +47,10 @@ def _label(cfg: MLAConfig) -> str:
     return f"{cfg.rope_strategy} r={cfg.rope_pairs}, {cfg.svd} SVD {d_kv}"
 
 
+def _correction(cfg: MLAConfig) -> str:
+    return "" if cfg.rope_correction == "none" else f", {cfg.rope_correction} RoPE correction"
+
+
 class _Setup:
     """What every demo table needs: the original model, its calibration and the perplexity of
     the demo's protocol (first ``eval_tokens`` held-out tokens, windows of ``context``)."""
@@ -59,7 +64,7 @@ class _Setup:
         print(f"calibrating on {calib_sequences} x 512 tokens ...")
         self.calib = calibrate(self.original, self.tokenizer, default_calibration_text(),
                                max_length=512, max_sequences=calib_sequences, collect_xtx=True,
-                               collect_distances=True, progress=False)
+                               collect_distances=True, collect_rope_fit=True, progress=False)
 
     def ppl(self, model, cache_dtype=None, rope_dtype=None):
         return perplexity(model, self.tokenizer, self.text, context=self.context,
@@ -101,9 +106,9 @@ def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequence
     # paper's r in every layer
     rope_pairs = OURS.rope_pairs if OURS.rope_pairs != "auto" else PAPER.rope_pairs
     rope_only = MLAConfig(rope_strategy=OURS.rope_strategy, rope_pairs=rope_pairs,
-                          d_kv=None, svd="joint")
+                          d_kv=None, svd="joint", rope_correction=OURS.rope_correction)
     rows.append(setup.row(f"ours, step 1: partial RoPE only ({OURS.rope_strategy} "
-                          f"r={rope_pairs})", setup.convert(rope_only)))
+                          f"r={rope_pairs}{_correction(OURS)})", setup.convert(rope_only)))
     ours = setup.convert(OURS)
     low_rank = (f"d_kv={OURS.d_kv}" if OURS.cache_ratio is None
                 else "r and latent per layer in the budget")
@@ -140,13 +145,13 @@ def _recover(setup, model, steps: int, seq_len: int, device) -> int:
 def split_configs() -> list[MLAConfig]:
     """The ways to spend -81.25 % of the cache (d_r + d_kv = 24 of 2 d_h = 128 per KV head):
     the same split in every layer, then the budget's choices (r per layer in steps of 4, which
-    the CUDA decode kernel takes, and any r)."""
-    fixed = [MLAConfig(rope_strategy="rotation", rope_pairs=r, d_kv=24 - 2 * r, svd="activation")
-             for r in (4, 6, 8)]
-    budgeted = [MLAConfig(rope_strategy="rotation", rope_pairs=8, svd="activation",
-                          cache_ratio=0.1875)]
-    budgeted += [MLAConfig(rope_strategy="rotation", rope_pairs="auto", svd="activation",
-                           cache_ratio=0.1875, rope_pair_step=step) for step in (4, 1)]
+    the CUDA decode kernel takes, and any r). Without the fitted RoPE correction, as
+    docs/results.md's table of them was measured."""
+    plain = {"rope_strategy": "rotation", "svd": "activation", "rope_correction": "none"}
+    fixed = [MLAConfig(rope_pairs=r, d_kv=24 - 2 * r, **plain) for r in (4, 6, 8)]
+    budgeted = [MLAConfig(rope_pairs=8, cache_ratio=0.1875, **plain)]
+    budgeted += [MLAConfig(rope_pairs="auto", cache_ratio=0.1875, rope_pair_step=step, **plain)
+                 for step in (4, 1)]
     return fixed + budgeted
 
 

@@ -122,7 +122,7 @@ def _calibration(model, sequences=4):
     text = "".join(chr(32 + (i * 7919) % 90) for i in range(64 * sequences))
     return mla_ext.calibrate(model, CharTokenizer(), text, max_length=64, collect_xtx=True,
                              collect_distances=True, collect_attention_sample=True,
-                             progress=False)
+                             collect_rope_fit=True, progress=False)
 
 
 @torch.no_grad()
@@ -157,16 +157,17 @@ def _converted_layer_error(original, mla, seq):
 def test_split_errors_are_those_of_the_converted_layers(svd, strategy):
     model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
     calib = _calibration(model)
-    measured = measure_split_errors(model, calib, strategy=strategy, svd=svd, max_cost=40,
-                                    num_sequences=1)
-    for r, width in ((1, 8), (3, 16), (2, 32)):
-        mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
-            rope_strategy=strategy, rope_pairs=r, d_kv=width // 2, svd=svd),
-            calibration=calib, progress=False)
-        expected = _converted_layer_error(model, mla, calib.sequences[0])
-        for layer, want in zip(measured, expected):
-            got = next(c.error for c in layer if (c.rope_pairs, c.latent_dim) == (r, width))
-            assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
+    for correction in ("none", "fitted-attention"):   # the search scores the fitted queries too
+        measured = measure_split_errors(model, calib, strategy=strategy, svd=svd, max_cost=40,
+                                        num_sequences=1, rope_correction=correction)
+        for r, width in ((1, 8), (3, 16), (2, 32)):
+            mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
+                rope_strategy=strategy, rope_pairs=r, d_kv=width // 2, svd=svd,
+                rope_correction=correction), calibration=calib, progress=False)
+            expected = _converted_layer_error(model, mla, calib.sequences[0])
+            for layer, want in zip(measured, expected):
+                got = next(c.error for c in layer if (c.rope_pairs, c.latent_dim) == (r, width))
+                assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
 
 
 def _auto_converted(model, ratio, calib, rope_pair_step=1):

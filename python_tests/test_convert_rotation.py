@@ -106,7 +106,8 @@ def test_attention_sample_holds_the_layers_inputs_and_greedy_is_deterministic():
             torch.testing.assert_close(sample.v[s], attn.v_proj(x).view(-1, 2, 16).transpose(0, 1))
         w_o = attn.o_proj.weight.double()
         torch.testing.assert_close(sample.out_gram[1], w_o[:, 16:32].T @ w_o[:, 16:32])
-    cfg = mla_ext.MLAConfig(rope_strategy="greedy", rope_pairs=3, d_kv=None, svd="joint")
+    cfg = mla_ext.MLAConfig(rope_strategy="greedy", rope_pairs=3, d_kv=None, svd="joint",
+                            rope_correction="none")
     assert cfg.calibration_options()["collect_attention_sample"]
     again = mla_ext.calibrate(model, CharTokenizer(), text, **opts)
     first = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)

@@ -38,7 +38,8 @@ def test_paper_default_conversion_sizes_and_chat(default):
     mla = copy.deepcopy(model)
     calib = mla_ext.calibrate(mla, tok, mla_ext.default_calibration_text(), max_length=128,
                               max_sequences=4, progress=False)
-    paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
+    paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
+                              rope_correction="none")
     mla_ext.convert_to_mla(mla, paper, calibration=calib, progress=False)
     layers = model.config.num_hidden_layers
     # ARCHITECTURE section 1: (d_r + d_kv) / (2 d_h) = (8 + 16) / 128 -> -81.25 %

@@ -178,7 +178,7 @@ def test_two_norm_conversion_with_calibration():
             return {"input_ids": [1 + (ord(ch) % (VOCAB - 1)) for ch in text]}
 
     calib = mla_ext.calibrate(model, Tok(), ["some calibration text " * 20], max_length=64,
-                              progress=False)
+                              collect_rope_fit=True, progress=False)
     mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
         rope_strategy="2-norm", rope_pairs=2, d_kv=6, svd="activation"), calibration=calib,
         progress=False)

@@ -25,6 +25,7 @@ import torch
 
 from .calibration import decoder_layers
 from .lowrank import max_rank, nested_joint_factors
+from .rope_correction import layer_query_transform
 from .rope_selection import converted_layout, select_rope_pairs
 
 LATENT_STEP = 8
@@ -149,7 +150,8 @@ class _LayerSplitScorer:
     width to the next, and values read as ``(P C) W_uv^T``. A NoPE key bias adds the same
     amount to every score of a query and drops out of the softmax."""
 
-    def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling):
+    def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling,
+                 rope_correction="none"):
         cfg = attn.config
         self.attn = attn
         self.num_heads = cfg.num_attention_heads
@@ -188,10 +190,14 @@ class _LayerSplitScorer:
             kept = torch.zeros(h_kv, d_h, dtype=torch.bool)
             for g in range(h_kv):
                 kept[g, pairs[g]] = kept[g, pairs[g] + d_h // 2] = True
+            # the fitted correction of the dropped pairs, as the conversion folds it into q
+            transform = layer_query_transform(stats, rope_correction, pairs, self.num_heads,
+                                              d_h)
             self.per_r[r] = (kept.view(h_kv, 1, d_h).to(device),
                              up_k.view(h_kv, d_h, widest).to(device, dtype),
                              up_v.view(h_kv, d_h, widest).transpose(1, 2).to(device, dtype),
-                             down.to(device, dtype))
+                             down.to(device, dtype),
+                             None if transform is None else transform.to(device, dtype))
 
     def residual_hook(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -216,22 +222,24 @@ class _LayerSplitScorer:
         self.residual_energy += float(self.residual[:, queries].double().pow(2).sum())
         reference = reference[:, queries]
         cos, sin = position_embeddings
-        q = attn.q_proj(x).view(b, t, h, d_h).transpose(1, 2)[:, :, queries]
+        q_heads = attn.q_proj(x).view(b, t, h, d_h).transpose(1, 2)[:, :, queries]
         k = attn.k_proj(x).view(b, t, h_kv, d_h).transpose(1, 2)
-        q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, queries], sin[:, queries])
+        q_rot, _ = apply_rotary_pos_emb(q_heads, q_heads, cos[:, queries], sin[:, queries])
         _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
         # the query heads of a KV head side by side: (b, H_kv, group * Q, d_h)
-        q = q.reshape(b, h_kv, group * n_q, d_h)
+        q = q_heads.reshape(b, h_kv, group * n_q, d_h)
         q_rot = q_rot.reshape(b, h_kv, group * n_q, d_h)
         visible = torch.arange(t, device=x.device)[None, :] <= queries[:, None]   # (Q, T)
         mask = torch.zeros(n_q, t, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(~visible, float("-inf")).repeat(group, 1)
         for r, indices in self.by_r.items():
-            kept, up_k, up_v, down = self.per_r[r]
+            kept, up_k, up_v, down, transform = self.per_r[r]
             # kept pairs rotated; the rest position-free, through the latent, keeping scaled
             # RoPE's factor (squared, as the conversion folds it into q_proj)
             scores = (q_rot * kept) @ (k_rot * kept).transpose(-1, -2)      # (b, H_kv, gQ, T)
-            q_lat = (q * self.rope_scaling ** 2) @ up_k                      # (b, H_kv, gQ, R)
+            q_nope = q if transform is None else (
+                (q_heads @ transform.transpose(-1, -2)).reshape(b, h_kv, group * n_q, d_h))
+            q_lat = (q_nope * self.rope_scaling ** 2) @ up_k                 # (b, H_kv, gQ, R)
             latent = (x @ down.T)[:, None]                                   # (b, 1, T, R)
             done = 0
             for i in indices:
@@ -249,7 +257,8 @@ class _LayerSplitScorer:
 
 def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cost: int,
                          num_sequences: int = SPLIT_SEQUENCES, rope_pair_step: int = 1,
-                         rope_scaling: float = 1.0) -> list[list[SplitCandidate]]:
+                         rope_scaling: float = 1.0,
+                         rope_correction: str = "none") -> list[list[SplitCandidate]]:
     """Score every RoPE/latent split of every layer of the original ``model`` on the first
     ``num_sequences`` calibration sequences; returns each layer's candidates, errors filled.
 
@@ -257,6 +266,8 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
     max_cost: the largest cost (values per token) a candidate may have.
     rope_pair_step: only ``r`` that are multiples of it (1: every ``r``; 4 keeps ``d_r`` a
         multiple of 8).
+    rope_correction: the MLAConfig option; a fitted correction of the dropped pairs is applied
+        to the queries as the conversion folds it into q_proj.
     """
     if svd not in ("joint", "activation"):
         raise ValueError(f"a per-layer split needs svd 'joint' or 'activation', got {svd!r}")
@@ -277,7 +288,8 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
                                                   pair_step=rope_pair_step)
                       if c.latent_dim <= max_rank(svd, h_kv * (d_h - 2 * c.rope_pairs),
                                                   h_kv * d_h, cfg.hidden_size)]
-        scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling))
+        scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling,
+                                         rope_correction))
     base = getattr(model, "base_model", model)
     device = base.get_input_embeddings().weight.device
     was_training = model.training

@@ -7,7 +7,9 @@ Per decoder layer (ARCHITECTURE section 2):
 - optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with;
 - optionally the attention mass at each relative distance (the rotation-aware RoPE selection);
 - optionally a small sample of one layer's pre-RoPE queries, keys and values on the first few
-  sequences (the greedy RoPE selection, which measures the attention output of each choice).
+  sequences (the greedy RoPE selection, which measures the attention output of each choice);
+- optionally the normal equations of the fitted correction of each dropped RoPE pair
+  (``convert/rope_correction.py``: 4x4 + 4 numbers per query head, pair and weighting).
 
 Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` fold each batch into float64
 accumulators and drop it, so memory does not grow with the number of calibration tokens.
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .rope_correction import PairFitSums, pair_fit_sums
 
 MIN_SEQUENCE_TOKENS = 16  # a shorter tail carries too little context to be worth a forward pass
 # The attention sample of the greedy RoPE selection: the first SAMPLE_SEQUENCES calibration
@@ -69,6 +73,7 @@ class LayerStats:
         row sums to 1. None if not collected.
     inv_freq: (d_h/2,) float64, the rotary frequency of each pair (radians per position).
     attention_sample: an :class:`AttentionSample` of this layer; None if not collected.
+    rope_fit: the :class:`PairFitSums` of the fitted RoPE correction; None if not collected.
     """
 
     q_pair_norm: torch.Tensor
@@ -78,6 +83,7 @@ class LayerStats:
     distance_mass: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None
     attention_sample: AttentionSample | None = None
+    rope_fit: PairFitSums | None = None
 
 
 @dataclass
@@ -211,11 +217,14 @@ class _Accumulator:
     """Running sums of one layer, kept on the device the layer's activations arrive on."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool,
-                 max_length: int | None = None, sample_sequences: int = 0):
+                 max_length: int | None = None, sample_sequences: int = 0,
+                 collect_rope_fit: bool = False):
         self.shape_q = (num_heads, 2, head_dim // 2)
         self.shape_k = (num_kv_heads, 2, head_dim // 2)
         self.collect_xtx = collect_xtx
         self.max_length = max_length            # set: collect attention mass per distance
+        self.collect_rope_fit = collect_rope_fit
+        self.rope_fit: PairFitSums | None = None
         self.rotary = None
         self.last_q: torch.Tensor | None = None
         self.distance_sum: torch.Tensor | None = None
@@ -236,11 +245,16 @@ class _Accumulator:
         y = y.reshape(-1, *shape).to(torch.float64)
         return torch.linalg.vector_norm(y, dim=2).sum(dim=0)
 
+    @property
+    def needs_attention(self) -> bool:
+        """Whether the original attention probabilities are recomputed (distances, fit)."""
+        return bool(self.max_length) or self.collect_rope_fit
+
     def attn_pre_hook(self, module, args, kwargs):
         self.rotary = kwargs.get("position_embeddings")
 
     def q_hook(self, module, args, output):
-        if self.max_length:
+        if self.needs_attention:
             self.last_q = output.detach()
         s = self._pair_norm_sum(output.detach(), self.shape_q)
         self.q_sum = s if self.q_sum is None else self.q_sum.add_(s)
@@ -257,8 +271,8 @@ class _Accumulator:
                 self.xtx = x.T @ x
             else:
                 self.xtx.addmm_(x.T, x)
-        if self.max_length:
-            self._add_distances(self.last_q, output.detach())
+        if self.needs_attention:
+            self._add_attention_stats(self.last_q, output.detach())
             self.last_q = None
 
     def sample_pre_hook(self, module, args, kwargs):
@@ -302,9 +316,10 @@ class _Accumulator:
         return AttentionSample(**self.sample, out_gram=blocks.transpose(1, 2) @ blocks,
                                scaling=scaling)
 
-    def _add_distances(self, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Fold the original attention's probability at each query-key distance into the sums;
-        one sequence at a time so that only one (H, T, T) score tensor is alive."""
+    def _add_attention_stats(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Fold the original attention's probability at each query-key distance, and the
+        fitted RoPE correction's normal equations, into the sums; one sequence at a time so
+        that only one (H, T, T) score tensor is alive."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         if self.rotary is None:
@@ -314,18 +329,23 @@ class _Accumulator:
         cos, sin = self.rotary
         qs = q.reshape(b, t, h, d_h).transpose(1, 2).float()
         ks = k.reshape(b, t, h_kv, d_h).transpose(1, 2).float()
-        qs, ks = apply_rotary_pos_emb(qs, ks, cos.float().expand(b, -1, -1),
-                                      sin.float().expand(b, -1, -1))
+        cos, sin = cos.float().expand(b, -1, -1), sin.float().expand(b, -1, -1)
+        pre_q, pre_k = qs, ks
+        qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
         ks = ks.repeat_interleave(h // h_kv, dim=1)
         pos = torch.arange(t, device=q.device)
         causal = pos[:, None] >= pos[None, :]
-        if self.distance_sum is None:
+        if self.max_length and self.distance_sum is None:
             self.distance_sum = torch.zeros(h, self.max_length, dtype=torch.float64,
                                             device=q.device)
         for i in range(b):
             scores = (qs[i] @ ks[i].transpose(-1, -2)) * d_h ** -0.5
             probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-            self.distance_sum[:, :t] += _diagonal_sums(probs).double()
+            if self.max_length:
+                self.distance_sum[:, :t] += _diagonal_sums(probs).double()
+            if self.collect_rope_fit:
+                sums = pair_fit_sums(pre_q[i], pre_k[i], cos[i], sin[i], probs)
+                self.rope_fit = sums if self.rope_fit is None else self.rope_fit.add(sums)
         self.queries += b * t
 
     def result(self, layer_idx: int) -> LayerStats:
@@ -343,6 +363,8 @@ class _Accumulator:
             num_tokens=n,
             distance_mass=mass,
             attention_sample=self._attention_sample(),
+            rope_fit=None if self.rope_fit is None else PairFitSums(
+                gram=self.rope_fit.gram.cpu(), cross=self.rope_fit.cross.cpu()),
         )
 
 
@@ -372,7 +394,8 @@ def _batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[list[int]]
 def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_length: int = 512,
               max_sequences: int = 128, batch_size: int = 4, collect_xtx: bool = True,
               collect_distances: bool = False, collect_attention_sample: bool = False,
-              sample_sequences: int = SAMPLE_SEQUENCES, progress: bool = True) -> Calibration:
+              sample_sequences: int = SAMPLE_SEQUENCES, collect_rope_fit: bool = False,
+              progress: bool = True) -> Calibration:
     """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
 
     model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
@@ -389,6 +412,9 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
         sequences (needed by the "greedy" RoPE selection; about
         ``sample_sequences * max_length * (2 H_kv + H / SAMPLE_QUERY_STRIDE) * d_h`` float32
         values per layer).
+    collect_rope_fit: also sum the normal equations of the fitted correction of each dropped
+        RoPE pair (``MLAConfig(rope_correction="fitted-...")``; recomputes every layer's
+        attention scores once more, as collect_distances does, and shares them with it).
     Returns a :class:`Calibration` with float64 statistics on the CPU.
     """
     _check_positive_int(batch_size, "batch_size")
@@ -407,7 +433,8 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     device = base.get_input_embeddings().weight.device
     accs = [_Accumulator(h, h_kv, head_dim, collect_xtx,
                          max_length if collect_distances else None,
-                         sample_sequences if collect_attention_sample else 0)
+                         sample_sequences if collect_attention_sample else 0,
+                         collect_rope_fit)
             for _ in projections]
     handles = []
     was_training = model.training
@@ -415,7 +442,7 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
         for acc, (q_proj, k_proj) in zip(accs, projections):
             handles.append(q_proj.register_forward_hook(acc.q_hook))
             handles.append(k_proj.register_forward_hook(acc.k_hook, with_kwargs=True))
-        if collect_distances:
+        if collect_distances or collect_rope_fit:
             for acc, layer in zip(accs, layers):
                 handles.append(layer.self_attn.register_forward_pre_hook(
                     acc.attn_pre_hook, with_kwargs=True))

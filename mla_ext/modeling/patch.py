@@ -15,6 +15,7 @@ from ..convert.rope_selection import converted_layout
 from ..convert.budget import (LATENT_STEP, MAX_COST_FACTOR, allocate_latent_widths,
                               choose_splits, latent_budget, measure_split_errors)
 from ..convert.lowrank import joint_spectrum
+from ..convert.rope_correction import layer_query_transform
 from .attention import MLAAttention
 
 # RoPE variants whose cos/sin are rotate-half over the full head (cat(freqs, freqs)); the
@@ -105,7 +106,8 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
         candidates = measure_split_errors(model, calibration, strategy=config.rope_strategy,
                                           svd=config.svd, max_cost=max_cost,
                                           rope_pair_step=config.rope_pair_step,
-                                          rope_scaling=rope_scaling)
+                                          rope_scaling=rope_scaling,
+                                          rope_correction=config.rope_correction)
         return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
                 for c in choose_splits(candidates, budget)]
     stats = calibration.layers if calibration is not None else [None] * len(layers)
@@ -142,6 +144,12 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
 
     w_q, w_k, w_v = weight(attn.q_proj), weight(attn.k_proj), weight(attn.v_proj)
     b_q, b_k, b_v = bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)
+    transform = layer_query_transform(stats, config.rope_correction, pairs, h, d_h)
+    if transform is not None:
+        # the fitted M of each dropped pair: the query's pair becomes M^T q[j]
+        w_q = (transform @ w_q.view(h, d_h, -1)).reshape(h * d_h, -1)
+        if b_q is not None:
+            b_q = (transform @ b_q.view(h, d_h, 1)).reshape(h * d_h)
     xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
     low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx)
 
@@ -191,9 +199,10 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
     layers = _decoder_layers(model)
     if config.needs_calibration:
         if calibration is None:
-            raise ValueError(f"rope_strategy={config.rope_strategy!r} / svd={config.svd!r} need "
-                             "calibration statistics: pass calibration=mla_ext.calibrate(model, "
-                             "tokenizer, texts)")
+            raise ValueError(f"rope_strategy={config.rope_strategy!r} / svd={config.svd!r} / "
+                             f"rope_correction={config.rope_correction!r} need calibration "
+                             "statistics: pass calibration=mla_ext.calibrate(model, tokenizer, "
+                             "texts, **config.calibration_options())")
         calibration.check_matches(model.config)
         if config.svd.startswith("activation") and any(s.xtx is None for s in calibration.layers):
             raise ValueError(f"svd={config.svd!r} needs activation statistics: calibrate with "
@@ -201,6 +210,9 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
         if config.needs_distances and any(s.distance_mass is None for s in calibration.layers):
             raise ValueError('rope_strategy="rotation" needs attention distances: calibrate '
                              "with collect_distances=True")
+        if config.needs_rope_fit and any(s.rope_fit is None for s in calibration.layers):
+            raise ValueError(f"rope_correction={config.rope_correction!r} needs the fit's "
+                             "statistics: calibrate with collect_rope_fit=True")
     stats = calibration.layers if calibration is not None else [None] * len(layers)
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
