@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .convert.budget import ROPE_PAIR_STEP
-from .convert.lowrank import SVD_METHODS
+from .convert.lowrank import JOINT_METHODS, SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, check_correction
 from .convert.rope_selection import CALIBRATED_STRATEGIES, STRATEGIES
 
@@ -28,13 +28,16 @@ class MLAConfig:
     d_kv: latent width per KV head with an int or None rope_pairs; the layer's latent is
         ``D_c = d_kv * H_kv``. None keeps full rank (lossless). Not with rope_pairs="auto".
     svd: "activation" (default: activation-aware joint SVD, the best measured), or the paper's
-        weight SVD "joint" / "split", or "activation-split".
+        weight SVD "joint" / "split", or "activation-split", or "activation-score" (the joint
+        activation-aware SVD with the key rows weighted by the queries' second moment and the
+        value rows by ``W_o^T W_o``: the error of the scores and of the attention output
+        rather than of the keys and values; convert/lowrank.py).
     cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
         included) is this fraction of the original one (0.1875 = -81.25 %); d_kv is then
         ignored. With an int rope_pairs every layer keeps that many pairs and the latent width
         is spread over the layers by their spectra; with rope_pairs="auto" each layer's split
         between RoPE pairs and latent width is chosen by the error it adds on calibration text
-        (convert/budget.py). Needs svd "joint" or "activation". None: ``DEFAULT_CACHE_RATIO``
+        (convert/budget.py). Needs a joint svd ("joint", "activation", "activation-score"). None: ``DEFAULT_CACHE_RATIO``
         with rope_pairs="auto", no budget otherwise.
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
@@ -96,8 +99,8 @@ class MLAConfig:
         if self.cache_ratio is not None:
             if isinstance(self.cache_ratio, bool) or not 0 < float(self.cache_ratio) <= 1:
                 raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
-            if self.svd not in ("joint", "activation"):
-                raise ValueError(f"cache_ratio needs svd 'joint' or 'activation', got {self.svd!r}")
+            if self.svd not in JOINT_METHODS:
+                raise ValueError(f"cache_ratio needs svd in {JOINT_METHODS}, got {self.svd!r}")
         if self.rope_correction is None:
             self.rope_correction = "none"
             if self.needs_calibration and self.rope_pairs is not None:
@@ -131,7 +134,8 @@ class MLAConfig:
         return {"collect_xtx": self.svd.startswith("activation"),
                 "collect_distances": self.needs_distances,
                 "collect_attention_sample": self.needs_attention_sample,
-                "collect_rope_fit": self.needs_rope_fit}
+                "collect_rope_fit": self.needs_rope_fit,
+                "collect_query_gram": self.svd == "activation-score"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
