@@ -44,11 +44,11 @@ def _add_mla_args(p):
     p.add_argument("--d-kv", type=_optional_int, default=None,
                    help="latent width per KV head with an int --rope-pairs ('full' or left out: "
                         "full rank; the paper's -81.25 %% is --rope-pairs 4 --d-kv 16)")
-    p.add_argument("--svd", default="activation",
+    p.add_argument("--svd", default="activation-score",
                    choices=SVD_METHODS,
-                   help="low-rank method: activation-aware (default; activation-score weights "
-                        "the keys by the queries and the values by o_proj) or the paper's "
-                        "joint/split weight SVD")
+                   help="low-rank method: activation-score (default: activation-aware, the "
+                        "keys weighted by the queries and the values by o_proj), activation, "
+                        "or the paper's joint/split weight SVD")
     p.add_argument("--cache-ratio", type=float, default=None,
                    help="the converted bf16 cache as a fraction of the original (default 0.1875 "
                         "= -81.25 %% with --rope-pairs auto; with an int --rope-pairs it spreads "

@@ -27,17 +27,19 @@ class MLAConfig:
         "auto" (default) lets the cache budget choose ``r`` and the latent width per layer.
     d_kv: latent width per KV head with an int or None rope_pairs; the layer's latent is
         ``D_c = d_kv * H_kv``. None keeps full rank (lossless). Not with rope_pairs="auto".
-    svd: "activation" (default: activation-aware joint SVD, the best measured), or the paper's
-        weight SVD "joint" / "split", or "activation-split", or "activation-score" (the joint
-        activation-aware SVD with the key rows weighted by the queries' second moment and the
-        value rows by ``W_o^T W_o``: the error of the scores and of the attention output
-        rather than of the keys and values; convert/lowrank.py).
+    svd: "activation-score" (default: the joint activation-aware SVD with the NoPE key rows
+        weighted by the queries' second moment and the value rows by ``W_o^T W_o``, i.e. for
+        the error of the scores and of the attention output rather than of the keys and
+        values; convert/lowrank.py; the best measured), "activation" (activation-aware joint
+        SVD, unweighted rows), the paper's weight SVD "joint" / "split", or
+        "activation-split".
     cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
         included) is this fraction of the original one (0.1875 = -81.25 %); d_kv is then
         ignored. With an int rope_pairs every layer keeps that many pairs and the latent width
         is spread over the layers by their spectra; with rope_pairs="auto" each layer's split
         between RoPE pairs and latent width is chosen by the error it adds on calibration text
-        (convert/budget.py). Needs a joint svd ("joint", "activation", "activation-score"). None: ``DEFAULT_CACHE_RATIO``
+        (convert/budget.py). Needs a joint svd ("joint", "activation", "activation-score").
+        None: ``DEFAULT_CACHE_RATIO``
         with rope_pairs="auto", no budget otherwise.
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
@@ -56,11 +58,12 @@ class MLAConfig:
         conversion's perplexity by 22 % / 12 % on pydoc / Shakespeare; "fitted-uniform" makes
         it worse. A config read back from a checkpoint written before this option has "none".
 
-    The default, rotation-aware RoPE with ``r`` per layer and activation-aware SVD under a
-    -81.25 % budget, is the best measured training-free conversion of the default model
-    with the attention-weighted fitted correction of the dropped pairs (docs/results.md:
-    10.9x / 10.7x the original perplexity on pydoc / Shakespeare, 13.9x / 12.2x without the
-    correction, 18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
+    The default, rotation-aware RoPE with ``r`` per layer and the score/output-weighted
+    activation-aware SVD under a -81.25 % budget, with the attention-weighted fitted correction
+    of the dropped pairs, is the best measured training-free conversion of the default model
+    (docs/results.md: 9.1x / 8.2x the original perplexity on pydoc / Shakespeare; 10.9x /
+    10.7x with svd="activation", 13.9x / 12.2x without the correction either, 18.8x / 15.7x
+    for r = 6, d_kv = 12 in every layer). The paper's settings:
     ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
     rope_correction="none")``.
     """
@@ -68,7 +71,7 @@ class MLAConfig:
     rope_strategy: str = "rotation"
     rope_pairs: int | str | None = AUTO
     d_kv: int | None = None
-    svd: str = "activation"
+    svd: str = "activation-score"
     cache_ratio: float | None = None
     rope_pair_step: int = ROPE_PAIR_STEP
     rope_correction: str | None = None
