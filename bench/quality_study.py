@@ -141,10 +141,20 @@ def _score_svd_configs():
         yield "budget", MLAConfig(svd=svd)
 
 
+def _score_balance_configs():
+    """The key/value balance of the score/output-weighted SVD in the default conversion
+    (``--study score_balance``: ``svd_key_weight`` 0.5 and 2; 1 is ``--study score_svd``)."""
+    from mla_ext import MLAConfig
+
+    for weight in (0.5, 2.0):
+        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight)
+
+
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
            "formats": lambda quick: _format_configs(),
            "correction": lambda quick: _correction_configs(),
-           "score_svd": lambda quick: _score_svd_configs()}
+           "score_svd": lambda quick: _score_svd_configs(),
+           "score_balance": lambda quick: _score_balance_configs()}
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -231,6 +241,9 @@ def run(args, save=None, argv=None) -> dict:
 def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
+    weight = cfg.get("svd_key_weight", 1.0)
+    if weight != 1.0:
+        return _name({**cfg, "svd_key_weight": 1.0}) + f" key_weight={weight}"
     correction = cfg.get("rope_correction", "none")
     if correction != "none":
         return _name({**cfg, "rope_correction": "none"}) + f" {correction}"

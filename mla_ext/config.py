@@ -57,6 +57,9 @@ class MLAConfig:
         (docs/results.md, "Fitted RoPE correction"): "fitted-attention" lowers the default
         conversion's perplexity by 22 % / 12 % on pydoc / Shakespeare; "fitted-uniform" makes
         it worse. A config read back from a checkpoint written before this option has "none".
+    svd_key_weight: with svd="activation-score", the weight of the key rows' (score) error
+        against the value rows' (output) error, relative to the balance of "activation"
+        (1.0, default).
 
     The default, rotation-aware RoPE with ``r`` per layer and the score/output-weighted
     activation-aware SVD under a -81.25 % budget, with the attention-weighted fitted correction
@@ -75,6 +78,7 @@ class MLAConfig:
     cache_ratio: float | None = None
     rope_pair_step: int = ROPE_PAIR_STEP
     rope_correction: str | None = None
+    svd_key_weight: float = 1.0
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -109,6 +113,13 @@ class MLAConfig:
             if self.needs_calibration and self.rope_pairs is not None:
                 self.rope_correction = DEFAULT_ROPE_CORRECTION
         check_correction(self.rope_correction)
+        weight = self.svd_key_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not 0 < weight < float("inf"):
+            raise ValueError(f"svd_key_weight must be a finite float > 0, got {weight!r}")
+        if weight != 1.0 and self.svd != "activation-score":
+            raise ValueError(f"svd_key_weight={weight} weights the key rows of "
+                             f"svd='activation-score', not of svd={self.svd!r}")
 
     @property
     def needs_calibration(self) -> bool:

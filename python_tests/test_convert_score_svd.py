@@ -163,16 +163,18 @@ def test_lowers_score_and_output_errors_of_a_converted_layer_on_calibration_text
         assert sk / pk + sv / pv < 1.95, (i, found)
 
 
-def test_budget_scores_the_splits_with_the_same_factorization():
+@pytest.mark.parametrize("key_weight", [1.0, 3.0])
+def test_budget_scores_the_splits_with_the_same_factorization(key_weight):
     model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
     calib = _calibration(model)
     measured = measure_split_errors(model, calib, strategy="rotation", svd="activation-score",
                                     max_cost=40, num_sequences=1,
-                                    rope_correction="fitted-attention")
+                                    rope_correction="fitted-attention", key_weight=key_weight)
     for r, width in ((1, 8), (3, 16)):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
             rope_strategy="rotation", rope_pairs=r, d_kv=width // 2, svd="activation-score",
-            rope_correction="fitted-attention"), calibration=calib, progress=False)
+            rope_correction="fitted-attention", svd_key_weight=key_weight),
+            calibration=calib, progress=False)
         expected = _converted_layer_error(model, mla, calib.sequences[0])
         for layer, want in zip(measured, expected):
             got = next(c.error for c in layer if (c.rope_pairs, c.latent_dim) == (r, width))
@@ -197,6 +199,12 @@ def test_bad_options_name_the_argument():
     xtx = (x := _activations(200, d)).T @ x
     with pytest.raises(ValueError, match="svd must be one of"):
         mla_ext.MLAConfig(svd="score")
+    for weight in (0.0, -2.0, float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="svd_key_weight must be"):
+            mla_ext.MLAConfig(svd_key_weight=weight)
+    with pytest.raises(ValueError, match="svd_key_weight=2.0 weights the key rows"):
+        mla_ext.MLAConfig(svd="activation", svd_key_weight=2.0)
+    assert mla_ext.MLAConfig.from_dict({"svd": "activation"}).svd_key_weight == 1.0
     with pytest.raises(ValueError, match="row_grams are required"):
         factorize_kv(w_kn, w_v, 4, "activation-score", xtx=xtx)
     with pytest.raises(ValueError, match="xtx is required"):

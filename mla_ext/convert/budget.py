@@ -169,7 +169,7 @@ class _LayerSplitScorer:
     amount to every score of a query and drops out of the softmax."""
 
     def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling,
-                 rope_correction="none"):
+                 rope_correction="none", key_weight=1.0):
         cfg = attn.config
         self.attn = attn
         self.num_heads = cfg.num_attention_heads
@@ -205,7 +205,8 @@ class _LayerSplitScorer:
                                               d_h)
             up, down = nested_joint_factors(
                 w_k[kn_rows], w_v, svd, xtx=xtx,
-                row_grams=layer_row_grams(attn, stats, svd, kn_rows, transform, rope_scaling))
+                row_grams=layer_row_grams(attn, stats, svd, kn_rows, transform, rope_scaling),
+                key_weight=key_weight)
             up, down = up[:, :widest], down[:widest]
             # up's key rows back at their places in W_k (zero at the kept dims), per KV head
             up_k = up.new_zeros(h_kv * d_h, widest).index_copy_(0, kn_rows, up[:kn_rows.numel()])
@@ -278,7 +279,8 @@ class _LayerSplitScorer:
 def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cost: int,
                          num_sequences: int = SPLIT_SEQUENCES, rope_pair_step: int = 1,
                          rope_scaling: float = 1.0,
-                         rope_correction: str = "none") -> list[list[SplitCandidate]]:
+                         rope_correction: str = "none",
+                         key_weight: float = 1.0) -> list[list[SplitCandidate]]:
     """Score every RoPE/latent split of every layer of the original ``model`` on the first
     ``num_sequences`` calibration sequences; returns each layer's candidates, errors filled.
 
@@ -288,6 +290,7 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
         multiple of 8).
     rope_correction: the MLAConfig option; a fitted correction of the dropped pairs is applied
         to the queries as the conversion folds it into q_proj.
+    key_weight: the key rows' weight of svd="activation-score" (``MLAConfig.svd_key_weight``).
     """
     if svd not in JOINT_METHODS:
         raise ValueError(f"a per-layer split needs svd in {JOINT_METHODS}, got {svd!r}")
@@ -309,7 +312,7 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
                       if c.latent_dim <= max_rank(svd, h_kv * (d_h - 2 * c.rope_pairs),
                                                   h_kv * d_h, cfg.hidden_size)]
         scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling,
-                                         rope_correction))
+                                         rope_correction, key_weight))
     base = getattr(model, "base_model", model)
     device = base.get_input_embeddings().weight.device
     was_training = model.training

@@ -108,7 +108,8 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
                                           svd=config.svd, max_cost=max_cost,
                                           rope_pair_step=config.rope_pair_step,
                                           rope_scaling=rope_scaling,
-                                          rope_correction=config.rope_correction)
+                                          rope_correction=config.rope_correction,
+                                          key_weight=config.svd_key_weight)
         return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
                 for c in choose_splits(candidates, budget)]
     stats = calibration.layers if calibration is not None else [None] * len(layers)
@@ -126,7 +127,8 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
         xtx = getattr(layer_stats, "xtx", None) if config.svd.startswith("activation") else None
         transform = layer_query_transform(layer_stats, config.rope_correction, pairs, h, d_h)
         grams = layer_row_grams(attn, layer_stats, config.svd, kn_rows, transform, rope_scaling)
-        spectra.append(joint_spectrum(w_k[kn_rows], w_v, config.svd, xtx=xtx, row_grams=grams))
+        spectra.append(joint_spectrum(w_k[kn_rows], w_v, config.svd, xtx=xtx, row_grams=grams,
+                                      key_weight=config.svd_key_weight))
         top = max_rank(config.svd, len(kn_rows), w_v.shape[0], cfg.hidden_size)
         maximum.append(top - top % LATENT_STEP)
     widths = allocate_latent_widths(spectra, budget, maximum=maximum)
@@ -157,7 +159,7 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
     xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
     grams = layer_row_grams(attn, stats, config.svd, kn_rows, transform, rope_scaling)
     low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx,
-                       row_grams=grams)
+                       row_grams=grams, key_weight=config.svd_key_weight)
 
     new_q_w, new_q_b = w_q[q_rows].clone(), None if b_q is None else b_q[q_rows].clone()
     if rope_scaling != 1.0:
