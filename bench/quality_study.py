@@ -29,6 +29,15 @@ sums (``collect_rope_fit=True``). The CPU protocol:
         --shakespeare-tokens 8192 --calib-sequences 16 \
         --out bench/results/quality_correction_cpu.json
 
+`--study score_svd` measures the score/output-weighted joint SVD (``svd="activation-score"``:
+the NoPE key rows weighted by the queries' second moment, the value rows by ``W_o^T W_o``)
+against the activation-aware one, in the default conversion ``MLAConfig()`` (budget -81.25 %,
+fitted RoPE correction); the CPU protocol:
+
+    OMP_NUM_THREADS=1 python bench/quality_study.py --study score_svd --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 \
+        --out bench/results/quality_score_svd_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -123,9 +132,29 @@ def _correction_configs():
         yield "budget", MLAConfig(rope_correction=correction)
 
 
+def _score_svd_configs():
+    """The activation-aware SVD against the score/output-weighted one in the default
+    conversion (``--study score_svd``)."""
+    from mla_ext import MLAConfig
+
+    for svd in ("activation", "activation-score"):
+        yield "budget", MLAConfig(svd=svd)
+
+
+def _score_balance_configs():
+    """The key/value balance of the score/output-weighted SVD in the default conversion
+    (``--study score_balance``: ``svd_key_weight`` 0.5 and 2; 1 is ``--study score_svd``)."""
+    from mla_ext import MLAConfig
+
+    for weight in (0.5, 2.0):
+        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight)
+
+
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
            "formats": lambda quick: _format_configs(),
-           "correction": lambda quick: _correction_configs()}
+           "correction": lambda quick: _correction_configs(),
+           "score_svd": lambda quick: _score_svd_configs(),
+           "score_balance": lambda quick: _score_balance_configs()}
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -175,6 +204,8 @@ def run(args, save=None, argv=None) -> dict:
                               max_sequences=args.calib_sequences, collect_xtx=True,
                               collect_distances=True, collect_attention_sample=True,
                               collect_rope_fit=any(c.needs_rope_fit for _, c in configs),
+                              collect_query_gram=any(c.svd == "activation-score"
+                                                     for _, c in configs),
                               progress=not args.quiet)
     keep({"section": "original", "config": None, "ppl": ppl(model),
           "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
@@ -210,6 +241,9 @@ def run(args, save=None, argv=None) -> dict:
 def _name(cfg: dict | None) -> str:
     if cfg is None:
         return "original"
+    weight = cfg.get("svd_key_weight", 1.0)
+    if weight != 1.0:
+        return _name({**cfg, "svd_key_weight": 1.0}) + f" key_weight={weight}"
     correction = cfg.get("rope_correction", "none")
     if correction != "none":
         return _name({**cfg, "rope_correction": "none"}) + f" {correction}"

@@ -2,7 +2,7 @@
 
     import mla_ext
     model, tok = mla_ext.load_default_model()
-    cfg = mla_ext.MLAConfig()            # rotation-aware RoPE, activation SVD, -81.25 % budget
+    cfg = mla_ext.MLAConfig()            # rotation RoPE, activation-score SVD, -81.25 % budget
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(),
                               **cfg.calibration_options())
     mla_ext.convert_to_mla(model, cfg, calibration=calib)

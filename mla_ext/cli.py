@@ -8,6 +8,7 @@ import time
 import torch
 
 from .convert.budget import ROPE_PAIR_STEP
+from .convert.lowrank import SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, ROPE_CORRECTIONS
 from .convert.rope_selection import STRATEGIES
 
@@ -43,15 +44,16 @@ def _add_mla_args(p):
     p.add_argument("--d-kv", type=_optional_int, default=None,
                    help="latent width per KV head with an int --rope-pairs ('full' or left out: "
                         "full rank; the paper's -81.25 %% is --rope-pairs 4 --d-kv 16)")
-    p.add_argument("--svd", default="activation",
-                   choices=("joint", "split", "activation", "activation-split"),
-                   help="low-rank method: activation-aware (default) or the paper's joint/split "
-                        "weight SVD")
+    p.add_argument("--svd", default="activation-score",
+                   choices=SVD_METHODS,
+                   help="low-rank method: activation-score (default: activation-aware, the "
+                        "keys weighted by the queries and the values by o_proj), activation, "
+                        "or the paper's joint/split weight SVD")
     p.add_argument("--cache-ratio", type=float, default=None,
                    help="the converted bf16 cache as a fraction of the original (default 0.1875 "
                         "= -81.25 %% with --rope-pairs auto; with an int --rope-pairs it spreads "
-                        "the latent width over the layers instead of --d-kv; needs --svd joint "
-                        "or activation)")
+                        "the latent width over the layers instead of --d-kv; needs --svd joint, "
+                        "activation or activation-score)")
     p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
                         f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .convert.budget import ROPE_PAIR_STEP
-from .convert.lowrank import SVD_METHODS
+from .convert.lowrank import JOINT_METHODS, SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, check_correction
 from .convert.rope_selection import CALIBRATED_STRATEGIES, STRATEGIES
 
@@ -27,14 +27,19 @@ class MLAConfig:
         "auto" (default) lets the cache budget choose ``r`` and the latent width per layer.
     d_kv: latent width per KV head with an int or None rope_pairs; the layer's latent is
         ``D_c = d_kv * H_kv``. None keeps full rank (lossless). Not with rope_pairs="auto".
-    svd: "activation" (default: activation-aware joint SVD, the best measured), or the paper's
-        weight SVD "joint" / "split", or "activation-split".
+    svd: "activation-score" (default: the joint activation-aware SVD with the NoPE key rows
+        weighted by the queries' second moment and the value rows by ``W_o^T W_o``, i.e. for
+        the error of the scores and of the attention output rather than of the keys and
+        values; convert/lowrank.py; the best measured), "activation" (activation-aware joint
+        SVD, unweighted rows), the paper's weight SVD "joint" / "split", or
+        "activation-split".
     cache_ratio: a cache budget instead of a fixed d_kv: the converted cache (bf16, RoPE keys
         included) is this fraction of the original one (0.1875 = -81.25 %); d_kv is then
         ignored. With an int rope_pairs every layer keeps that many pairs and the latent width
         is spread over the layers by their spectra; with rope_pairs="auto" each layer's split
         between RoPE pairs and latent width is chosen by the error it adds on calibration text
-        (convert/budget.py). Needs svd "joint" or "activation". None: ``DEFAULT_CACHE_RATIO``
+        (convert/budget.py). Needs a joint svd ("joint", "activation", "activation-score").
+        None: ``DEFAULT_CACHE_RATIO``
         with rope_pairs="auto", no budget otherwise.
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
@@ -52,12 +57,16 @@ class MLAConfig:
         (docs/results.md, "Fitted RoPE correction"): "fitted-attention" lowers the default
         conversion's perplexity by 22 % / 12 % on pydoc / Shakespeare; "fitted-uniform" makes
         it worse. A config read back from a checkpoint written before this option has "none".
+    svd_key_weight: with svd="activation-score", the weight of the key rows' (score) error
+        against the value rows' (output) error, relative to the balance of "activation"
+        (1.0, default).
 
-    The default, rotation-aware RoPE with ``r`` per layer and activation-aware SVD under a
-    -81.25 % budget, is the best measured training-free conversion of the default model
-    with the attention-weighted fitted correction of the dropped pairs (docs/results.md:
-    10.9x / 10.7x the original perplexity on pydoc / Shakespeare, 13.9x / 12.2x without the
-    correction, 18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
+    The default, rotation-aware RoPE with ``r`` per layer and the score/output-weighted
+    activation-aware SVD under a -81.25 % budget, with the attention-weighted fitted correction
+    of the dropped pairs, is the best measured training-free conversion of the default model
+    (docs/results.md: 9.1x / 8.2x the original perplexity on pydoc / Shakespeare; 10.9x /
+    10.7x with svd="activation", 13.9x / 12.2x without the correction either, 18.8x / 15.7x
+    for r = 6, d_kv = 12 in every layer). The paper's settings:
     ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
     rope_correction="none")``.
     """
@@ -65,10 +74,11 @@ class MLAConfig:
     rope_strategy: str = "rotation"
     rope_pairs: int | str | None = AUTO
     d_kv: int | None = None
-    svd: str = "activation"
+    svd: str = "activation-score"
     cache_ratio: float | None = None
     rope_pair_step: int = ROPE_PAIR_STEP
     rope_correction: str | None = None
+    svd_key_weight: float = 1.0
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -96,13 +106,20 @@ class MLAConfig:
         if self.cache_ratio is not None:
             if isinstance(self.cache_ratio, bool) or not 0 < float(self.cache_ratio) <= 1:
                 raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
-            if self.svd not in ("joint", "activation"):
-                raise ValueError(f"cache_ratio needs svd 'joint' or 'activation', got {self.svd!r}")
+            if self.svd not in JOINT_METHODS:
+                raise ValueError(f"cache_ratio needs svd in {JOINT_METHODS}, got {self.svd!r}")
         if self.rope_correction is None:
             self.rope_correction = "none"
             if self.needs_calibration and self.rope_pairs is not None:
                 self.rope_correction = DEFAULT_ROPE_CORRECTION
         check_correction(self.rope_correction)
+        weight = self.svd_key_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not 0 < weight < float("inf"):
+            raise ValueError(f"svd_key_weight must be a finite float > 0, got {weight!r}")
+        if weight != 1.0 and self.svd != "activation-score":
+            raise ValueError(f"svd_key_weight={weight} weights the key rows of "
+                             f"svd='activation-score', not of svd={self.svd!r}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -131,7 +148,8 @@ class MLAConfig:
         return {"collect_xtx": self.svd.startswith("activation"),
                 "collect_distances": self.needs_distances,
                 "collect_attention_sample": self.needs_attention_sample,
-                "collect_rope_fit": self.needs_rope_fit}
+                "collect_rope_fit": self.needs_rope_fit,
+                "collect_query_gram": self.svd == "activation-score"}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

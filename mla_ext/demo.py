@@ -20,9 +20,9 @@ from .models import DEFAULT_MODEL_NAME, load_default_model
 # The paper's defaults for a d_h = 64 model: 2-norm, r = d_h/16 = 4, joint SVD, d_kv = d_h/4.
 PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
                   rope_correction="none")
-# Ours at the same cache size (-81.25 %): rotation-aware RoPE selection + activation-aware
-# joint SVD, each layer's RoPE pairs and latent width chosen under the budget (the split that
-# measures best, `python -m mla_ext.demo splits`, docs/results.md).
+# Ours at the same cache size (-81.25 %): rotation-aware RoPE selection + score/output-weighted
+# activation-aware joint SVD, each layer's RoPE pairs and latent width chosen under the budget
+# (the split that measures best, `python -m mla_ext.demo splits`, docs/results.md).
 OURS = MLAConfig()
 PROMPT = "What is the capital of France? Answer in one sentence."
 CHAT_CACHE = "int4"
@@ -64,7 +64,8 @@ class _Setup:
         print(f"calibrating on {calib_sequences} x 512 tokens ...")
         self.calib = calibrate(self.original, self.tokenizer, default_calibration_text(),
                                max_length=512, max_sequences=calib_sequences, collect_xtx=True,
-                               collect_distances=True, collect_rope_fit=True, progress=False)
+                               collect_distances=True, collect_rope_fit=True,
+                               collect_query_gram=True, progress=False)
 
     def ppl(self, model, cache_dtype=None, rope_dtype=None):
         return perplexity(model, self.tokenizer, self.text, context=self.context,

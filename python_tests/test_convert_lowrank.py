@@ -21,6 +21,13 @@ def _activations(n, d, seed=1, decay=0.7):
     return torch.randn(n, d, generator=gen, dtype=torch.float64) * scales @ basis.T
 
 
+def _row_grams(method, rows_k, rows_v):
+    """The row weights "activation-score" needs (test_convert_score_svd.py tests the method)."""
+    if method != "activation-score":
+        return None
+    return tuple(y.T @ y for y in (_activations(4 * n, n, seed=5) for n in (rows_k, rows_v)))
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -62,8 +69,12 @@ def test_full_rank_is_lossless(method, rows_k, rows_v, d, sigma):
     if method in ACTIVATION:
         x = _activations(4 * d, d)
         xtx = x.T @ x
+    if method == "activation-score":
+        x = _activations(4 * d, d)
+        xtx = x.T @ x
     rank = max_rank(method, rows_k, rows_v, d)
-    out = factorize_kv(w_kn, w_v, rank, method, xtx=xtx, sigma=sigma)
+    out = factorize_kv(w_kn, w_v, rank, method, xtx=xtx, sigma=sigma,
+                       row_grams=_row_grams(method, rows_k, rows_v))
     assert isinstance(out, LowRankKV)
     assert out.w_down.shape == (rank, d) and out.w_down.dtype == torch.float32
     assert out.w_uk.shape == (rows_k, rank) and out.w_uk.dtype == torch.float32
@@ -255,8 +266,9 @@ def test_cuda_matches_cpu(method):
     w_kn, w_v = _weights(24, 32, 64, seed=14)
     x = _activations(256, 64, seed=15)
     xtx = x.T @ x
-    cpu = factorize_kv(w_kn, w_v, 16, method, xtx=xtx)
-    gpu = factorize_kv(w_kn.cuda(), w_v.cuda(), 16, method, xtx=xtx.cuda())
+    grams = _row_grams(method, 24, 32)
+    cpu = factorize_kv(w_kn, w_v, 16, method, xtx=xtx, row_grams=grams)
+    gpu = factorize_kv(w_kn.cuda(), w_v.cuda(), 16, method, xtx=xtx.cuda(), row_grams=grams)
     assert gpu.w_down.is_cuda
     for part in ("w_uk", "w_uv"):
         # Singular vectors' signs differ between backends; the products do not.

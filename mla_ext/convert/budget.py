@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .calibration import decoder_layers
-from .lowrank import max_rank, nested_joint_factors
+from .lowrank import JOINT_METHODS, max_rank, nested_joint_factors, score_row_grams
 from .rope_correction import layer_query_transform
 from .rope_selection import converted_layout, select_rope_pairs
 
@@ -90,6 +90,24 @@ def allocate_latent_widths(spectra: list[torch.Tensor], budget: int, *,
     return widths
 
 
+def layer_row_grams(attn, stats, svd: str, kn_rows: torch.Tensor,
+                    transform: torch.Tensor | None, rope_scaling: float = 1.0):
+    """The ``row_grams`` the low-rank factorization of ``svd`` needs for one layer's
+    attention ``attn`` (None unless "activation-score"): its queries as the converted model
+    computes them (``transform``: the fitted RoPE correction, ``rope_scaling``: scaled RoPE's
+    factor) and its o_proj. The conversion and the budget's scorer both call it, so the
+    searched split is scored with the factorization the conversion then makes."""
+    if svd != "activation-score":
+        return None
+    gram = getattr(stats, "query_gram", None)
+    if gram is None:
+        raise ValueError("svd='activation-score' needs the queries' second moments: calibrate "
+                         "with collect_query_gram=True")
+    cfg = attn.config
+    return score_row_grams(gram, attn.o_proj.weight, kn_rows, cfg.num_key_value_heads,
+                           attn.head_dim, transform=transform, rope_scaling=rope_scaling)
+
+
 @dataclass
 class SplitCandidate:
     """One way to spend a layer's cache: ``rope_pairs`` kept pairs per KV head and a
@@ -151,7 +169,7 @@ class _LayerSplitScorer:
     amount to every score of a query and drops out of the softmax."""
 
     def __init__(self, attn, stats, candidates, strategy, svd, rope_scaling,
-                 rope_correction="none"):
+                 rope_correction="none", key_weight=1.0):
         cfg = attn.config
         self.attn = attn
         self.num_heads = cfg.num_attention_heads
@@ -171,7 +189,7 @@ class _LayerSplitScorer:
         h_kv, d_h = self.num_kv_heads, self.head_dim
         w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
         w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
-        xtx = getattr(stats, "xtx", None) if svd == "activation" else None
+        xtx = getattr(stats, "xtx", None) if svd.startswith("activation") else None
         device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
         b_v = attn.v_proj.bias
         self.value_bias = (None if b_v is None
@@ -182,7 +200,13 @@ class _LayerSplitScorer:
             pairs = select_rope_pairs(strategy, r, head_dim=d_h, num_heads=self.num_heads,
                                       num_kv_heads=h_kv, stats=stats)
             kn_rows = converted_layout(pairs, d_h, self.num_heads)[2]
-            up, down = nested_joint_factors(w_k[kn_rows], w_v, svd, xtx=xtx)
+            # the fitted correction of the dropped pairs, as the conversion folds it into q
+            transform = layer_query_transform(stats, rope_correction, pairs, self.num_heads,
+                                              d_h)
+            up, down = nested_joint_factors(
+                w_k[kn_rows], w_v, svd, xtx=xtx,
+                row_grams=layer_row_grams(attn, stats, svd, kn_rows, transform, rope_scaling),
+                key_weight=key_weight)
             up, down = up[:, :widest], down[:widest]
             # up's key rows back at their places in W_k (zero at the kept dims), per KV head
             up_k = up.new_zeros(h_kv * d_h, widest).index_copy_(0, kn_rows, up[:kn_rows.numel()])
@@ -190,9 +214,6 @@ class _LayerSplitScorer:
             kept = torch.zeros(h_kv, d_h, dtype=torch.bool)
             for g in range(h_kv):
                 kept[g, pairs[g]] = kept[g, pairs[g] + d_h // 2] = True
-            # the fitted correction of the dropped pairs, as the conversion folds it into q
-            transform = layer_query_transform(stats, rope_correction, pairs, self.num_heads,
-                                              d_h)
             self.per_r[r] = (kept.view(h_kv, 1, d_h).to(device),
                              up_k.view(h_kv, d_h, widest).to(device, dtype),
                              up_v.view(h_kv, d_h, widest).transpose(1, 2).to(device, dtype),
@@ -258,19 +279,21 @@ class _LayerSplitScorer:
 def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cost: int,
                          num_sequences: int = SPLIT_SEQUENCES, rope_pair_step: int = 1,
                          rope_scaling: float = 1.0,
-                         rope_correction: str = "none") -> list[list[SplitCandidate]]:
+                         rope_correction: str = "none",
+                         key_weight: float = 1.0) -> list[list[SplitCandidate]]:
     """Score every RoPE/latent split of every layer of the original ``model`` on the first
     ``num_sequences`` calibration sequences; returns each layer's candidates, errors filled.
 
-    strategy: the RoPE selection (its pairs for each r); svd: "joint" or "activation".
+    strategy: the RoPE selection (its pairs for each r); svd: one of ``JOINT_METHODS``.
     max_cost: the largest cost (values per token) a candidate may have.
     rope_pair_step: only ``r`` that are multiples of it (1: every ``r``; 4 keeps ``d_r`` a
         multiple of 8).
     rope_correction: the MLAConfig option; a fitted correction of the dropped pairs is applied
         to the queries as the conversion folds it into q_proj.
+    key_weight: the key rows' weight of svd="activation-score" (``MLAConfig.svd_key_weight``).
     """
-    if svd not in ("joint", "activation"):
-        raise ValueError(f"a per-layer split needs svd 'joint' or 'activation', got {svd!r}")
+    if svd not in JOINT_METHODS:
+        raise ValueError(f"a per-layer split needs svd in {JOINT_METHODS}, got {svd!r}")
     if not calibration.sequences:
         raise ValueError("calibration has no token sequences (it predates them): calibrate "
                          "again with mla_ext.calibrate to choose a per-layer split")
@@ -289,7 +312,7 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
                       if c.latent_dim <= max_rank(svd, h_kv * (d_h - 2 * c.rope_pairs),
                                                   h_kv * d_h, cfg.hidden_size)]
         scorers.append(_LayerSplitScorer(attn, stats, candidates, strategy, svd, rope_scaling,
-                                         rope_correction))
+                                         rope_correction, key_weight))
     base = getattr(model, "base_model", model)
     device = base.get_input_embeddings().weight.device
     was_training = model.training

@@ -5,6 +5,8 @@ Per decoder layer (ARCHITECTURE section 2):
 - the 2-norm statistic of partial RoPE: the mean over tokens of the norm of every frequency pair
   of the pre-RoPE query and key vectors (pair ``j`` = dims ``j`` and ``j + d_h/2``, rotate-half);
 - optionally ``X^T X`` of the attention input, which the activation-aware SVD whitens with;
+- optionally ``sum_t q_t q_t^T`` of every query head (pre-RoPE), the score weights of the
+  "activation-score" SVD;
 - optionally the attention mass at each relative distance (the rotation-aware RoPE selection);
 - optionally a small sample of one layer's pre-RoPE queries, keys and values on the first few
   sequences (the greedy RoPE selection, which measures the attention output of each choice);
@@ -74,6 +76,8 @@ class LayerStats:
     inv_freq: (d_h/2,) float64, the rotary frequency of each pair (radians per position).
     attention_sample: an :class:`AttentionSample` of this layer; None if not collected.
     rope_fit: the :class:`PairFitSums` of the fitted RoPE correction; None if not collected.
+    query_gram: (H, d_h, d_h) float64, ``sum_t q_t q_t^T`` of every query head (q_proj output,
+        bias included, before RoPE); None if not collected.
     """
 
     q_pair_norm: torch.Tensor
@@ -84,6 +88,7 @@ class LayerStats:
     inv_freq: torch.Tensor | None = None
     attention_sample: AttentionSample | None = None
     rope_fit: PairFitSums | None = None
+    query_gram: torch.Tensor | None = None
 
 
 @dataclass
@@ -218,7 +223,9 @@ class _Accumulator:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, collect_xtx: bool,
                  max_length: int | None = None, sample_sequences: int = 0,
-                 collect_rope_fit: bool = False):
+                 collect_rope_fit: bool = False, collect_query_gram: bool = False):
+        self.collect_query_gram = collect_query_gram
+        self.query_gram: torch.Tensor | None = None
         self.shape_q = (num_heads, 2, head_dim // 2)
         self.shape_k = (num_kv_heads, 2, head_dim // 2)
         self.collect_xtx = collect_xtx
@@ -258,6 +265,11 @@ class _Accumulator:
             self.last_q = output.detach()
         s = self._pair_norm_sum(output.detach(), self.shape_q)
         self.q_sum = s if self.q_sum is None else self.q_sum.add_(s)
+        if self.collect_query_gram:
+            h, d_h = self.shape_q[0], 2 * self.shape_q[2]
+            q = output.detach().reshape(-1, h, d_h).transpose(0, 1).to(torch.float64)
+            gram = q.transpose(1, 2) @ q                                   # (H, d_h, d_h)
+            self.query_gram = gram if self.query_gram is None else self.query_gram.add_(gram)
         self.q_tokens += output.numel() // (self.shape_q[0] * 2 * self.shape_q[2])
 
     def k_hook(self, module, args, kwargs, output):
@@ -365,6 +377,7 @@ class _Accumulator:
             attention_sample=self._attention_sample(),
             rope_fit=None if self.rope_fit is None else PairFitSums(
                 gram=self.rope_fit.gram.cpu(), cross=self.rope_fit.cross.cpu()),
+            query_gram=None if self.query_gram is None else self.query_gram.cpu(),
         )
 
 
@@ -395,7 +408,7 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
               max_sequences: int = 128, batch_size: int = 4, collect_xtx: bool = True,
               collect_distances: bool = False, collect_attention_sample: bool = False,
               sample_sequences: int = SAMPLE_SEQUENCES, collect_rope_fit: bool = False,
-              progress: bool = True) -> Calibration:
+              collect_query_gram: bool = False, progress: bool = True) -> Calibration:
     """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
 
     model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
@@ -415,6 +428,8 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     collect_rope_fit: also sum the normal equations of the fitted correction of each dropped
         RoPE pair (``MLAConfig(rope_correction="fitted-...")``; recomputes every layer's
         attention scores once more, as collect_distances does, and shares them with it).
+    collect_query_gram: also sum ``q q^T`` of every query head (needed by
+        ``svd="activation-score"``; ``H d_h^2`` float64 per layer).
     Returns a :class:`Calibration` with float64 statistics on the CPU.
     """
     _check_positive_int(batch_size, "batch_size")
@@ -434,7 +449,7 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     accs = [_Accumulator(h, h_kv, head_dim, collect_xtx,
                          max_length if collect_distances else None,
                          sample_sequences if collect_attention_sample else 0,
-                         collect_rope_fit)
+                         collect_rope_fit, collect_query_gram)
             for _ in projections]
     handles = []
     was_training = model.training

@@ -9,6 +9,17 @@
 - ``activation`` / ``activation-split``: the same, but optimal for the outputs ``W x`` over the
   calibration activations: with ``X^T X = L L^T``, ``||(W - W') X^T||_F = ||(W - W') L||_F``, so
   the truncated SVD of ``W L`` mapped back by ``L^{-1}`` is the best rank-``D_c`` factorization.
+- ``activation-score``: the joint factorization weighted on both sides, for what the keys and
+  values feed rather than for themselves: a NoPE key error ``e`` changes the scores of a query
+  ``q`` by ``q^T e``, a value error changes the layer output by ``W_o,h e``. With the row Gram
+  ``G = blockdiag(G_k, G_v)`` (``G_k``: per KV head the second moment of its query heads'
+  queries on the NoPE dims, ``G_v``: per KV head ``sum_h W_o,h^T W_o,h`` over its query heads;
+  ``score_row_grams``) and ``G = F^T F``, ``E||F (W - W') x||^2 = ||F (W - W') L||_F^2``, so
+  the truncated SVD of ``F W L`` mapped back by ``F^{-1}`` on the left and ``L^{-1}`` on the
+  right is the best rank-``D_c`` factorization in that error (queries and keys taken as
+  independent). Each block of ``F`` is scaled so that its energy ``||F_b W_b L||^2`` equals
+  the activation method's ``||W_b L||^2``: the keys/values balance stays that of
+  ``activation``, times ``key_weight`` on the key block.
 
 Everything is computed in float64 on the weights' device and returned as float32.
 """
@@ -19,7 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-SVD_METHODS = ("joint", "split", "activation", "activation-split")
+SVD_METHODS = ("joint", "split", "activation", "activation-split", "activation-score")
+# the methods with one SVD of the stacked matrix: what a cache budget can search over
+JOINT_METHODS = ("joint", "activation", "activation-score")
+# ridge of the row Grams of "activation-score", relative to their mean eigenvalue: a direction
+# the calibration queries never took keeps a small weight (held-out queries may take it)
+ROW_RIDGE = 1e-4
 SIGMA_PLACEMENTS = ("up", "sqrt")
 # CPU factorizations of matrices at most this wide on their shorter side run on one thread.
 SINGLE_THREAD_MAX_DIM = 2048
@@ -136,6 +152,95 @@ def _whitening(xtx: torch.Tensor | None, d: int, ridge: float, device) -> torch.
     return chol
 
 
+def _check_key_weight(key_weight) -> None:
+    if isinstance(key_weight, bool) or not isinstance(key_weight, (int, float)) \
+            or not 0 < key_weight < float("inf"):
+        raise ValueError(f"key_weight must be a finite float > 0, got {key_weight!r}")
+
+
+def _row_factor(row_grams, w: torch.Tensor, rows_k: int, chol: torch.Tensor,
+                key_weight: float) -> torch.Tensor:
+    """Upper-triangular ``F`` (rows, rows), block diagonal over keys / values, with
+    ``F_b^T F_b = c_b (G_b + ROW_RIDGE * trace(G_b)/n_b I)``; ``c_b`` makes
+    ``||F_b W_b L||^2 = ||W_b L||^2`` (times ``key_weight`` for the keys)."""
+    if row_grams is None:
+        raise ValueError("row_grams are required by svd='activation-score' (score_row_grams: "
+                         "calibrate(..., collect_query_gram=True))")
+    if not isinstance(row_grams, (tuple, list)) or len(row_grams) != 2:
+        raise ValueError(f"row_grams must be a (key_gram, value_gram) pair, got "
+                         f"{type(row_grams).__name__}")
+    _check_key_weight(key_weight)
+    rows = w.shape[0]
+    sizes = (rows_k, rows - rows_k)
+    out = torch.zeros(rows, rows, dtype=torch.float64, device=w.device)
+    start = 0
+    for name, gram, n, weight in zip(("key_gram", "value_gram"), row_grams, sizes,
+                                     (key_weight, 1.0)):
+        if n == 0:
+            continue
+        if not isinstance(gram, torch.Tensor) or tuple(gram.shape) != (n, n):
+            shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+            raise ValueError(f"row_grams' {name} must have shape ({n}, {n}), got {shape}")
+        g = gram.to(device=w.device, dtype=torch.float64)
+        if not torch.isfinite(g).all():
+            raise ValueError(f"row_grams' {name} contains NaN or inf")
+        g = 0.5 * (g + g.T)
+        trace = float(g.diagonal().sum())
+        if not trace > 0:
+            raise ValueError(f"row_grams' {name} must have a positive trace, got {trace}")
+        g = g + (ROW_RIDGE * trace / n) * torch.eye(n, dtype=torch.float64, device=w.device)
+        with _lapack_threads(g):
+            low, info = torch.linalg.cholesky_ex(g)
+        if int(info) != 0:
+            raise ValueError(f"row_grams' {name} + ridge is not positive definite")
+        block = w[start:start + n] @ chol
+        factor = low.T
+        energy = float((factor @ block).pow(2).sum())
+        plain = float(block.pow(2).sum())
+        if energy > 0 and plain > 0:
+            factor = factor * (weight * plain / energy) ** 0.5
+        out[start:start + n, start:start + n] = factor
+        start += n
+    return out
+
+
+def score_row_grams(query_gram: torch.Tensor, w_o: torch.Tensor, kn_rows: torch.Tensor,
+                    num_kv_heads: int, head_dim: int, *, transform: torch.Tensor | None = None,
+                    rope_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row Grams of ``activation-score`` for one layer, float64.
+
+    query_gram: (H, d_h, d_h) ``sum_t q_t q_t^T`` of every query head (pre-RoPE q_proj output,
+        ``LayerStats.query_gram``); w_o: (d, H d_h) the o_proj weight; kn_rows: the NoPE key rows
+        of ``W_k`` (``converted_layout``), the rows the latent carries.
+    transform: (H, d_h, d_h) the fitted RoPE correction folded into q_proj (queries become
+        ``T q``), so the keys are weighted by the queries the converted model computes;
+        rope_scaling: scaled RoPE's factor, folded squared into the NoPE queries.
+    Returns ``(G_k, G_v)``: G_k (len(kn_rows),)^2, the group's query second moment on the NoPE
+    key dims of each KV head; G_v (H_kv d_h,)^2, block diagonal ``sum_h W_o,h^T W_o,h``.
+    """
+    if not isinstance(query_gram, torch.Tensor) or query_gram.dim() != 3 \
+            or tuple(query_gram.shape[1:]) != (head_dim, head_dim) \
+            or query_gram.shape[0] % num_kv_heads:
+        shape = (tuple(query_gram.shape) if isinstance(query_gram, torch.Tensor)
+                 else type(query_gram).__name__)
+        raise ValueError(f"query_gram must have shape (H, {head_dim}, {head_dim}) with H a "
+                         f"multiple of {num_kv_heads} KV heads, got {shape}")
+    h = query_gram.shape[0]
+    if tuple(w_o.shape[1:]) != (h * head_dim,):
+        raise ValueError(f"w_o must have {h * head_dim} columns, got shape {tuple(w_o.shape)}")
+    gram = query_gram.to(torch.float64)
+    if transform is not None:
+        t = transform.to(torch.float64)
+        gram = t @ gram @ t.transpose(-1, -2)
+    group = h // num_kv_heads
+    key = gram.view(num_kv_heads, group, head_dim, head_dim).sum(1) * rope_scaling ** 4
+    blocks = w_o.detach().to("cpu", torch.float64).view(-1, h, head_dim).transpose(0, 1)
+    value = (blocks.transpose(1, 2) @ blocks).view(num_kv_heads, group, head_dim,
+                                                    head_dim).sum(1)
+    rows = kn_rows.cpu()
+    return torch.block_diag(*key.cpu())[rows][:, rows], torch.block_diag(*value)
+
+
 @contextlib.contextmanager
 def _lapack_threads(a: torch.Tensor):
     """One CPU thread for the factorization of a small ``a``: LAPACK's many small BLAS calls
@@ -152,10 +257,25 @@ def _lapack_threads(a: torch.Tensor):
         torch.set_num_threads(before)
 
 
+def _weights(w: torch.Tensor, rows_k: int, method: str, xtx, ridge: float, row_grams,
+             key_weight: float):
+    """``(L, F)`` of ``method`` for the stacked ``w``: the input whitening (None for the weight
+    SVD) and the row factor (None unless "activation-score")."""
+    if not method.startswith("activation"):
+        return None, None
+    chol = _whitening(xtx, w.shape[1], ridge, w.device)
+    if method != "activation-score":
+        return chol, None
+    return chol, _row_factor(row_grams, w, rows_k, chol, key_weight)
+
+
 def _truncated_svd(w: torch.Tensor, rank: int, chol: torch.Tensor | None,
-                   sigma: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` ``up @ down`` for ``w`` (weighted by ``chol`` if given)."""
+                   sigma: str, rowf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` ``up @ down`` for ``w`` (weighted by ``chol`` on the right and the
+    upper-triangular ``rowf`` on the left if given)."""
     a = w if chol is None else w @ chol
+    if rowf is not None:
+        a = rowf @ a
     with _lapack_threads(a):
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
@@ -166,12 +286,15 @@ def _truncated_svd(w: torch.Tensor, rank: int, chol: torch.Tensor | None,
         up, down = u * root, root[:, None] * vh
     if chol is not None:
         down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
+    if rowf is not None:
+        up = torch.linalg.solve_triangular(rowf, up, upper=True)
     return up, down
 
 
 def factorize_kv(w_kn: torch.Tensor, w_v: torch.Tensor, rank: int, method: str = "joint", *,
                  xtx: torch.Tensor | None = None, ridge: float = 1e-6,
-                 sigma: str = "up") -> LowRankKV:
+                 sigma: str = "up", row_grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 key_weight: float = 1.0) -> LowRankKV:
     """Factor the NoPE key rows and the value rows of one layer through a ``rank``-wide latent.
 
     w_kn: (rows_k, d) NoPE rows of ``W_k``, all KV heads stacked (rows_k may be 0: full RoPE).
@@ -185,6 +308,10 @@ def factorize_kv(w_kn: torch.Tensor, w_v: torch.Tensor, rank: int, method: str =
         directions the calibration never visited still get a (small) weight.
     sigma: where the singular values go: "up" (``w_down`` rows orthonormal, or ``L``-orthonormal
         for the activation methods) or "sqrt" (``S^1/2`` on both sides, as the paper writes).
+    row_grams: ``(G_k, G_v)`` of :func:`score_row_grams`, required by "activation-score" (the
+        error weights of the key rows and the value rows), ignored by the others.
+    key_weight: "activation-score" multiplies the key block's weight by it (1: the keys/values
+        balance of "activation").
     Returns float32 :class:`LowRankKV` on ``w_kn``'s device.
     """
     _check_method(method)
@@ -208,10 +335,11 @@ def factorize_kv(w_kn: torch.Tensor, w_v: torch.Tensor, rank: int, method: str =
     device = w_kn.device
     wk = w_kn.to(torch.float64)
     wv = w_v.to(device=device, dtype=torch.float64)
-    chol = _whitening(xtx, d, ridge, device) if method.startswith("activation") else None
+    stacked = torch.cat([wk, wv])
+    chol, rowf = _weights(stacked, rows_k, method, xtx, ridge, row_grams, key_weight)
 
     if not _is_split(method):
-        up, down = _truncated_svd(torch.cat([wk, wv]), rank, chol, sigma)
+        up, down = _truncated_svd(stacked, rank, chol, sigma, rowf)
         w_uk, w_uv = up[:rows_k], up[rows_k:]
     else:
         r_k, r_v = split_ranks(rank, rows_k, rows_v, d)
@@ -232,36 +360,43 @@ def factorize_kv(w_kn: torch.Tensor, w_v: torch.Tensor, rank: int, method: str =
     )
 
 
+def _check_joint(method: str, caller: str) -> None:
+    if method not in JOINT_METHODS:
+        raise ValueError(f"{caller} needs method in {JOINT_METHODS}, got {method!r}")
+
+
 def joint_spectrum(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "joint", *,
-                   xtx: torch.Tensor | None = None, ridge: float = 1e-6) -> torch.Tensor:
+                   xtx: torch.Tensor | None = None, ridge: float = 1e-6,
+                   row_grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   key_weight: float = 1.0) -> torch.Tensor:
     """Singular values (descending, float64) of the matrix the joint methods truncate:
-    ``[w_kn; w_v]``, whitened by the activations for "activation". The squared tail beyond a
-    rank is that rank's error (in output energy for "activation"), which is what a cache budget
-    trades between layers."""
-    if method not in ("joint", "activation"):
-        raise ValueError(f"joint_spectrum needs method 'joint' or 'activation', got {method!r}")
+    ``[w_kn; w_v]``, whitened by the activations for "activation" (and weighted by the row
+    Grams for "activation-score"). The squared tail beyond a rank is that rank's error (in the
+    method's error), which is what a cache budget trades between layers."""
+    _check_joint(method, "joint_spectrum")
     _check_weight(w_kn, "w_kn")
     _check_weight(w_v, "w_v")
-    d = w_v.shape[1]
     w = torch.cat([w_kn.to(torch.float64), w_v.to(device=w_kn.device, dtype=torch.float64)])
-    if method == "activation":
-        w = w @ _whitening(xtx, d, ridge, w.device)
+    chol, rowf = _weights(w, w_kn.shape[0], method, xtx, ridge, row_grams, key_weight)
+    if chol is not None:
+        w = w @ chol
+    if rowf is not None:
+        w = rowf @ w
     with _lapack_threads(w):
         return torch.linalg.svdvals(w)
 
 
 def nested_joint_factors(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "activation", *,
-                         xtx: torch.Tensor | None = None,
-                         ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                         xtx: torch.Tensor | None = None, ridge: float = 1e-6,
+                         row_grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         key_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The joint factorization at its full rank, float64, ordered so that its first ``k``
     latent channels are exactly ``factorize_kv(..., rank=k, method)``: ``up[:, :k] @ down[:k]``
     for every ``k`` from one SVD (what a search over latent widths needs).
 
     Returns ``up`` ((rows_k + rows_v), R) and ``down`` (R, d), ``R = max_rank(method, ...)``.
     """
-    if method not in ("joint", "activation"):
-        raise ValueError(f"nested_joint_factors needs method 'joint' or 'activation', "
-                         f"got {method!r}")
+    _check_joint(method, "nested_joint_factors")
     _check_weight(w_kn, "w_kn")
     _check_weight(w_v, "w_v")
     d = w_v.shape[1]
@@ -269,5 +404,5 @@ def nested_joint_factors(w_kn: torch.Tensor, w_v: torch.Tensor, method: str = "a
         raise ValueError(f"w_kn and w_v must have the same number of columns d, got "
                          f"{w_kn.shape[1]} and {d}")
     w = torch.cat([w_kn.to(torch.float64), w_v.to(device=w_kn.device, dtype=torch.float64)])
-    chol = _whitening(xtx, d, ridge, w.device) if method == "activation" else None
-    return _truncated_svd(w, max_rank(method, w_kn.shape[0], w_v.shape[0], d), chol, "up")
+    chol, rowf = _weights(w, w_kn.shape[0], method, xtx, ridge, row_grams, key_weight)
+    return _truncated_svd(w, max_rank(method, w_kn.shape[0], w_v.shape[0], d), chol, "up", rowf)

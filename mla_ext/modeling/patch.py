@@ -13,7 +13,8 @@ from ..config import MLAConfig
 from ..convert import factorize_kv, max_rank, select_rope_pairs
 from ..convert.rope_selection import converted_layout
 from ..convert.budget import (LATENT_STEP, MAX_COST_FACTOR, allocate_latent_widths,
-                              choose_splits, latent_budget, measure_split_errors)
+                              choose_splits, latent_budget, layer_row_grams,
+                              measure_split_errors)
 from ..convert.lowrank import joint_spectrum
 from ..convert.rope_correction import layer_query_transform
 from .attention import MLAAttention
@@ -107,7 +108,8 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
                                           svd=config.svd, max_cost=max_cost,
                                           rope_pair_step=config.rope_pair_step,
                                           rope_scaling=rope_scaling,
-                                          rope_correction=config.rope_correction)
+                                          rope_correction=config.rope_correction,
+                                          key_weight=config.svd_key_weight)
         return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
                 for c in choose_splits(candidates, budget)]
     stats = calibration.layers if calibration is not None else [None] * len(layers)
@@ -118,11 +120,15 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     spectra, maximum = [], []
     for layer, layer_stats in zip(layers, stats):
         attn = layer.self_attn
-        kn_rows = converted_layout(_select_pairs(attn, config, r, layer_stats), d_h, h)[2]
+        pairs = _select_pairs(attn, config, r, layer_stats)
+        kn_rows = converted_layout(pairs, d_h, h)[2]
         w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
         w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
-        xtx = getattr(layer_stats, "xtx", None) if config.svd == "activation" else None
-        spectra.append(joint_spectrum(w_k[kn_rows], w_v, config.svd, xtx=xtx))
+        xtx = getattr(layer_stats, "xtx", None) if config.svd.startswith("activation") else None
+        transform = layer_query_transform(layer_stats, config.rope_correction, pairs, h, d_h)
+        grams = layer_row_grams(attn, layer_stats, config.svd, kn_rows, transform, rope_scaling)
+        spectra.append(joint_spectrum(w_k[kn_rows], w_v, config.svd, xtx=xtx, row_grams=grams,
+                                      key_weight=config.svd_key_weight))
         top = max_rank(config.svd, len(kn_rows), w_v.shape[0], cfg.hidden_size)
         maximum.append(top - top % LATENT_STEP)
     widths = allocate_latent_widths(spectra, budget, maximum=maximum)
@@ -151,7 +157,9 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
         if b_q is not None:
             b_q = (transform @ b_q.view(h, d_h, 1)).reshape(h * d_h)
     xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
-    low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx)
+    grams = layer_row_grams(attn, stats, config.svd, kn_rows, transform, rope_scaling)
+    low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx,
+                       row_grams=grams, key_weight=config.svd_key_weight)
 
     new_q_w, new_q_b = w_q[q_rows].clone(), None if b_q is None else b_q[q_rows].clone()
     if rope_scaling != 1.0:
@@ -210,6 +218,10 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
         if config.needs_distances and any(s.distance_mass is None for s in calibration.layers):
             raise ValueError('rope_strategy="rotation" needs attention distances: calibrate '
                              "with collect_distances=True")
+        if config.svd == "activation-score" and any(s.query_gram is None
+                                                     for s in calibration.layers):
+            raise ValueError("svd='activation-score' needs the queries' second moments: "
+                             "calibrate with collect_query_gram=True")
         if config.needs_rope_fit and any(s.rope_fit is None for s in calibration.layers):
             raise ValueError(f"rope_correction={config.rope_correction!r} needs the fit's "
                              "statistics: calibrate with collect_rope_fit=True")
