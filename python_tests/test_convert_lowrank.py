@@ -21,11 +21,17 @@ def _activations(n, d, seed=1, decay=0.7):
     return torch.randn(n, d, generator=gen, dtype=torch.float64) * scales @ basis.T
 
 
+def _gram(n, seed, decay=0.8):
+    """An anisotropic positive definite Gram, like the queries' second moment."""
+    y = _activations(4 * n, n, seed=seed, decay=decay)
+    return y.T @ y
+
+
 def _row_grams(method, rows_k, rows_v):
     """The row weights "activation-score" needs (test_convert_score_svd.py tests the method)."""
     if method != "activation-score":
         return None
-    return tuple(y.T @ y for y in (_activations(4 * n, n, seed=5) for n in (rows_k, rows_v)))
+    return tuple(_gram(n, seed=5, decay=0.7) for n in (rows_k, rows_v))
 
 
 def _rel(a, b):
@@ -131,11 +137,12 @@ def test_split_without_nope_rows_gives_everything_to_values():
     assert err == pytest.approx(optimal, rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ACTIVATION)
+@pytest.mark.parametrize("method", ACTIVATION + ("activation-score",))
 def test_activation_aware_recovers_outputs_in_a_subspace(method):
     # Activations in a known 8-dim subspace: W x has rank 8 over the data, so an output-aware
     # factorization of rank 8 (8 per part for split) reproduces it exactly, also on unseen x of
-    # the same span, while the weight SVD at that rank cannot.
+    # the same span (for activation-score whatever the row weights), while the weight SVD at
+    # that rank cannot.
     d, sub = 64, 8
     w_kn, w_v = _weights(24, 32, d, seed=7)
     gen = torch.Generator().manual_seed(8)
@@ -144,7 +151,8 @@ def test_activation_aware_recovers_outputs_in_a_subspace(method):
     xtx = x.T @ x
     rank = 2 * sub if method == "activation-split" else sub
     weight_method = "split" if method == "activation-split" else "joint"
-    aware = factorize_kv(w_kn, w_v, rank, method, xtx=xtx, ridge=1e-10)
+    aware = factorize_kv(w_kn, w_v, rank, method, xtx=xtx, ridge=1e-10,
+                         row_grams=_row_grams(method, 24, 32))
     plain = factorize_kv(w_kn, w_v, rank, weight_method)
     fresh = torch.randn(50, sub, generator=gen, dtype=torch.float64) @ basis  # unseen, same span
     for w, part in ((w_kn, "w_uk"), (w_v, "w_uv")):
