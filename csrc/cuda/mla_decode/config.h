@@ -6,38 +6,41 @@
 
 namespace mla_ext::decode {
 
-// Every CTA has kWarps warps and streams the cache in tiles of one or two pieces. A piece is 16
-// tokens inside one cache block (block_size is a multiple of it): its rows are contiguous in
-// memory and one block-table entry addresses it. It is also the M = 16 of the score MMA.
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
+// A CTA streams the cache in tiles of one or two pieces. A piece is 16 tokens inside one cache
+// block (block_size is a multiple of it): its rows are contiguous in memory and one block-table
+// entry addresses it. It is also the M = 16 of the score MMA.
 constexpr int kPieceTokens = 16;
 
-// Latent-width buckets. A bucket holds D_c up to max_latent. In the output product warp w owns
-// the 16-channel tiles w, w + kWarps, ... (chan_tiles of them), so kWarps * chan_tiles * 16 ==
-// max_latent; the accumulators cost chan_tiles * row_tiles * 4 registers per thread.
-// row_tiles * 8 (query token, head) rows share one CTA on the MMA's N = 8 dimension.
-// A tile of `pieces` pieces has pieces * row_tiles score blocks (16 tokens x 8 rows); each block
-// belongs to kWarps / (pieces * row_tiles) warps that split its latent channels (1: no partial
-// scores to add). q_in_regs: each warp keeps its queries' MMA fragments in registers (no
-// shared-memory copy of q); the widest buckets have no registers left for that.
-// min_ctas: CTAs per SM the launch bound asks registers for.
+// Latent-width buckets. A bucket holds D_c up to max_latent; its CTAs have `warps` warps. In the
+// output product warp w owns the 16-channel tiles w, w + warps, ... (chan_tiles of them), so
+// warps * chan_tiles * 16 == max_latent; the accumulators cost chan_tiles * row_tiles * 4
+// registers per thread. row_tiles * 8 (query token, head) rows share one CTA on the MMA's N = 8
+// dimension. A tile of `pieces` pieces has pieces * row_tiles score blocks (16 tokens x 8 rows);
+// each block belongs to warps / (pieces * row_tiles) warps that split its latent channels (1: no
+// partial scores to add). q_in_regs: each warp keeps its queries' MMA fragments in registers (no
+// shared-memory copy of q); the widest buckets have no registers left for that. min_ctas: CTAs
+// per SM the launch bound asks registers for. score_chains: independent accumulators a warp's
+// score MMAs rotate through (4 registers each), so that consecutive MMAs do not wait for each
+// other. More warps per CTA hide more latency (a scheduler switches between warps while one
+// waits) but leave fewer registers to each.
 struct BucketShape {
-  int max_latent, chan_tiles, row_tiles, pieces, min_ctas;
+  int max_latent, warps, chan_tiles, row_tiles, pieces, min_ctas;
   bool q_in_regs;
+  int score_chains;
 };
 constexpr int kNumBuckets = 5;
 constexpr BucketShape kBuckets[kNumBuckets] = {
-    {128, 1, 4, 2, 2, true},
-    {256, 2, 4, 2, 2, false},
-    {512, 4, 4, 2, 1, true},
-    {1024, 8, 4, 2, 1, false},
-    {2048, 16, 2, 1, 1, false},
+    {128, 8, 1, 4, 2, 2, true, 4},
+    {256, 8, 2, 4, 2, 2, false, 4},
+    {512, 16, 2, 4, 2, 1, true, 2},
+    {1024, 8, 8, 4, 2, 1, false, 4},
+    {2048, 8, 16, 2, 1, 1, false, 4},
 };
 
+constexpr int bucket_threads(int bucket) { return kBuckets[bucket].warps * 32; }
 constexpr int bucket_tile_tokens(int bucket) { return kBuckets[bucket].pieces * kPieceTokens; }
 constexpr int bucket_k_split(int bucket) {
-  return kWarps / (kBuckets[bucket].pieces * kBuckets[bucket].row_tiles);
+  return kBuckets[bucket].warps / (kBuckets[bucket].pieces * kBuckets[bucket].row_tiles);
 }
 // The tile size the CPU plan uses (the CUDA plan uses its bucket's).
 constexpr int kDefaultTileTokens = 2 * kPieceTokens;
@@ -65,7 +68,7 @@ constexpr bool buckets_consistent() {
   for (int i = 0; i < kNumBuckets; ++i) {
     const BucketShape& s = kBuckets[i];
     const int blocks = s.pieces * s.row_tiles;
-    if (kWarps * s.chan_tiles * 16 != s.max_latent || kWarps % blocks != 0) return false;
+    if (s.warps * s.chan_tiles * 16 != s.max_latent || s.warps % blocks != 0) return false;
   }
   return true;
 }

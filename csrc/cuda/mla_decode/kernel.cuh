@@ -48,6 +48,8 @@ struct CopyGeometry {
 template <typename T, int kBucket>
 struct DecodeKernel {
   static constexpr BucketShape kShape = kBuckets[kBucket];
+  static constexpr int kWarps = kShape.warps;
+  static constexpr int kThreads = kWarps * 32;
   static constexpr int kChanTiles = kShape.chan_tiles;
   static constexpr int kRowTiles = kShape.row_tiles;
   static constexpr int kPieces = kShape.pieces;
@@ -57,6 +59,8 @@ struct DecodeKernel {
   static constexpr int kBlocks = kPieces * kRowTiles;  // 16 x 8 score blocks per tile
   static constexpr int kKSplit = bucket_k_split(kBucket);  // warps sharing one block's channels
   static constexpr int kKSteps = kWarps * kChanTiles / kKSplit;  // a warp's 16-channel steps, at most
+  static constexpr int kScoreChains = kShape.score_chains;  // independent score accumulators
+  static constexpr int kLoadBatch = 4;  // prologue loads a thread keeps in flight
   static constexpr int kSpartLd = spart_ld(kRows);
   static constexpr int kPtLd = pt_ld(kTile);
   static constexpr int kThreadsPerRow = kThreads / kRows;  // softmax threads of one row
@@ -69,12 +73,30 @@ struct DecodeKernel {
   // A float latent row (D_c * 2 bytes, 16 per copy) never has more columns than a piece threads.
   static_assert(kShape.max_latent * 2 / 16 <= kPieceThreads);
 
-  // The block-table entry of this thread's piece of `tile`, or -1 for a piece past the end.
-  static __device__ __forceinline__ int piece_block(const MlaDecodeParams& p, int b, int len,
-                                                    int tile, int piece) {
+  // Where this thread's piece of the next tile to copy starts: its first token, the block-table
+  // index and the offset inside that block. Tiles are copied in order, so the cursor advances by
+  // one tile at a time (no division by block_size per tile).
+  struct PieceCursor {
+    int tok, index, offset;
+    __device__ void advance(int block_size) {
+      tok += kTile;
+      offset += kTile;
+      while (offset >= block_size) {
+        offset -= block_size;
+        ++index;
+      }
+    }
+  };
+
+  static __device__ PieceCursor piece_cursor(const MlaDecodeParams& p, int tile, int piece) {
     const int tok = tile * kTile + piece * kPieceTokens;
-    return tok < len ? p.block_table[static_cast<int64_t>(b) * p.max_blocks + tok / p.block_size]
-                     : -1;
+    return {tok, tok / p.block_size, tok % p.block_size};
+  }
+
+  // The block-table entry of the cursor's piece, or -1 for a piece past the end.
+  static __device__ __forceinline__ int piece_block(const MlaDecodeParams& p, int b, int len,
+                                                    const PieceCursor& c) {
+    return c.tok < len ? p.block_table[static_cast<int64_t>(b) * p.max_blocks + c.index] : -1;
   }
 
   static __device__ CopyGeometry copy_geometry(const MlaDecodeParams& p, int kv_lo, int kv_cnt) {
@@ -116,19 +138,18 @@ struct DecodeKernel {
     }
   }
 
-  // Issues this thread's copies of its piece of `tile` into stage `stage` (no commit). blk:
+  // Issues this thread's copies of the cursor's piece into stage `stage` (no commit). blk:
   // piece_block(), loaded an iteration ahead so that the copies need not wait for it. Tokens past
   // the sequence end inside a live piece are copied as they are (valid memory of that block) and
   // masked later, except float latent rows, which are zero-filled so that P = 0 never multiplies
   // a NaN; a piece past the end copies nothing but those zeros.
   static __device__ void issue_tile(const MlaDecodeParams& p, uint8_t* smem, int stage, int len,
-                                    int tile, int blk, int kv_lo, int kv_cnt,
+                                    const PieceCursor& cur, int blk, int kv_lo, int kv_cnt,
                                     const CopyGeometry& geo) {
     const SmemLayout& L = p.smem;
     const int piece = threadIdx.x / kPieceThreads;
-    const int ptok0 = tile * kTile + piece * kPieceTokens;
-    const int64_t slot0 =
-        blk >= 0 ? static_cast<int64_t>(blk) * p.block_size + ptok0 % p.block_size : 0;
+    const int ptok0 = cur.tok;
+    const int64_t slot0 = blk >= 0 ? static_cast<int64_t>(blk) * p.block_size + cur.offset : 0;
     uint8_t* st = smem + L.stages + stage * L.stage_bytes;
     if (p.format == kFmtFloat) {
       const int row_bytes = p.D_c * 2, pitch = L.ld_tile * 2;
@@ -136,9 +157,6 @@ struct DecodeKernel {
       const uint8_t* src = p.latent + (slot0 + geo.lat_row0) * row_bytes + geo.lat_col;
       uint32_t dst = smem_addr(st + L.st_latent + (piece * kPieceTokens + geo.lat_row0) * pitch +
                                geo.lat_col);
-      // unrolled: each copy keeps its own address registers (a pointer bumped right after its
-      // LDGSTS waits for the copy to have read it)
-#pragma unroll 4
       for (int r = geo.lat_row0; r < kPieceTokens; r += geo.lat_row_step) {
         cp_async16(dst, src, r < live ? 16 : 0);
         src += geo.lat_src_step_bytes;
@@ -167,7 +185,6 @@ struct DecodeKernel {
     if (!geo.rope_general) {
       const uint8_t* from = src + geo.rope_row0 * src_pitch + geo.rope_src_col;
       uint32_t to = smem_addr(dst + geo.rope_row0 * L.rope_ld + geo.rope_dst_col);
-#pragma unroll 4
       for (int r = geo.rope_row0; r < kPieceTokens; r += geo.rope_row_step) {
         cp_async_n(to, from, u);
         from += geo.rope_src_step_bytes;
@@ -310,16 +327,15 @@ struct DecodeKernel {
 
     // Start the first tiles' copies before anything else.
     const CopyGeometry geo = copy_geometry(p, kv_lo, kv_cnt);
+    PieceCursor cursor = piece_cursor(p, tile_begin, my_piece);
     for (int s = 0; s < num_stages - 1; ++s) {
-      const int tile = tile_begin + s;
-      if (tile < tile_end) {
-        issue_tile(p, smem, s, len, tile, piece_block(p, b, len, tile, my_piece), kv_lo, kv_cnt,
-                   geo);
+      if (tile_begin + s < tile_end) {
+        issue_tile(p, smem, s, len, cursor, piece_block(p, b, len, cursor), kv_lo, kv_cnt, geo);
+        cursor.advance(p.block_size);
       }
       cp_async_commit();
     }
-    int next_blk = tile_begin + num_stages - 1 < tile_end
-                       ? piece_block(p, b, len, tile_begin + num_stages - 1, my_piece) : -1;
+    int next_blk = tile_begin + num_stages - 1 < tile_end ? piece_block(p, b, len, cursor) : -1;
 
     // Warp roles: the score block (piece, row tile) this warp computes and its channel slice.
     const int kslice = warp / kBlocks, wblock = warp % kBlocks;
@@ -344,21 +360,30 @@ struct DecodeKernel {
         qf[i][1] = live && c0 + 8 < p.D_c ? *reinterpret_cast<const uint32_t*>(qrow + c0 + 8) : 0u;
       }
     } else {
-      const int chunks = L.ld_tile / 8;
-      for (int idx = tid; idx < p.rows_per_cta * chunks; idx += kThreads) {
-        const int r = idx / chunks, c8 = (idx % chunks) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < rows_here && c8 < p.D_c) {
-          v = *reinterpret_cast<const uint4*>(q_lat + (q_row_base + r) * p.D_c + c8);
+      // kLoadBatch loads in flight before their stores (a store to a generic pointer keeps the
+      // compiler from moving the next load above it).
+      const int chunks = L.ld_tile / 8, total = p.rows_per_cta * chunks;
+      for (int base = tid; base < total; base += kLoadBatch * kThreads) {
+        uint4 v[kLoadBatch];
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const int idx = base + j * kThreads, r = idx / chunks, c8 = (idx % chunks) * 8;
+          v[j] = idx < total && r < rows_here && c8 < p.D_c
+                     ? *reinterpret_cast<const uint4*>(q_lat + (q_row_base + r) * p.D_c + c8)
+                     : make_uint4(0, 0, 0, 0);
         }
-        *reinterpret_cast<uint4*>(q_s + r * L.ld_tile + c8) = v;
+#pragma unroll
+        for (int j = 0; j < kLoadBatch; ++j) {
+          const int idx = base + j * kThreads, r = idx / chunks, c8 = (idx % chunks) * 8;
+          if (idx < total) *reinterpret_cast<uint4*>(q_s + r * L.ld_tile + c8) = v[j];
+        }
       }
     }
     {
       // The RoPE runs of each row tile and its step table (one thread per row tile), then the
       // block-diagonal queries: row r's query in the k-units of its run, zeros elsewhere.
       int* tab = reinterpret_cast<int*>(smem + L.rope_tab);
-      const int upr = L.rope_units_per_run;
+      const int upr = p.d_r_pad / 8;  // k-units of a run
       if (tid < kRowTiles) {
         int* t = tab + tid * L.rope_tab_ld;
         int runs = 0, prev = -1, run_kvl[8];
@@ -385,24 +410,41 @@ struct DecodeKernel {
           t[kRopeTabHeader + s] = off[0] | (off[1] << 16);
         }
       }
+      // Block-diagonal queries: zeros, then each row's query at its run's units (k = run *
+      // d_r_pad + d), all of a thread's loads in flight at once.
+      uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
+      {
+        const int words = p.rows_per_cta * L.rope_q_ld / 8;  // rope_q_ld: a multiple of 8
+        uint4* rq16 = reinterpret_cast<uint4*>(rq);
+        for (int i = tid; i < words; i += kThreads) rq16[i] = make_uint4(0, 0, 0, 0);
+      }
       __syncthreads();
       const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
       const bool rope_half = p.rope_path == kRopeFp8Keys;
-      uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
-      const int cols = L.rope_steps_max * 16;
-      for (int idx = tid; idx < p.rows_per_cta * cols; idx += kThreads) {
-        const int r = idx / cols, k = idx % cols;
-        const int u = k / 8, d = (u % upr) * 8 + k % 8;
+      const int rope_elems = p.rows_per_cta * p.d_r;  // at most kRows * 64: 8 per thread
+      static_assert(kRows * 64 <= kThreads * 8);
+      float qv[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int idx = tid + j * kThreads, r = idx / p.d_r;
+        const bool live = idx < rope_elems && r < rows_here;
+        qv[j] = live ? static_cast<float>(q_rope[q_row_base * p.d_r + idx]) : 0.f;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int idx = tid + j * kThreads, r = idx / p.d_r, d = idx - r * p.d_r;
+        if (idx >= rope_elems) break;
         const int run = tab[(r / 8) * L.rope_tab_ld + 1 + r % 8];
-        const float x = run >= 0 && u / upr == run && d < p.d_r
-                            ? static_cast<float>(q_rope[(q_row_base + r) * p.d_r + d]) : 0.f;
+        if (run < 0) continue;
+        uint16_t bits;
         if (rope_half) {
-          const __half h = __float2half_rn(x);
-          rq[r * L.rope_q_ld + k] = *reinterpret_cast<const uint16_t*>(&h);
+          const __half h = __float2half_rn(qv[j]);
+          bits = *reinterpret_cast<const uint16_t*>(&h);
         } else {
-          const T h = from_float<T>(x);
-          rq[r * L.rope_q_ld + k] = *reinterpret_cast<const uint16_t*>(&h);
+          const T h = from_float<T>(qv[j]);
+          bits = *reinterpret_cast<const uint16_t*>(&h);
         }
+        rq[r * L.rope_q_ld + run * p.d_r_pad + d] = bits;
       }
       if (!quant) {
         // Channels D_c .. ld_tile of every stage: cp.async never writes them, the MMAs read
@@ -455,16 +497,24 @@ struct DecodeKernel {
       __syncthreads();
     }
 
+    // stage: the ring slot of `tile` (it % num_stages); ahead_stage that of tile + num_stages - 1
+    int stage = 0, ahead_stage = num_stages - 1;
+    auto next_slot = [num_stages](int s) { return s + 1 == num_stages ? 0 : s + 1; };
     for (int tile = tile_begin; tile < tile_end; ++tile) {
       const int it = tile - tile_begin;
-      const int stage = it % num_stages;
       const uint8_t* st = smem + L.stages + stage * L.stage_bytes;
       const T* ctile = reinterpret_cast<const T*>(quant ? smem + L.ctile[it & 1] : st + L.st_latent);
 
       // 1. this warp's score block: its latent channels, then its RoPE runs. A latent as wide as
       // the bucket runs the chain without a bound check per step (whose branches would also
       // cost a warp re-convergence before every MMA).
-      float sacc[4] = {0.f, 0.f, 0.f, 0.f};
+      // Independent accumulators (chain i % kScoreChains): one chain of dependent MMAs would
+      // wait out the MMA latency at every step, with only two warps per scheduler to hide it.
+      float sacc[kScoreChains][4];
+#pragma unroll
+      for (int c = 0; c < kScoreChains; ++c)
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sacc[c][k] = 0.f;
       {
         const int mat = lane / 8;
         const T* a_row = ctile + (wpiece * kPieceTokens + (mat % 2) * 8 + lane % 8) * L.ld_tile +
@@ -480,11 +530,11 @@ struct DecodeKernel {
             uint32_t a[4];
             ldmatrix_x4(a, a_row + ks * 16);
             if constexpr (kQRegs) {
-              mma16816<T>(sacc, a, qf[i]);
+              mma16816<T>(sacc[i % kScoreChains], a, qf[i]);
             } else {
               uint32_t bq[2];
               ldmatrix_x2(bq, q_row + ks * 16);
-              mma16816<T>(sacc, a, bq);
+              mma16816<T>(sacc[i % kScoreChains], a, bq);
             }
           }
         };
@@ -496,24 +546,26 @@ struct DecodeKernel {
       }
       {
         // RoPE: one k16 step covers two 8-dim units (of one run or two); each lane's A address
-        // comes from the step table, its B fragment from the block-diagonal queries.
+        // comes from the step table, its B fragment from the block-diagonal queries. Steps
+        // alternate between two accumulators (fp8 keys: two of their own, scaled afterwards).
         const uint8_t* rope = st + L.st_rope + wpiece * kPieceTokens * L.rope_ld;
         const int steps = rope_tab[0];
-        float racc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 2
-        for (int s = kslice; s < steps; s += kKSplit) {
+        float racc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        // The key path is a template argument: no branch on it inside the loop.
+        auto rope_step = [&](auto path, int s, float (&c)[4], float (&c8)[4]) {
+          constexpr int kPath = decltype(path)::value;
           const uint32_t offs = static_cast<uint32_t>(rope_tab[kRopeTabHeader + s]);
           uint32_t bq[2];
           ldmatrix_x2(bq, rq_row + s * 16);
           uint32_t a[4];
-          if (p.rope_path == kRopeLdmatrix) {
+          if constexpr (kPath == kRopeLdmatrix) {
             ldmatrix_x4(a, rope + (lane % 16) * L.rope_ld + (lane < 16 ? offs & 0xFFFFu : offs >> 16));
-            mma16816<T>(sacc, a, bq);
+            mma16816<T>(c, a, bq);
           } else {
             const uint8_t* k0 = rope + g * L.rope_ld + (offs & 0xFFFFu);
             const uint8_t* k1 = rope + g * L.rope_ld + (offs >> 16);
             const int hi = 8 * L.rope_ld;
-            if (p.rope_path == kRopeConvert) {
+            if constexpr (kPath == kRopeConvert) {
               auto pair = [&](const uint8_t* at) {
                 return convert_pair<kHalf>(*reinterpret_cast<const uint32_t*>(at + 4 * tq));
               };
@@ -521,7 +573,7 @@ struct DecodeKernel {
               a[1] = pair(k0 + hi);
               a[2] = pair(k1);
               a[3] = pair(k1 + hi);
-              mma16816<T>(sacc, a, bq);
+              mma16816<T>(c, a, bq);
             } else {
               auto pair = [&](const uint8_t* at) {
                 return fp8x2_to_half2(*reinterpret_cast<const uint16_t*>(at + 2 * tq));
@@ -530,9 +582,24 @@ struct DecodeKernel {
               a[1] = pair(k0 + hi);
               a[2] = pair(k1);
               a[3] = pair(k1 + hi);
-              mma16816<__half>(racc, a, bq);
+              mma16816<__half>(c8, a, bq);
             }
           }
+        };
+        auto rope_steps = [&](auto path) {
+          for (int s = kslice; s < steps; s += 2 * kKSplit) {
+            rope_step(path, s, sacc[0], racc[0]);
+            if (s + kKSplit < steps) {
+              rope_step(path, s + kKSplit, sacc[kScoreChains > 1 ? 1 : 0], racc[1]);
+            }
+          }
+        };
+        if (p.rope_path == kRopeLdmatrix) {
+          rope_steps(std::integral_constant<int, kRopeLdmatrix>{});
+        } else if (p.rope_path == kRopeConvert) {
+          rope_steps(std::integral_constant<int, kRopeConvert>{});
+        } else {
+          rope_steps(std::integral_constant<int, kRopeFp8Keys>{});
         }
         if (p.rope_path == kRopeFp8Keys) {
           // fp8 keys carry a scale per (token, KV head), applied to the score: column r of the
@@ -541,14 +608,19 @@ struct DecodeKernel {
                              wpiece * kPieceTokens * p.H_kv;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            sacc[k] += racc[k] * __half2float(rs[(g + (k / 2) * 8) * p.H_kv + kv_of_col[k % 2]]);
+            sacc[0][k] += (racc[0][k] + racc[1][k]) *
+                          __half2float(rs[(g + (k / 2) * 8) * p.H_kv + kv_of_col[k % 2]]);
           }
         }
+#pragma unroll
+        for (int c = 1; c < kScoreChains; ++c)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) sacc[0][k] += sacc[c][k];
       }
       {
         float* dst = spart + (kslice * kTile + wpiece * kPieceTokens + g) * kSpartLd + wnt * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(dst) = make_float2(sacc[0], sacc[1]);
-        *reinterpret_cast<float2*>(dst + 8 * kSpartLd) = make_float2(sacc[2], sacc[3]);
+        *reinterpret_cast<float2*>(dst) = make_float2(sacc[0][0], sacc[0][1]);
+        *reinterpret_cast<float2*>(dst + 8 * kSpartLd) = make_float2(sacc[0][2], sacc[0][3]);
       }
       __syncthreads();
 
@@ -557,9 +629,9 @@ struct DecodeKernel {
       {
         const int ahead = tile + num_stages - 1;
         if (ahead < tile_end) {
-          issue_tile(p, smem, (it + num_stages - 1) % num_stages, len, ahead, next_blk, kv_lo,
-                     kv_cnt, geo);
-          if (ahead + 1 < tile_end) next_blk = piece_block(p, b, len, ahead + 1, my_piece);
+          issue_tile(p, smem, ahead_stage, len, cursor, next_blk, kv_lo, kv_cnt, geo);
+          cursor.advance(p.block_size);
+          if (ahead + 1 < tile_end) next_blk = piece_block(p, b, len, cursor);
         }
         cp_async_commit();
       }
@@ -611,18 +683,8 @@ struct DecodeKernel {
       // 3. dequantize the next tile; O^T[channel][row] = alpha * O^T + C^T P^T.
       const bool single_ctile = L.ctile[0] == L.ctile[1];
       if (quant && !single_ctile && tile + 1 < tile_end) {
-        dequantize_tile(p, smem, (it + 1) % num_stages, (it + 1) & 1, len, tile + 1);
+        dequantize_tile(p, smem, next_slot(stage), (it + 1) & 1, len, tile + 1);
       }
-      uint32_t bp[kPieces][kRowTiles][2], bp_lo[kPieces][kRowTiles][2];
-#pragma unroll
-      for (int kt = 0; kt < kPieces; ++kt)
-#pragma unroll
-        for (int nt = 0; nt < kRowTiles; ++nt) {
-          const int l = lane % 16;
-          const int at = (nt * 8 + l % 8) * kPtLd + kt * kPieceTokens + (l / 8) * 8;
-          ldmatrix_x2(bp[kt][nt], pt + at);
-          ldmatrix_x2(bp_lo[kt][nt], pt_lo + at);
-        }
       float a_lo[kRowTiles], a_hi[kRowTiles];
       bool rescale = false;
 #pragma unroll
@@ -633,11 +695,9 @@ struct DecodeKernel {
       }
       // Once the running maxima settle, most tiles leave every alpha at 1: skip the multiplies.
       rescale = __any_sync(0xffffffffu, rescale);
+      if (rescale) {
 #pragma unroll
-      for (int mt = 0; mt < kChanTiles; ++mt) {
-        const int c0 = (warp + kWarps * mt) * 16;
-        if (c0 >= p.D16) break;
-        if (rescale) {
+        for (int mt = 0; mt < kChanTiles; ++mt)
 #pragma unroll
           for (int nt = 0; nt < kRowTiles; ++nt) {
             acc[mt][nt][0] *= a_lo[nt];
@@ -645,27 +705,42 @@ struct DecodeKernel {
             acc[mt][nt][2] *= a_lo[nt];
             acc[mt][nt][3] *= a_hi[nt];
           }
+      }
+      // One piece's P fragments at a time (registers), used by every channel tile of the warp.
+#pragma unroll
+      for (int kt = 0; kt < kPieces; ++kt) {
+        uint32_t bp[kRowTiles][2], bp_lo[kRowTiles][2];
+#pragma unroll
+        for (int nt = 0; nt < kRowTiles; ++nt) {
+          const int l = lane % 16;
+          const int at = (nt * 8 + l % 8) * kPtLd + kt * kPieceTokens + (l / 8) * 8;
+          ldmatrix_x2(bp[nt], pt + at);
+          ldmatrix_x2(bp_lo[nt], pt_lo + at);
         }
         const int mat = lane / 8;
 #pragma unroll
-        for (int kt = 0; kt < kPieces; ++kt) {
+        for (int mt = 0; mt < kChanTiles; ++mt) {
+          const int c0 = (warp + kWarps * mt) * 16;
+          if (c0 >= p.D16) break;
           uint32_t a[4];
           ldmatrix_x4_trans(a, ctile + (kt * kPieceTokens + (mat / 2) * 8 + lane % 8) * L.ld_tile +
                                    c0 + (mat % 2) * 8);
+          // all row tiles' lo terms, then their hi terms: no two dependent MMAs back to back
 #pragma unroll
-          for (int nt = 0; nt < kRowTiles; ++nt) {
-            mma16816<T>(acc[mt][nt], a, bp_lo[kt][nt]);
-            mma16816<T>(acc[mt][nt], a, bp[kt][nt]);
-          }
+          for (int nt = 0; nt < kRowTiles; ++nt) mma16816<T>(acc[mt][nt], a, bp_lo[nt]);
+#pragma unroll
+          for (int nt = 0; nt < kRowTiles; ++nt) mma16816<T>(acc[mt][nt], a, bp[nt]);
         }
       }
       if (quant) {
         if (single_ctile && tile + 1 < tile_end) {
           __syncthreads();  // every warp is done with the tile before it is overwritten
-          dequantize_tile(p, smem, (it + 1) % num_stages, 0, len, tile + 1);
+          dequantize_tile(p, smem, next_slot(stage), 0, len, tile + 1);
         }
         __syncthreads();
       }
+      stage = next_slot(stage);
+      ahead_stage = next_slot(ahead_stage);
     }
     cp_async_wait<0>();
 
@@ -708,7 +783,7 @@ struct DecodeKernel {
 };
 
 template <typename T, int kBucket>
-__global__ void __launch_bounds__(kThreads, kBuckets[kBucket].min_ctas)
+__global__ void __launch_bounds__(bucket_threads(kBucket), kBuckets[kBucket].min_ctas)
     mla_decode_kernel(const __grid_constant__ MlaDecodeParams params) {
   DecodeKernel<T, kBucket>::run(params);
 }

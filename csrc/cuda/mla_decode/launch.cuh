@@ -19,7 +19,8 @@ int decode_ctas_per_sm(int smem_bytes) {
   auto kernel = bucket_kernel<T, kBucket>();
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem_bytes));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, bucket_threads(kBucket),
+                                                               smem_bytes));
   return n;
 }
 
@@ -28,7 +29,8 @@ void launch_decode(const MlaDecodeParams& params, cudaStream_t stream) {
   auto kernel = bucket_kernel<T, kBucket>();
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
-  kernel<<<static_cast<unsigned>(grid), kThreads, params.smem.total, stream>>>(params);
+  const unsigned threads = bucket_threads(kBucket);
+  kernel<<<static_cast<unsigned>(grid), threads, params.smem.total, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -33,10 +33,9 @@ struct SmemLayout {
   int rope_ld;   // bytes per token of the RoPE tile: the CTA's KV heads, padded likewise
   int kv_max;    // KV heads of a CTA's rope tile (at most)
   // The RoPE score of a row tile is one MMA chain over its runs (rows sharing a KV head): the
-  // keys of run i fill k-units (8 key dims each) i * units_per_run ..; the queries form a
+  // keys of run i fill k-units (8 key dims each) i * d_r_pad / 8 ..; the queries form a
   // block-diagonal B (rope_q: each row's query in its run's units, zeros elsewhere).
-  int rope_units_per_run;  // d_r_pad / 8
-  int rope_steps_max;      // k16 steps of the longest row tile: ceil(runs * units_per_run / 2)
+  int rope_steps_max;      // k16 steps of the longest row tile: ceil(runs * d_r_pad / 8 / 2)
   int rope_q_ld;           // 16-bit elements per row of rope_q (an odd multiple of 16 bytes)
   int rope_tab_ld;         // ints per row tile in rope_tab: steps, run of each row, step offsets
 };
@@ -132,8 +131,7 @@ inline SmemLayout make_smem_layout(const MlaDecodeParams& p, int num_stages, con
   int off = 0;
   auto take = [&](int bytes) { int at = off; off += align16(bytes); return at; };
   s.q = k.q_in_regs ? 0 : take(p.rows_per_cta * s.ld_tile * 2);
-  s.rope_units_per_run = p.d_r_pad / 8;
-  s.rope_steps_max = (max_rope_runs(p.H, p.H_kv) * s.rope_units_per_run + 1) / 2;
+  s.rope_steps_max = (max_rope_runs(p.H, p.H_kv) * (p.d_r_pad / 8) + 1) / 2;
   s.rope_q_ld = conflict_free_pitch(s.rope_steps_max * 32) / 2;
   s.rope_tab_ld = kRopeTabHeader + s.rope_steps_max;
   s.rope_q = take(p.rows_per_cta * s.rope_q_ld * 2);
