@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 
@@ -177,6 +178,55 @@ def test_bad_inputs_fail_before_any_work(tmp_path, text):
         finetune(mla_model(), tok, text, TrainConfig(steps=2, resume=str(ckpt), **SMALL), out)
 
 
+def _kl_to(teacher, model, x) -> float:
+    with torch.no_grad():
+        t = teacher(input_ids=x).logits.log_softmax(-1)
+        m = model(input_ids=x).logits.log_softmax(-1)
+    return torch.nn.functional.kl_div(m, t, log_target=True, reduction="none").sum(-1).mean().item()
+
+
+def test_distillation_from_the_original_model(tmp_path, text):
+    tok = char_tokenizer()
+    # a copy of the model as its own teacher: the distillation term starts at exactly zero
+    model = mla_model()
+    history = finetune(model, tok, text, TrainConfig(steps=1, distill=1.0, **SMALL),
+                       tmp_path / "self", teacher=copy.deepcopy(model))
+    assert history[0]["loss"] < 1e-5
+    # the converted model distilled from its original moves toward it
+    original = tiny_model()
+    student = converted(original, **MLA)
+    x = torch.tensor([tok.encode(REPEAT[:64])])
+    before = _kl_to(original, student, x)
+    history = finetune(student, tok, text, TrainConfig(steps=30, distill=1.0, **SMALL),
+                       tmp_path / "kd", teacher=original)
+    assert _kl_to(original, student.eval(), x) < 0.5 * before
+    assert all(p.grad is None for p in original.parameters())
+    # half and half: the logged loss mixes both terms, still finite and falling
+    mixed = finetune(converted(original, **MLA), tok, text,
+                     TrainConfig(steps=20, distill=0.5, **SMALL), tmp_path / "mix",
+                     teacher=original)
+    assert mixed[-1]["loss"] < mixed[0]["loss"]
+
+
+def test_distillation_rejects_bad_settings(tmp_path, text):
+    tok, out = char_tokenizer(), tmp_path / "run"
+    with pytest.raises(ValueError, match="distill must be a number in \\[0, 1\\]"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, distill=1.5, **SMALL), out)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, distill=0.5, **SMALL), out)
+    with pytest.raises(ValueError, match="distill is 0"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, **SMALL), out,
+                 teacher=tiny_model())
+    with pytest.raises(ValueError, match="vocab_size"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, distill=1.0, **SMALL), out,
+                 teacher=tiny_model(vocab_size=64))
+    assert not out.exists()
+    finetune(mla_model(), tok, text, TrainConfig(steps=2, save_every=1, **SMALL), out)
+    with pytest.raises(CheckpointError, match="other settings.*distill"):
+        finetune(mla_model(), tok, text, TrainConfig(steps=2, resume="latest", distill=1.0,
+                                                     **SMALL), out, teacher=tiny_model())
+
+
 def test_cli_help(capsys):
     for command in ("finetune", "pack"):
         with pytest.raises(SystemExit) as exit_info:
@@ -209,4 +259,10 @@ def test_cli_pack_and_finetune_a_checkpoint(tmp_path, text, capsys):
     assert main(["finetune", "--model", str(tmp_path / "ckpt"), "--data", str(bad),
                  "--out", str(tmp_path / "y"), "--seq-len", "16"]) == 2
     assert "bad.txt is not UTF-8 text" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert main(args[:-4] + ["--out", str(tmp_path / "z"), "--distill", "0.5"]) == 2
+    assert "--distill W (> 0) and --teacher MODEL go together" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z"))
+    # distilled from the checkpoint itself (a teacher directory, as --model)
+    assert main(args[:-4] + ["--out", str(tmp_path / "kd"), "--steps", "2", "--distill", "1",
+                             "--teacher", str(tmp_path / "ckpt")]) == 0
+    assert read_log(tmp_path / "kd")[0]["loss"] < 1e-5

@@ -34,7 +34,9 @@ OPTIMIZER = "optimizer.pt"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings that change what an optimizer step computes: a resume must use the same values.
 RESUME_INVARIANTS = ("steps", "seq_len", "global_batch", "lr", "warmup", "decay", "weight_decay",
-                     "betas", "eps", "clip", "train_only", "seed")
+                     "betas", "eps", "clip", "train_only", "seed", "distill")
+# Settings that checkpoints of older versions lack, with the value those runs used.
+RESUME_DEFAULTS = {"distill": 0.0}
 # Config entries that fix the shapes and the math of the network (not its dtype or its name).
 MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
@@ -127,7 +129,8 @@ def check_compatible(state: dict, path: Path, model_sig: dict, settings: dict,
         raise CheckpointError(f"resume checkpoint {path} belongs to another model: "
                               + "; ".join(diffs))
     changed = [f"{k}: checkpoint {state['settings'].get(k)!r}, now {settings.get(k)!r}"
-               for k in RESUME_INVARIANTS if state["settings"].get(k) != settings.get(k)]
+               for k in RESUME_INVARIANTS
+               if state["settings"].get(k, RESUME_DEFAULTS.get(k)) != settings.get(k)]
     if changed:
         raise CheckpointError(f"resume checkpoint {path} was trained with other settings "
                               f"(an exact resume needs the same): " + "; ".join(changed))

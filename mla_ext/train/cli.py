@@ -118,6 +118,12 @@ def add_finetune_parsers(sub) -> None:
                    help="recompute activations in the backward pass (less memory)")
     p.add_argument("--distributed", choices=DISTRIBUTED, default=d.distributed,
                    help="multi-process engine under torchrun (default none)")
+    p.add_argument("--distill", type=_fraction, default=d.distill, metavar="W",
+                   help="weight in [0, 1] of KL(teacher || model) in the loss, the rest next-token "
+                        "cross-entropy (default 0: the paper's recipe); needs --teacher")
+    p.add_argument("--teacher", default=None,
+                   help="the model to distil from with --distill: 'default' (the original "
+                        "SmolLM2-135M-Instruct) or a model directory, as --model")
     p.add_argument("--save-every", type=_count, default=500,
                    help="checkpoint every N steps, 0 = only at the end (default 500)")
     p.add_argument("--keep", type=_count, default=d.keep,
@@ -166,7 +172,8 @@ def _config(args):
         device=args.device, save_every=args.save_every, keep=args.keep, seed=args.seed,
         resume=args.resume, stop_after=args.stop_after, max_sequences=max_sequences,
         overwrite=args.overwrite, progress=not args.no_progress, plot=not args.no_plot,
-        hf_config=args.hf_config, hf_split=args.hf_split, text_field=args.text_field)
+        hf_config=args.hf_config, hf_split=args.hf_split, text_field=args.text_field,
+        distill=args.distill)
 
 
 def _source(args):
@@ -231,12 +238,17 @@ def cmd_finetune(args):
         path = _packed_data(out / DATA, data, tokenizer, config, config.max_sequences, sig)
         _report_packed(path)
         return
+    if (config.distill > 0) != (args.teacher is not None):
+        raise ValueError("--distill W (> 0) and --teacher MODEL go together")
     if config.resume:
         find_checkpoint(out, config.resume)
     _check_out_dir(out, config)
     # finetune places the model (each process on its own GPU under torchrun)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device="cpu")
-    history = finetune(model, tokenizer, data, config, out)
+    teacher = None
+    if args.teacher is not None:
+        teacher, _ = load_model(args.teacher, dtype=DTYPES[args.dtype], device="cpu")
+    history = finetune(model, tokenizer, data, config, out, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0 and history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens']} tokens; run in "

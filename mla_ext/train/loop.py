@@ -57,7 +57,11 @@ class TrainConfig:
     save_at_end False writes neither the end-of-run checkpoint nor final/ (save_every
     checkpoints still are): for studies and benchmarks that need only the log and the model
     left in memory;
-    max_sequences caps packing (a streamed dataset defaults to what the run consumes).
+    max_sequences caps packing (a streamed dataset defaults to what the run consumes);
+    distill in [0, 1] mixes the loss as (1 - distill) * next-token cross-entropy + distill *
+    KL(teacher || model) per token (``finetune(..., teacher=)``): 0 is the paper's recipe; a
+    converted model distilled from its original keeps closer to the original's behaviour on
+    text unlike the training data (the demo's chat answer).
     """
     steps: int = 1000
     seq_len: int = 2048
@@ -88,6 +92,7 @@ class TrainConfig:
     hf_config: str | None = None
     hf_split: str = "train"
     text_field: str = "text"
+    distill: float = 0.0
 
     def validate(self) -> None:
         """ValueError naming the first bad setting."""
@@ -120,6 +125,8 @@ class TrainConfig:
                              f"{self.stop_after}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise ValueError(f"max_sequences must be positive, got {self.max_sequences}")
+        if isinstance(self.distill, bool) or not 0 <= self.distill <= 1:
+            raise ValueError(f"distill must be a number in [0, 1], got {self.distill!r}")
 
     def resume_settings(self, world_size: int) -> dict:
         s = {k: getattr(self, k) for k in ckpt.RESUME_INVARIANTS if hasattr(self, k)}
@@ -211,7 +218,7 @@ class _Dist:
 
 
 def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
-             out_dir="finetune-out", on_step=None) -> list[dict]:
+             out_dir="finetune-out", on_step=None, teacher=None) -> list[dict]:
     """Fine-tune ``model`` on ``data``; return the history (one dict per optimizer step:
     step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s).
 
@@ -225,6 +232,9 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
     out_dir gets: data/ (the packed tokens unless data was packed already), checkpoints/,
     log.jsonl, loss.png and final/ (the trained model: ``mla_ext.load_pretrained`` reads it
     when the model is converted; an unconverted model is saved in Hugging Face format).
+    teacher: the model whose next-token distributions ``config.distill`` > 0 distils (same
+    vocabulary; e.g. the original of a converted model); it is moved to the training device,
+    frozen and never saved.
     Under FSDP the passed model is left sharded; the saved final/ is the result to use.
     With distributed "ddp"/"fsdp" under torchrun, a process group that already exists is used
     and left open; otherwise one is made (gloo on CPU, NCCL on GPU) and closed at the end.
@@ -232,6 +242,7 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
     config = config or TrainConfig()
     config.validate()
     _check_model(model, config)
+    _check_teacher(teacher, model, config)
     out = Path(out_dir)
     env = _Dist(config.distributed, config.device)
     packed_input = data is not None and not isinstance(data, TextSource) and is_packed(data)
@@ -271,8 +282,10 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
                 lambda: _packed_data(out / DATA, source, tokenizer, config, max_sequences,
                                      data_sig))
             dataset = PackedDataset(dataset)
+        if teacher is not None:
+            teacher.to(env.device).eval().requires_grad_(False)
         return _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig,
-                      resume_state, resume_path, on_step)
+                      resume_state, resume_path, on_step, teacher)
     finally:
         env.close()
 
@@ -286,6 +299,31 @@ def _check_model(model, config: TrainConfig) -> None:
                                                     for n, _ in model.named_parameters()):
         raise ValueError("train_only='attention' found no attention or norm parameters "
                          "(expected names containing 'self_attn' or 'norm')")
+
+
+def _check_teacher(teacher, model, config: TrainConfig) -> None:
+    if config.distill > 0 and teacher is None:
+        raise ValueError(f"distill = {config.distill} needs a teacher (finetune(..., "
+                         f"teacher=the original model))")
+    if config.distill == 0 and teacher is not None:
+        raise ValueError("a teacher was given but distill is 0 (set TrainConfig.distill)")
+    if teacher is not None:
+        ours, theirs = model.config.vocab_size, getattr(teacher.config, "vocab_size", None)
+        if theirs != ours:
+            raise ValueError(f"the teacher's vocab_size ({theirs}) differs from the model's "
+                             f"({ours}): distillation compares distributions over one vocabulary")
+
+
+def _loss(wrapped, teacher, x, distill: float) -> torch.Tensor:
+    """Next-token cross-entropy, mixed with KL(teacher || model) over the same positions."""
+    out = wrapped(input_ids=x, labels=x, use_cache=False)
+    if not distill:
+        return out.loss
+    with torch.no_grad():
+        target = teacher(input_ids=x, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    pred = out.logits[:, :-1].float().log_softmax(-1)
+    kl = torch.nn.functional.kl_div(pred, target, log_target=True, reduction="none").sum(-1)
+    return (1 - distill) * out.loss + distill * kl.mean()
 
 
 def _is_attention_or_norm(name: str) -> bool:
@@ -394,7 +432,7 @@ def _state_options(env: _Dist):
 
 
 def _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig, resume_state,
-           resume_path, on_step=None):
+           resume_path, on_step=None, teacher=None):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     unwrapped = model
@@ -439,7 +477,7 @@ def _train(model, tokenizer, dataset, config, out, env, model_sig, data_sig, res
                 x = dataset.batch(ids).to(env.device, non_blocking=True)
                 last = a == config.grad_accum - 1
                 with _sync(wrapped, config, last), _autocast(config, env.device):
-                    loss = wrapped(input_ids=x, labels=x, use_cache=False).loss
+                    loss = _loss(wrapped, teacher, x, config.distill)
                 (loss / config.grad_accum).backward()
                 losses.append(loss.detach().float())
             grad_norm = _clip(params, config.clip)
