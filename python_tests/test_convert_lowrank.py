@@ -163,19 +163,29 @@ def test_activation_aware_recovers_outputs_in_a_subspace(method):
         assert _rel(base, target) > 0.1
 
 
-@pytest.mark.parametrize("rank", [5, 20, 40])
-def test_activation_aware_is_optimal_for_outputs(rank):
+def _output_problem():
+    """Keys and values of a 64-dim input, and calibration activations whose spectrum decays: the
+    problem the output-aware factorizations are checked for optimality on."""
     d = 64
     w_kn, w_v = _weights(24, 32, d, seed=9)
     x = _activations(1000, d, seed=10, decay=0.85)
-    xtx = x.T @ x
+    return d, w_kn, w_v, x, x.T @ x
+
+
+def _approx(f):
+    """The stacked [W_k; W_v] a factorization represents."""
+    return torch.cat([f.w_uk, f.w_uv]).double() @ f.w_down.double()
+
+
+@pytest.mark.parametrize("rank", [5, 20, 40])
+def test_activation_aware_is_optimal_for_outputs(rank):
+    d, w_kn, w_v, x, xtx = _output_problem()
     stacked = torch.cat([w_kn, w_v])
     aware = factorize_kv(w_kn, w_v, rank, "activation", xtx=xtx, ridge=0.0)
     plain = factorize_kv(w_kn, w_v, rank, "joint")
 
     def output_error(f):
-        approx = torch.cat([f.w_uk, f.w_uv]).double() @ f.w_down.double()
-        return float(((stacked - approx) @ x.T).norm())
+        return float(((stacked - _approx(f)) @ x.T).norm())
 
     # Eckart-Young in the whitened space: the error is the tail of W L's singular values.
     chol = torch.linalg.cholesky(xtx)

@@ -10,17 +10,13 @@ from mla_ext.convert.budget import layer_row_grams, measure_split_errors
 from mla_ext.convert.lowrank import joint_spectrum, nested_joint_factors, score_row_grams
 from mla_ext.convert.rope_selection import converted_layout
 from test_convert_budget import _converted_layer_error
-from test_convert_lowrank import _activations, _gram, _rel, _weights
+from test_convert_lowrank import _activations, _approx, _gram, _output_problem, _rel, _weights
 from test_convert_rotation import CharTokenizer
 from tiny import tiny_model
 
 
 def _grams(rows_k, rows_v, seed=3):
     return _gram(rows_k, seed), _gram(rows_v, seed + 1, decay=0.9)
-
-
-def _approx(f):
-    return torch.cat([f.w_uk, f.w_uv]).double() @ f.w_down.double()
 
 
 def test_full_rank_is_lossless():
@@ -37,10 +33,7 @@ def test_lowers_the_weighted_error_and_is_its_optimum(rank):
     # With the key rows weighted by the queries' Gram G_k and the value rows by G_v, the error
     # the factorization is optimal for is c_k ||F_k E_k L||^2 + c_v ||F_v E_v L||^2: the tail of
     # the weighted spectrum. Both parts must drop against the activation-aware SVD.
-    d = 64
-    w_kn, w_v = _weights(24, 32, d, seed=9)
-    x = _activations(1000, d, seed=10, decay=0.85)
-    xtx = x.T @ x
+    d, w_kn, w_v, x, xtx = _output_problem()
     g_k, g_v = _grams(24, 32, seed=11)
     score = factorize_kv(w_kn, w_v, rank, "activation-score", xtx=xtx, ridge=0.0,
                          row_grams=(g_k, g_v))
