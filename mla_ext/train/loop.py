@@ -315,15 +315,17 @@ def _check_teacher(teacher, model, config: TrainConfig) -> None:
 
 
 def _loss(wrapped, teacher, x, distill: float) -> torch.Tensor:
-    """Next-token cross-entropy, mixed with KL(teacher || model) over the same positions."""
-    out = wrapped(input_ids=x, labels=x, use_cache=False)
+    """Next-token cross-entropy, mixed with KL(teacher || model) over the same positions (pure
+    distillation computes no cross-entropy)."""
+    out = wrapped(input_ids=x, labels=x if distill < 1 else None, use_cache=False)
     if not distill:
         return out.loss
     with torch.no_grad():
         target = teacher(input_ids=x, use_cache=False).logits[:, :-1].float().log_softmax(-1)
     pred = out.logits[:, :-1].float().log_softmax(-1)
     kl = torch.nn.functional.kl_div(pred, target, log_target=True, reduction="none").sum(-1)
-    return (1 - distill) * out.loss + distill * kl.mean()
+    kl = kl.mean()
+    return kl if distill == 1 else (1 - distill) * out.loss + distill * kl
 
 
 def _is_attention_or_norm(name: str) -> bool:
