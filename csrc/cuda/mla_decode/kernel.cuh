@@ -415,8 +415,7 @@ struct DecodeKernel {
       uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
       {
         const int words = p.rows_per_cta * L.rope_q_ld / 8;  // rope_q_ld: a multiple of 8
-        uint4* rq16 = reinterpret_cast<uint4*>(rq);
-        for (int i = tid; i < words; i += kThreads) rq16[i] = make_uint4(0, 0, 0, 0);
+        for (int i = tid; i < words; i += kThreads) reinterpret_cast<uint4*>(rq)[i] = make_uint4(0, 0, 0, 0);
       }
       __syncthreads();
       const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
@@ -427,8 +426,7 @@ struct DecodeKernel {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int idx = tid + j * kThreads, r = idx / p.d_r;
-        const bool live = idx < rope_elems && r < rows_here;
-        qv[j] = live ? static_cast<float>(q_rope[q_row_base * p.d_r + idx]) : 0.f;
+        qv[j] = idx < rope_elems && r < rows_here ? static_cast<float>(q_rope[q_row_base * p.d_r + idx]) : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {

@@ -29,8 +29,7 @@ void launch_decode(const MlaDecodeParams& params, cudaStream_t stream) {
   auto kernel = bucket_kernel<T, kBucket>();
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
-  const unsigned threads = bucket_threads(kBucket);
-  kernel<<<static_cast<unsigned>(grid), threads, params.smem.total, stream>>>(params);
+  kernel<<<static_cast<unsigned>(grid), bucket_threads(kBucket), params.smem.total, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
