@@ -14,6 +14,7 @@ seen, before the first step and after every --eval-every steps:
     python bench/finetune_study.py                       # all 7, ~7 minutes on one H200
     python bench/finetune_study.py --configs original,ours_cache16 --tokens 2M
     python bench/finetune_study.py --shakespeare /data/tinyshakespeare.txt --time-limit 400
+    python bench/finetune_study.py --configs paper_dkv8,paper_dkv16 --append   # add two rows
 
 Training data: the default corpus (the standard library's *.py files + the calibration part of
 pydoc_data.topics), packed once into the memory-mapped shard format and shared by every run.
@@ -31,6 +32,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import json
 import statistics
 import sys
 import tempfile
@@ -50,6 +52,8 @@ PAPER_R = 4
 CONFIG_NAMES = (("original",) + tuple(f"paper_dkv{d}" for d in D_KVS)
                 + tuple(f"ours_cache{d}" for d in D_KVS))
 DEFAULT_OUT = RESULTS / "finetune_smollm2.json"
+# What rows appended into one JSON (--append) must share.
+PROTOCOL_KEYS = ("model", "train", "eval", "calibration")
 # Stop a run this many seconds before its share ends on top of one evaluation and one step.
 SLACK_S = 2.0
 
@@ -100,13 +104,41 @@ class Study:
         self.t0 = T_START
         self.deadline = self.t0 + args.time_limit
         self.rows = [{"config": n, "status": "not run", "points": []} for n in names]
+        # --append: the other configurations' rows of an earlier run into the same --out
+        self.kept, self.earlier = [], None
+        if args.append and self.out.exists():
+            try:
+                earlier = json.loads(self.out.read_text())
+                self.kept = [r for r in earlier["rows"] if r["config"] not in names]
+                self.earlier = earlier["protocol"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"--append: {self.out} is not a study JSON ({e})") from None
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def check_appendable(self):
+        """Refuse to mix rows measured under another protocol (training tokens, data,
+        evaluation, calibration) into one table."""
+        if self.earlier is None:
+            return
+        now = self.extra["protocol"]
+        for key in PROTOCOL_KEYS:
+            if self.earlier.get(key) != now[key]:
+                raise SystemExit(f"--append: {self.out} was measured with another {key!r}: "
+                                 f"{self.earlier.get(key)} there, {now[key]} now")
+        now["command"] = [*_as_list(self.earlier.get("command")), now["command"]]
+
+    def all_rows(self) -> list[dict]:
+        return sorted(self.kept + self.rows, key=lambda r: CONFIG_NAMES.index(r["config"]))
+
     def save(self):
         self.extra["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        write_results(self.out.stem, self.rows, self.extra, out_dir=self.out.parent)
+        write_results(self.out.stem, self.all_rows(), self.extra, out_dir=self.out.parent)
+
+
+def _as_list(command) -> list[str]:
+    return [] if command is None else [command] if isinstance(command, str) else list(command)
 
 
 def run(args) -> Path:
@@ -173,6 +205,7 @@ def _study(args, work: Path) -> Path:
             "time_limit_s": args.time_limit, "device": str(device),
             "command": "python bench/finetune_study.py " + " ".join(args.argv)},
     })
+    study.check_appendable()
 
     def ppl(m) -> dict:
         return {k: mla_ext.perplexity(m, tok, text, context=args.context, stride=args.context,
@@ -213,7 +246,7 @@ def _study(args, work: Path) -> Path:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     study.save()
-    png = plot(study.rows, study.out.with_suffix(".png"))
+    png = plot(study.all_rows(), study.out.with_suffix(".png"))
     print(f"wrote {study.out} and {png} in {time.monotonic() - study.t0:.1f} s")
     return study.out
 
@@ -327,6 +360,10 @@ def parse_args(argv=None):
                    help="wall-clock seconds for the whole study, setup included (default 420)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="JSON output; the PNG gets the same name (default %(default)s)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of the other configurations already in --out (measured "
+                        "with the same tokens, data, evaluation and calibration): one table "
+                        "from several shorter runs")
     p.add_argument("--shakespeare", type=Path, default=None,
                    help="tinyshakespeare.txt (default: ../shared/data/tinyshakespeare.txt when "
                         "present, else pydoc only)")

@@ -3,12 +3,14 @@
 #   carry/p1, carry/p2  the default model's GGUF (98 MB) in two parts (one call carries 64 MiB at
 #                       most), and tinyshakespeare.txt in p2 when ../shared/data has it;
 #   .whl                the gguf package (pure Python; the H200 image lacks it);
-#   carry/p1/corpus     with CORPUS=1: the linux-doc + default training corpus
-#                       (bench/build_doc_corpus.py) packed for --seq-len 2048, its shard gzipped
-#                       (8 MB, so that p1 stays under 64 MiB); on the machine:
-#                       mkdir -p /root/corpus && cp carry/p1/corpus/index.json /root/corpus/ &&
-#                       for f in carry/p1/corpus/*.gz; do gunzip -c $f > /root/corpus/$(basename $f .gz); done
-# On the machine: call 1 carries carry/p1 and runs `mkdir -p /root/gguf && cp carry/p1/* /root/gguf/`;
+#   corpus parts        with CORPUS=1: the training corpus of bench/build_doc_corpus.py packed
+#                       for --seq-len 2048, as one .tar.gz cut into parts of at most 14 MB, the
+#                       first in carry/p1, the second in carry/p2, the rest in carry/p3, p4, ...
+#                       (each call carries one pN). Each call on the machine runs
+#                       mkdir -p /root/parts && cp carry/pN/corpus.tgz.part.* /root/parts/
+#                       and, once all parts are there,
+#                       mkdir -p /root/corpus && cat /root/parts/corpus.tgz.part.* | tar xzf - -C /root/corpus
+# On the machine: call 1 carries carry/p1 and runs `mkdir -p /root/gguf && cp carry/p1/gguf* /root/gguf/`;
 # call 2, within 30 s (before the machine is given back), carries carry/p2 and .whl and runs
 #   cat /root/gguf/gguf.part.aa carry/p2/gguf.part.ab > /root/gguf/model.gguf
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -17,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 gguf=$($PY -c "from mla_ext.models import default_model_file; print(default_model_file())")
-rm -rf carry/p1 carry/p2 .whl
+rm -rf carry/p[0-9]* .whl
 mkdir -p carry/p1 carry/p2 .whl
 split -b 50000000 "$gguf" carry/p1/gguf.part.
 mv carry/p1/gguf.part.ab carry/p2/
@@ -27,10 +29,10 @@ if [ "${CORPUS:-0}" = 1 ]; then
   tmp=$(mktemp -d)
   $PY bench/build_doc_corpus.py --out "$tmp/corpus"
   $PY -m mla_ext.cli pack --data "$tmp/corpus" --out "$tmp/packed" --seq-len 2048
-  mkdir -p carry/p1/corpus
-  cp "$tmp/packed/index.json" carry/p1/corpus/
-  for shard in "$tmp"/packed/shard_*.bin; do gzip -c "$shard" > "carry/p1/corpus/$(basename "$shard").gz"; done
+  tar czf - -C "$tmp/packed" . | split -b 14000000 - "$tmp/corpus.tgz.part."
+  n=1
+  for part in "$tmp"/corpus.tgz.part.*; do mkdir -p "carry/p$n"; mv "$part" "carry/p$n/"; n=$((n + 1)); done
   rm -rf "$tmp"
 fi
 md5sum "$gguf"
-ls -l carry/p1 carry/p2 .whl
+ls -l carry/p* .whl

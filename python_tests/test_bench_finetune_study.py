@@ -110,7 +110,7 @@ def test_help_explains_the_study():
         assert fragment in result.stdout
 
 
-def _study(tmp_path, *extra):
+def _study(tmp_path, *extra, expect_rc=0):
     shakespeare = tmp_path / "shakespeare.txt"
     shakespeare.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n"
                            "All:\nSpeak, speak.\n" * 30)
@@ -125,7 +125,9 @@ def _study(tmp_path, *extra):
     result = subprocess.run([sys.executable, str(STUDY), *argv], capture_output=True, text=True,
                             timeout=900, env=env)
     wall = time.monotonic() - t0
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == expect_rc, result.stderr[-4000:]
+    if expect_rc:
+        return None, wall, result.stderr
     return json.loads(out.read_text()), wall, result.stdout
 
 
@@ -179,3 +181,26 @@ def test_time_limit_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     # the last save comes before the limit, give or take one evaluation slower than the
     # ones measured before it (on a shared machine)
     assert data["elapsed_s"] < limit + 5
+
+
+@pytest.mark.slow
+def test_append_builds_one_table_from_several_runs(tmp_path):
+    common = ("--tokens", "64", "--eval-every", "1", "--time-limit", "600")
+    _study(tmp_path, "--configs", "paper_dkv8", *common)
+    first = json.loads((tmp_path / "study.json").read_text())
+    data, _, _ = _study(tmp_path, "--configs", "original", "--append", *common)
+    # in the study's order, the earlier row as it was measured
+    assert [r["config"] for r in data["rows"]] == ["original", "paper_dkv8"]
+    assert data["rows"][1] == first["rows"][0]
+    assert all(r["status"] == "done" for r in data["rows"])
+    assert len(data["protocol"]["command"]) == 2 and "--append" in data["protocol"]["command"][1]
+    # rerunning a configuration replaces its row
+    data, _, _ = _study(tmp_path, "--configs", "paper_dkv8", "--append", *common)
+    assert [r["config"] for r in data["rows"]] == ["original", "paper_dkv8"]
+    assert len(data["protocol"]["command"]) == 3
+    # another protocol is refused, before any training, and the JSON is left as it was
+    before = (tmp_path / "study.json").read_text()
+    _, _, stderr = _study(tmp_path, "--configs", "ours_cache8", "--append", "--tokens", "128",
+                          "--time-limit", "600", expect_rc=1)
+    assert "--append" in stderr and "'train'" in stderr
+    assert (tmp_path / "study.json").read_text() == before
