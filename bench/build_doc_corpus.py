@@ -3,7 +3,7 @@ prose from Debian documentation packages (main, DFSG-free) plus the default corp
 library's top-level *.py files and the calibration part of pydoc_data.topics), as one directory of
 text files that ``mla-ext pack`` and ``bench/finetune_study.py --data`` take.
 
-Packages (PACKAGES below; about 135 MB of text, 39 M SmolLM2 tokens with the default corpus):
+Packages (PACKAGES below; 98.6 MB of text with the default corpus, 27.6 M SmolLM2 tokens):
 linux-doc-6.1 (reST sources), perl-doc (POD), git-doc (AsciiDoc), and the HTML manuals of
 postgresql-doc-15, maxima-doc, octave-doc, rust-doc (the books, not the API pages) and
 openjdk-17-doc (the API documentation, without its index, tree and "uses of" pages). HTML is

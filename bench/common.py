@@ -75,12 +75,15 @@ def measure_peak_read_bandwidth(nbytes: int = 4 * 2**30, timer: Timer | None = N
 
 
 def _git_commit() -> str:
+    # A copy of the working tree can carry stale git metadata: MLA_EXT_COMMIT names the commit.
+    if os.environ.get("MLA_EXT_COMMIT"):
+        return os.environ["MLA_EXT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
                                        cwd=Path(__file__).parent, text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MLA_EXT_COMMIT", "unknown")
+        return "unknown"
 
 
 def metadata() -> dict:

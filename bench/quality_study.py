@@ -8,7 +8,7 @@ are laid out (its Tables 1, 3, 5), with perplexity in place of benchmark suites:
   3. the cache formats on the best d_kv = 16 configuration, read back through the LatentCache.
 
     python bench/quality_study.py                     # writes bench/results/quality_smollm2.json
-    python bench/quality_study.py --render            # JSON -> docs/results.md tables
+    python bench/quality_study.py --render            # JSON -> markdown tables (stdout)
 
 `--study rope` measures instead the RoPE selections at -81.25 % (partial RoPE alone at r = 4,
 then under the cache budget, per-layer splits), the rows of docs/results.md's "Greedy RoPE
@@ -59,7 +59,6 @@ sys.path.insert(0, str(ROOT))
 from bench.common import eval_batch_size, metadata  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
-DEFAULT_DOC = ROOT / "docs" / "results.md"
 SHAKESPEARE_CANDIDATES = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
                           ROOT / "carry" / "data" / "tinyshakespeare.txt"]
 STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation")
@@ -251,8 +250,9 @@ def _name(cfg: dict | None) -> str:
         step = (f" step {cfg.get('rope_pair_step', 4)}" if cfg["rope_pairs"] == "auto" else "")
         return (f"{cfg['rope_strategy']} r={cfg['rope_pairs']}{step} {cfg['svd']} "
                 f"cache_ratio={cfg['cache_ratio']}")
-    d_kv = "full" if cfg["d_kv"] is None else cfg["d_kv"]
-    return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} d_kv={d_kv}"
+    if cfg["d_kv"] is None:  # no low-rank factorization: the SVD setting plays no part
+        return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} d_kv=full"
+    return f"{cfg['rope_strategy']} r={cfg['rope_pairs']} {cfg['svd']} d_kv={cfg['d_kv']}"
 
 
 def _fmt(row: dict) -> str:
@@ -297,8 +297,11 @@ def render(data: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_JSON), help="JSON output (default %(default)s)")
-    p.add_argument("--render", action="store_true", help="only render --out into --doc")
-    p.add_argument("--doc", default=str(DEFAULT_DOC), help="markdown output of --render")
+    p.add_argument("--render", action="store_true",
+                   help="only render --out as markdown tables (to stdout, or --doc)")
+    p.add_argument("--doc", default=None,
+                   help="file that --render writes (default: stdout; docs/results.md quotes "
+                        "the tables by hand, so writing it would replace its other sections)")
     p.add_argument("--device", default=None)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None, help="pydoc tokens (default: all)")
@@ -313,8 +316,12 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:
-        Path(args.doc).write_text(render(json.loads(Path(args.out).read_text())))
-        print(f"wrote {args.doc}")
+        tables = render(json.loads(Path(args.out).read_text()))
+        if args.doc is None:
+            print(tables, end="")
+        else:
+            Path(args.doc).write_text(tables)
+            print(f"wrote {args.doc}")
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
