@@ -37,6 +37,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", type=Path, help="ncu --page source --csv --print-source sass output")
     ap.add_argument("--top", type=int, default=20, help="opcodes to list")
+    ap.add_argument("--min-share", type=float, default=0.01,
+                    help="smallest share of the executed instructions a region listed has "
+                         "(default 0.01)")
     args = ap.parse_args()
     kernel, rows = load(args.csv)
     executed = [number(r["Instructions Executed"]) for r in rows]
@@ -62,6 +65,32 @@ def main():
     print("\ntimes executed (per kernel)  SASS lines  % instructions")
     for n, share in sorted(by_count.items(), key=lambda kv: -kv[1])[:8]:
         print(f"{n:26,.0f} {sass_of[n]:11d} {100 * share / total:14.1f}")
+    regions(rows, executed, stalls, total, total_stall, args.min_share)
+
+
+def regions(rows, executed, stalls, total, total_stall, min_share):
+    """Runs of consecutive SASS lines executed equally often (one basic block, or a few): where
+    a loop body starts and ends, and what it is made of."""
+    runs = []
+    for i, (r, n, s) in enumerate(zip(rows, executed, stalls)):
+        words = [w for w in r["Source"].split() if not w.startswith("@")]
+        opcode = words[0].split(".")[0] if words else "?"
+        if runs and runs[-1]["n"] == n:
+            runs[-1]["lines"] += 1
+            runs[-1]["stall"] += s
+            runs[-1]["ops"][opcode] += 1
+        else:
+            runs.append({"first": i, "n": n, "lines": 1, "stall": s,
+                         "ops": collections.Counter([opcode])})
+    print(f"\nregions of >= {100 * min_share:g} % of the instructions (line: first SASS line; "
+          "times: executions of each line)")
+    print(" line  lines      times  % instr  % stall  opcodes")
+    for g in runs:
+        share = g["n"] * g["lines"] / total
+        if share >= min_share:
+            ops = " ".join(f"{op} {k}" for op, k in g["ops"].most_common(6))
+            print(f"{g['first']:5d} {g['lines']:6d} {g['n']:10,.0f} {100 * share:8.1f} "
+                  f"{100 * g['stall'] / total_stall:8.1f}  {ops}")
 
 
 if __name__ == "__main__":
