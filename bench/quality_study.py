@@ -9,6 +9,7 @@ are laid out (its Tables 1, 3, 5), with perplexity in place of benchmark suites:
 
     python bench/quality_study.py                     # writes bench/results/quality_smollm2.json
     python bench/quality_study.py --render            # JSON -> markdown tables (stdout)
+    python bench/quality_study.py --resume            # measure only the rows --out lacks
 
 `--study rope` measures instead the RoPE selections at -81.25 % (partial RoPE alone at r = 4,
 then under the cache budget, per-layer splits), the rows of docs/results.md's "Greedy RoPE
@@ -59,8 +60,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import eval_batch_size, metadata  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
+# ../shared/data here; carry/p2 on a GPU lease (bench/prepare_h200_carry.sh puts it there)
 SHAKESPEARE_CANDIDATES = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
-                          ROOT / "carry" / "data" / "tinyshakespeare.txt"]
+                          ROOT / "carry" / "p2" / "tinyshakespeare.txt"]
 STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation")
 SVDS = ("joint", "split", "activation", "activation-split")
 CACHE_DTYPES = ("bf16", "int8", "fp8", "int4")
@@ -198,6 +200,17 @@ def run(args, save=None, argv=None) -> dict:
             save(result())
 
     rows: list[dict] = []
+    # --resume: the rows an earlier run of this protocol measured are kept, not measured again
+    measured = _earlier_rows(args, result()["protocol"]) if args.resume else {}
+
+    def measure(section, config, cache_dtype, compute):
+        key = _row_key(section, config, cache_dtype)
+        if key in measured:
+            rows.append(measured[key])
+            return measured[key]
+        row = compute()
+        keep(row)
+        return row
     configs = list(STUDIES[args.study](args.quick))
     calib = mla_ext.calibrate(model, tok, mla_ext.default_calibration_text(), max_length=512,
                               max_sequences=args.calib_sequences, collect_xtx=True,
@@ -206,35 +219,63 @@ def run(args, save=None, argv=None) -> dict:
                               collect_query_gram=any(c.svd == "activation-score"
                                                      for _, c in configs),
                               progress=not args.quiet)
-    keep({"section": "original", "config": None, "ppl": ppl(model),
-          "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
-          / model.config.num_hidden_layers, "cache_dtype": "bf16"})
-    best = None
-    for section, cfg in configs:
+    measure("original", None, "bf16", lambda: {
+        "section": "original", "config": None, "ppl": ppl(model),
+        "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(model, "bf16")
+        / model.config.num_hidden_layers, "cache_dtype": "bf16"})
+
+    def converted(section, cfg):
         start = time.time()
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
-        row = {"section": section, "config": cfg.to_dict(), "cache_dtype": None,
-               "convert_s": round(time.time() - start, 1),
-               "layers": [(p["rope_pairs"], p["latent_dim"])
-                          for p in mla.config.mla_ext["layers"]],
-               "ppl": ppl(mla),
-               "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
-               / model.config.num_hidden_layers}
-        keep(row)
+        return {"section": section, "config": cfg.to_dict(), "cache_dtype": None,
+                "convert_s": round(time.time() - start, 1),
+                "layers": [(p["rope_pairs"], p["latent_dim"])
+                           for p in mla.config.mla_ext["layers"]],
+                "ppl": ppl(mla),
+                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
+                / model.config.num_hidden_layers}
+
+    best = None
+    for section, cfg in configs:
+        row = measure(section, cfg.to_dict(), None, lambda: converted(section, cfg))
         if section == "low_rank" and cfg.d_kv == 16 or section == "budget":
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
-        del mla
     if best is not None and args.study in ("full", "formats"):
-        mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
-                                     progress=False)
+        mla = None
         for dtype in CACHE_DTYPES:
-            row = {"section": "cache_dtype", "config": best[1].to_dict(), "cache_dtype": dtype,
-                   "ppl": ppl(mla, cache_dtype=dtype),
-                   "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, dtype)
-                   / model.config.num_hidden_layers}
-            keep(row)
+            if _row_key("cache_dtype", best[1].to_dict(), dtype) not in measured and mla is None:
+                mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
+                                             progress=False)
+            measure("cache_dtype", best[1].to_dict(), dtype, lambda: {
+                "section": "cache_dtype", "config": best[1].to_dict(), "cache_dtype": dtype,
+                "ppl": ppl(mla, cache_dtype=dtype),
+                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, dtype)
+                / model.config.num_hidden_layers})
+    if save is not None:
+        save(result())
     return result()
+
+
+def _row_key(section: str, config: dict | None, cache_dtype: str | None) -> str:
+    return json.dumps([section, config, cache_dtype], sort_keys=True)
+
+
+def _earlier_rows(args, protocol: dict) -> dict:
+    """The rows of --out by key, after checking that they were measured the same way."""
+    out = Path(args.out)
+    if not out.exists():
+        return {}
+    try:
+        earlier = json.loads(out.read_text())
+        rows, their = earlier["rows"], earlier["protocol"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--resume: {out} is not a quality-study JSON ({e})") from None
+    for key in ("context", "stride", "calibration", "texts"):
+        if their.get(key) != protocol[key]:
+            raise SystemExit(f"--resume: {out} was measured with another {key!r}: "
+                             f"{their.get(key)} there, {protocol[key]} now")
+    return {_row_key(r["section"], r["config"], r["cache_dtype"]): r for r in rows}
 
 
 def _name(cfg: dict | None) -> str:
@@ -313,6 +354,9 @@ def main(argv=None):
                    help="full: the ablation tables (default); rope: the RoPE selections at "
                         "-81.25 %%; formats: the cache formats of the default conversion; "
                         "correction: the fitted RoPE correction (see above)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows --out already has (same context, calibration and texts) "
+                        "and measure only the others: a run cut by a time limit continues")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.render:

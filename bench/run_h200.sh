@@ -40,8 +40,9 @@ for what in "${@:-all}"; do
            $PY bench/bench_mla_decode.py --profile --ncu ;;&
     bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
     bench|all) step bench_latent_project $PY bench/bench_latent_project.py --out "$OUT" ;;&
-    quality|all) step quality timeout 300 $PY bench/quality_study.py \
-                   --out "$OUT/quality_smollm2.json" --quiet ;;&
+    # --resume: a second call continues a run its time limit cut (with the JSON carried back)
+    quality|all) step quality timeout 540 $PY bench/quality_study.py \
+                   --out "$OUT/quality_smollm2.json" --resume --quiet ;;&
     build|test|sanitize|toolchain|ncu|bench|quality|all) ;;
     *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, quality, all)"; exit 2 ;;
   esac

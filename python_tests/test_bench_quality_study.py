@@ -1,9 +1,12 @@
-"""bench/quality_study.py --render (JSON -> markdown tables) and the commit the benchmark JSONs
-record."""
+"""bench/quality_study.py: --render (JSON -> markdown tables), --resume (a cut run continues),
+and the commit the benchmark JSONs record."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,3 +49,34 @@ def test_metadata_commit_can_be_named(monkeypatch):
     assert common.metadata()["git_commit"] == "feedbee"
     monkeypatch.delenv("MLA_EXT_COMMIT")
     assert common.metadata()["git_commit"] != "feedbee"
+
+
+def _quick_study(tmp_path, *extra, expect_rc=0):
+    out = tmp_path / "quick.json"
+    argv = [sys.executable, str(ROOT / "bench" / "quality_study.py"), "--quick", "--device", "cpu",
+            "--max-tokens", "192", "--shakespeare-tokens", "192", "--context", "64",
+            "--calib-sequences", "1", "--quiet", "--out", str(out), *extra]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == expect_rc, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.mark.slow
+def test_resume_measures_only_the_missing_rows(tmp_path):
+    out, _ = _quick_study(tmp_path)
+    full = json.loads(out.read_text())
+    assert len(full["rows"]) > 5
+    cut = {**full, "rows": full["rows"][:-3]}  # as if the time limit had struck
+    out.write_text(json.dumps(cut))
+    _, result = _quick_study(tmp_path, "--resume")
+    resumed = json.loads(out.read_text())
+    # the kept rows as they were, the missing ones measured again (and printed), in order
+    assert [r["config"] for r in resumed["rows"]] == [r["config"] for r in full["rows"]]
+    assert resumed["rows"][:-3] == full["rows"][:-3]
+    for again, first in zip(resumed["rows"][-3:], full["rows"][-3:]):
+        assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6)
+    assert len(result.stdout.strip().splitlines()) == 3 + 1  # three rows and "wrote ..."
+    # rows of another protocol are not mixed in
+    _, result = _quick_study(tmp_path, "--resume", "--calib-sequences", "2", expect_rc=1)
+    assert "--resume" in result.stderr and "'calibration'" in result.stderr
