@@ -214,6 +214,8 @@ class _Dist:
 
     def close(self):
         if self.created and dist.is_initialized():
+            # every rank done with its last collective before any tears its connections down
+            dist.barrier()
             dist.destroy_process_group()
 
 
