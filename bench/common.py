@@ -1,5 +1,6 @@
 """Shared benchmark machinery: CUDA-event timing with the L2 flushed, the measured peak read
-bandwidth, and a JSON writer that records where and with what the numbers were taken."""
+bandwidth, and a JSON writer that records where and with what the numbers were taken (and its
+reader for runs that add rows to an earlier JSON)."""
 from __future__ import annotations
 
 import datetime
@@ -108,3 +109,23 @@ def write_results(name: str, rows: list[dict], extra: dict | None = None,
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return path
+
+
+def earlier_results(path: Path, protocol: dict, keys, option: str) -> dict | None:
+    """The JSON a study wrote at ``path`` before (None if there is none), after checking that it
+    was measured as ``protocol`` is on each of ``keys``; ``option`` (the flag that asked for it)
+    names the error."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+        their = earlier["protocol"]
+        earlier["rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{option}: {path} is not a study JSON ({e})") from None
+    for key in keys:
+        if their.get(key) != protocol[key]:
+            raise SystemExit(f"{option}: {path} was measured with another {key!r}: "
+                             f"{their.get(key)} there, {protocol[key]} now")
+    return earlier

@@ -32,7 +32,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ T_START = time.monotonic()  # the --time-limit counts from here (imports include
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, eval_batch_size, write_results  # noqa: E402
+from bench.common import RESULTS, earlier_results, eval_batch_size, write_results  # noqa: E402
 from bench.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import _count, _positive, _positive_float  # noqa: E402
 
@@ -104,30 +103,22 @@ class Study:
         self.t0 = T_START
         self.deadline = self.t0 + args.time_limit
         self.rows = [{"config": n, "status": "not run", "points": []} for n in names]
-        # --append: the other configurations' rows of an earlier run into the same --out
-        self.kept, self.earlier = [], None
-        if args.append and self.out.exists():
-            try:
-                earlier = json.loads(self.out.read_text())
-                self.kept = [r for r in earlier["rows"] if r["config"] not in names]
-                self.earlier = earlier["protocol"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"--append: {self.out} is not a study JSON ({e})") from None
+        self.kept: list[dict] = []  # --append: the other configurations' rows in --out
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def check_appendable(self):
-        """Refuse to mix rows measured under another protocol (training tokens, data,
-        evaluation, calibration) into one table."""
-        if self.earlier is None:
-            return
+        """With --append, keep the rows of the other configurations in --out, refusing rows
+        measured under another protocol (training tokens, data, evaluation, calibration)."""
         now = self.extra["protocol"]
-        for key in PROTOCOL_KEYS:
-            if self.earlier.get(key) != now[key]:
-                raise SystemExit(f"--append: {self.out} was measured with another {key!r}: "
-                                 f"{self.earlier.get(key)} there, {now[key]} now")
-        now["command"] = [*_as_list(self.earlier.get("command")), now["command"]]
+        earlier = (earlier_results(self.out, now, PROTOCOL_KEYS, "--append")
+                   if self.args.append else None)
+        if earlier is None:
+            return
+        names = {r["config"] for r in self.rows}
+        self.kept = [r for r in earlier["rows"] if r["config"] not in names]
+        now["command"] = [*_as_list(earlier["protocol"].get("command")), now["command"]]
 
     def all_rows(self) -> list[dict]:
         return sorted(self.kept + self.rows, key=lambda r: CONFIG_NAMES.index(r["config"]))

@@ -33,6 +33,12 @@ def number(text: str) -> float:
         return 0.0
 
 
+def _opcode(row: dict) -> str:
+    """The instruction's opcode without its predicate and modifiers (IMAD of @P0 IMAD.WIDE)."""
+    words = [w for w in row["Source"].split() if not w.startswith("@")]
+    return words[0].split(".")[0] if words else "?"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", type=Path, help="ncu --page source --csv --print-source sass output")
@@ -50,8 +56,7 @@ def main():
           f"{total_stall:,.0f} stall samples")
     mix, mix_stall = collections.Counter(), collections.Counter()
     for r, n, s in zip(rows, executed, stalls):
-        words = [w for w in r["Source"].split() if not w.startswith("@")]
-        opcode = words[0].split(".")[0] if words else "?"
+        opcode = _opcode(r)
         mix[opcode] += n
         mix_stall[opcode] += s
     print("\nopcode      % instructions  % stall samples")
@@ -73,8 +78,7 @@ def regions(rows, executed, stalls, total, total_stall, min_share):
     a loop body starts and ends, and what it is made of."""
     runs = []
     for i, (r, n, s) in enumerate(zip(rows, executed, stalls)):
-        words = [w for w in r["Source"].split() if not w.startswith("@")]
-        opcode = words[0].split(".")[0] if words else "?"
+        opcode = _opcode(r)
         if runs and runs[-1]["n"] == n:
             runs[-1]["lines"] += 1
             runs[-1]["stall"] += s

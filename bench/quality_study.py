@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 import time
@@ -57,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import eval_batch_size, metadata  # noqa: E402
+from bench.common import earlier_results, eval_batch_size, metadata  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
 # ../shared/data here; carry/p2 on a GPU lease (bench/prepare_h200_carry.sh puts it there)
@@ -66,6 +67,8 @@ SHAKESPEARE_CANDIDATES = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt
 STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation")
 SVDS = ("joint", "split", "activation", "activation-split")
 CACHE_DTYPES = ("bf16", "int8", "fp8", "int4")
+# What rows kept by --resume must share with the run that continues them.
+RESUME_KEYS = ("context", "stride", "calibration", "texts")
 
 
 def _uncorrected():
@@ -181,16 +184,16 @@ def run(args, save=None, argv=None) -> dict:
 
     t0 = time.time()
 
+    protocol = {"context": args.context, "stride": args.context,
+                "calibration": f"{args.calib_sequences} x 512 tokens of the calibration part of "
+                               "pydoc_data.topics",
+                "texts": {k: ("all held-out tokens" if limits[k] is None
+                              else f"first {limits[k]} tokens") for k in texts},
+                "command": " ".join(["python bench/quality_study.py", *(argv or [])])}
+
     def result():
         return {"metadata": {**metadata(), "device": device, "seconds": round(time.time() - t0, 1)},
-                "protocol": {"context": args.context, "stride": args.context,
-                             "calibration": f"{args.calib_sequences} x 512 tokens of the "
-                                            "calibration part of pydoc_data.topics",
-                             "texts": {k: ("all held-out tokens" if limits[k] is None
-                                           else f"first {limits[k]} tokens") for k in texts},
-                             "command": " ".join(["python bench/quality_study.py",
-                                                  *(argv or [])])},
-                "rows": rows}
+                "protocol": protocol, "rows": rows}
 
     def keep(row):
         # written after every row, so a run cut short by a time limit keeps what it measured
@@ -201,7 +204,10 @@ def run(args, save=None, argv=None) -> dict:
 
     rows: list[dict] = []
     # --resume: the rows an earlier run of this protocol measured are kept, not measured again
-    measured = _earlier_rows(args, result()["protocol"]) if args.resume else {}
+    earlier = (earlier_results(args.out, protocol, RESUME_KEYS, "--resume")
+               if args.resume else None)
+    measured = {_row_key(r["section"], r["config"], r["cache_dtype"]): r
+                for r in (earlier or {"rows": []})["rows"]}
 
     def measure(section, config, cache_dtype, compute):
         key = _row_key(section, config, cache_dtype)
@@ -242,15 +248,14 @@ def run(args, save=None, argv=None) -> dict:
             if best is None or row["ppl"]["pydoc"] < best[0]["ppl"]["pydoc"]:
                 best = (row, cfg)
     if best is not None and args.study in ("full", "formats"):
-        mla = None
+        # converted once, and only if a format row is still to measure
+        best_model = functools.cache(lambda: mla_ext.convert_to_mla(
+            copy.deepcopy(model), best[1], calibration=calib, progress=False))
         for dtype in CACHE_DTYPES:
-            if _row_key("cache_dtype", best[1].to_dict(), dtype) not in measured and mla is None:
-                mla = mla_ext.convert_to_mla(copy.deepcopy(model), best[1], calibration=calib,
-                                             progress=False)
             measure("cache_dtype", best[1].to_dict(), dtype, lambda: {
                 "section": "cache_dtype", "config": best[1].to_dict(), "cache_dtype": dtype,
-                "ppl": ppl(mla, cache_dtype=dtype),
-                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, dtype)
+                "ppl": ppl(best_model(), cache_dtype=dtype),
+                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(best_model(), dtype)
                 / model.config.num_hidden_layers})
     if save is not None:
         save(result())
@@ -259,23 +264,6 @@ def run(args, save=None, argv=None) -> dict:
 
 def _row_key(section: str, config: dict | None, cache_dtype: str | None) -> str:
     return json.dumps([section, config, cache_dtype], sort_keys=True)
-
-
-def _earlier_rows(args, protocol: dict) -> dict:
-    """The rows of --out by key, after checking that they were measured the same way."""
-    out = Path(args.out)
-    if not out.exists():
-        return {}
-    try:
-        earlier = json.loads(out.read_text())
-        rows, their = earlier["rows"], earlier["protocol"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--resume: {out} is not a quality-study JSON ({e})") from None
-    for key in ("context", "stride", "calibration", "texts"):
-        if their.get(key) != protocol[key]:
-            raise SystemExit(f"--resume: {out} was measured with another {key!r}: "
-                             f"{their.get(key)} there, {protocol[key]} now")
-    return {_row_key(r["section"], r["config"], r["cache_dtype"]): r for r in rows}
 
 
 def _name(cfg: dict | None) -> str:
