@@ -140,6 +140,10 @@ MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
   p.max_blocks = d.max_blocks;
   p.num_groups = d.num_groups;
   p.group_size = d.group_size;
+  p.group_shift = -1;
+  for (int shift = 0; shift < 31 && p.group_shift < 0; ++shift) {
+    if ((int64_t{1} << shift) == d.group_size) p.group_shift = shift;
+  }
   p.rows = d.s_q * d.H;
   p.format = format_of(d.format);
   p.rope_path = rope_path_of(rope_dtype, q_dtype);

@@ -208,9 +208,12 @@ struct DecodeKernel {
   }
 
   // Raw quantized latent of a stage -> 16-bit compute tile, 8 channels per step; zeros past the
-  // sequence end and in the channels D_c .. D16.
-  static __device__ void dequantize_tile(const MlaDecodeParams& p, uint8_t* smem, int stage,
-                                         int ctile, int len, int tile) {
+  // sequence end and in the channels D_c .. D16. The format is a template argument and a lane's
+  // channel chunk the outer loop: per chunk one group lookup serves all of its tokens (the group
+  // index was an integer division per 8 channels, a third of the quantized kernels' instructions).
+  template <int kFormat>
+  static __device__ void dequantize_tile_as(const MlaDecodeParams& p, uint8_t* smem, int stage,
+                                            int ctile, int len, int tile) {
     const SmemLayout& L = p.smem;
     const uint8_t* st = smem + L.stages + stage * L.stage_bytes;
     T* dst = reinterpret_cast<T*>(smem + L.ctile[ctile]);
@@ -218,29 +221,30 @@ struct DecodeKernel {
     const __half* sc = reinterpret_cast<const __half*>(st + L.st_scale);
     const __half* zr = reinterpret_cast<const __half*>(st + L.st_zero);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int tok0 = tile * kTile;
+    const int live_tokens = min(kTile, len - tile * kTile);  // > 0: the tile is in the split
     const bool uniform_group = p.group_size % 8 == 0;
-    for (int t = warp; t < kTile; t += kWarps) {
-      const bool live = tok0 + t < len;
-      const __half* srow = sc + t * p.num_groups;
-      const __half* zrow = zr + t * p.num_groups;
-      for (int c8 = lane * 8; c8 < p.D16; c8 += 32 * 8) {
+    const int chan_bytes = kFormat == kFmtInt4 ? 4 : 8;  // bytes of 8 channels
+    for (int c8 = lane * 8; c8 < p.D16; c8 += 32 * 8) {
+      const bool real = c8 < p.D_c;
+      const int g0 = real ? (p.group_shift >= 0 ? c8 >> p.group_shift : c8 / p.group_size) : 0;
+      const uint8_t* src = raw + c8 / 8 * chan_bytes;
+      for (int t = warp; t < kTile; t += kWarps) {
         uint4 out = make_uint4(0, 0, 0, 0);
-        if (live && c8 < p.D_c) {
-          const int g0 = c8 / p.group_size;
+        if (real && t < live_tokens) {
+          const __half* srow = sc + t * p.num_groups;
+          const __half* zrow = zr + t * p.num_groups;
           const float s0 = __half2float(srow[g0]);
-          const float z0 = p.format == kFmtInt4 ? __half2float(zrow[g0]) : 0.f;
-          uint32_t w0, w1;  // the 8 channels' bytes (int4: nibbles in w0)
-          if (p.format == kFmtInt4) {
-            w0 = *reinterpret_cast<const uint32_t*>(raw + t * p.latent_row_bytes + c8 / 2);
-            w1 = 0;
+          const float z0 = kFormat == kFmtInt4 ? __half2float(zrow[g0]) : 0.f;
+          uint32_t w0, w1 = 0;  // the 8 channels' bytes (int4: nibbles in w0)
+          if constexpr (kFormat == kFmtInt4) {
+            w0 = *reinterpret_cast<const uint32_t*>(src + t * p.latent_row_bytes);
           } else {
-            const uint2 w = *reinterpret_cast<const uint2*>(raw + t * p.latent_row_bytes + c8);
+            const uint2 w = *reinterpret_cast<const uint2*>(src + t * p.latent_row_bytes);
             w0 = w.x;
             w1 = w.y;
           }
           float v[8];
-          if (p.format == kFmtFp8) {
+          if constexpr (kFormat == kFmtFp8) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
               const uint32_t h2 = fp8x2_to_half2(static_cast<uint16_t>(((j < 2 ? w0 : w1) >> (16 * (j % 2))) & 0xFFFF));
@@ -248,7 +252,7 @@ struct DecodeKernel {
               v[2 * j] = f.x;
               v[2 * j + 1] = f.y;
             }
-          } else if (p.format == kFmtInt4) {
+          } else if constexpr (kFormat == kFmtInt4) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) v[j] = nibble_to_float(w0, j);
           } else {
@@ -262,7 +266,7 @@ struct DecodeKernel {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
               const int gj = (c8 + j) / p.group_size;
-              const float zj = p.format == kFmtInt4 ? __half2float(zrow[gj]) : 0.f;
+              const float zj = kFormat == kFmtInt4 ? __half2float(zrow[gj]) : 0.f;
               v[j] = fmaf(v[j], __half2float(srow[gj]), zj);
             }
           }
@@ -271,6 +275,16 @@ struct DecodeKernel {
         }
         *reinterpret_cast<uint4*>(dst + t * L.ld_tile + c8) = out;
       }
+    }
+  }
+
+  // One branch on the format per tile, none inside the dequantization loops.
+  static __device__ void dequantize_tile(const MlaDecodeParams& p, uint8_t* smem, int stage,
+                                         int ctile, int len, int tile) {
+    switch (p.format) {
+      case kFmtInt8: dequantize_tile_as<kFmtInt8>(p, smem, stage, ctile, len, tile); break;
+      case kFmtFp8: dequantize_tile_as<kFmtFp8>(p, smem, stage, ctile, len, tile); break;
+      default: dequantize_tile_as<kFmtInt4>(p, smem, stage, ctile, len, tile); break;
     }
   }
 

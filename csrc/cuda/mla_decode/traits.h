@@ -56,6 +56,7 @@ struct MlaDecodeParams {
   float* ws_o;                   // [max_parts, s_q * H, D_c] partial outputs of split sequences
   float* ws_lse;                 // [max_parts, s_q * H]
   int B, s_q, H, H_kv, D_c, D16, d_r, block_size, max_blocks, num_groups, group_size;
+  int group_shift;   // log2(group_size) when it is a power of two, else -1 (then a division)
   int d_r_pad;       // d_r rounded up to a multiple of 8
   int rows;          // s_q * H: (new token, head) pairs of one sequence
   int rows_per_cta;  // at most row_tiles * 8, a multiple of 8, so that shared memory fits
