@@ -102,11 +102,12 @@ def torch_absorbed(q_lat, q_rope, c, kr, scale):
 def save_results(args, rows, notes, peak, *, partial: bool):
     return write_results("decode_h200", rows, extra={
         "peak_read_GBps": round(peak / 1e9, 1), "notes": notes, "quick": args.quick,
-        "targets": args.targets, "partial": partial}, out_dir=args.out)
+        "targets": args.targets, "partial": partial, "l2_flush": args.flush},
+        out_dir=args.out)
 
 
 def run(args):
-    timer = Timer(warmup=3, repeat=args.repeat)
+    timer = Timer(warmup=3, repeat=args.repeat, flush=args.flush)
     peak = measure_peak_read_bandwidth(timer=timer)
     print(f"measured peak read bandwidth: {peak / 1e9:.0f} GB/s", flush=True)
     rows, notes = [], []
@@ -227,7 +228,7 @@ def profile(args):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    timer = Timer(warmup=3, repeat=args.repeat)
+    timer = Timer(warmup=3, repeat=args.repeat, flush=args.flush)
     for shape in PROFILE_SHAPES:
         op, call, nbytes = profile_call(*shape)
         if args.ncu:
@@ -265,6 +266,10 @@ def main():
                     help="the target latent width of each model, every (B, S), the target formats")
     ap.add_argument("--models", default="smollm2,llama2,llama3")
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--flush", choices=Timer.FLUSHES, default="write",
+                    help="how L2 is emptied before each timed call: zeroing a 256 MiB buffer "
+                         "(write: its dirty lines are written back during the call) or summing "
+                         "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")

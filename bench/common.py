@@ -20,11 +20,25 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 
 class Timer:
-    """Median of CUDA-event timings of ``fn`` with the L2 flushed before every call."""
+    """Median of CUDA-event timings of ``fn`` with the L2 flushed before every call.
 
-    def __init__(self, warmup: int = 5, repeat: int = 50):
-        self.warmup, self.repeat = warmup, repeat
-        self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush="write" zeroes a buffer larger than L2, which leaves L2 full of dirty lines that the
+    timed call's misses then write back to memory; flush="read" sums the buffer instead, which
+    evicts as much and leaves only clean lines (no write-back inside the timed call)."""
+
+    FLUSHES = ("write", "read")
+
+    def __init__(self, warmup: int = 5, repeat: int = 50, flush: str = "write"):
+        if flush not in self.FLUSHES:
+            raise ValueError(f"flush must be one of {self.FLUSHES}, got {flush!r}")
+        self.warmup, self.repeat, self.flush = warmup, repeat, flush
+        self._flush = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+
+    def _flush_l2(self):
+        if self.flush == "write":
+            self._flush.zero_()
+        else:
+            self._flush.sum()
 
     def __call__(self, fn) -> dict:
         for _ in range(self.warmup):
@@ -32,7 +46,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
         for s, e in zip(starts, ends):
-            self._flush.zero_()
+            self._flush_l2()
             s.record()
             fn()
             e.record()
