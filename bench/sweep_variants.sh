@@ -3,7 +3,7 @@
 # per patch (applied with `git apply`, all builds in parallel) and runs the decode benchmark on
 # each copy and on the unpatched tree, one after another. The JSON of each goes to
 # $OUT/variants/<patch name>/decode_h200.json (the unpatched tree: .../base/).
-# Usage, from the repository root, after `bash bench/run_h200.sh build` (the base build):
+# Usage, from the repository root (the unpatched tree is built first if it is not):
 #   bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
 # e.g. bash bench/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
 set -uo pipefail
@@ -20,7 +20,7 @@ patches=("$patch_dir"/*.patch)
 [ -e "${patches[0]}" ] || { echo "no *.patch in $patch_dir" >&2; exit 2; }
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1
-jobs_each=$(( $(nproc) / ${#patches[@]} )); [ "$jobs_each" -ge 1 ] || jobs_each=1
+jobs_each=$(( $(nproc) / (${#patches[@]} + 1) )); [ "$jobs_each" -ge 1 ] || jobs_each=1
 rm -rf "$work"; mkdir -p "$work" "$OUT/variants"
 names=()
 apply_patch() { if command -v git > /dev/null; then git apply "$1"; else patch -p1 < "$1"; fi; }
@@ -33,6 +33,11 @@ for p in "${patches[@]}"; do
   (cd "$work/$name" && apply_patch "$p" && MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace \
      > "$OUT/variants/$name.build.log" 2>&1; echo "build $name: exit $?") &
 done
+# the unpatched tree too, unless it is built already
+if ! ls "$root"/mla_ext/_C*.so > /dev/null 2>&1; then
+  (MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace > "$OUT/variants/base.build.log" 2>&1
+   echo "build base: exit $?") &
+fi
 wait
 run_bench() {  # name, tree
   mkdir -p "$OUT/variants/$1"
