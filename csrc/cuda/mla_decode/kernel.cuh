@@ -138,6 +138,33 @@ struct DecodeKernel {
     }
   }
 
+  // This thread's copies of one column of a piece: rows row0, row0 + row_step, ... <
+  // kPieceTokens, four per batch with all four addresses computed before the first copy issues
+  // (a pointer bumped right after a cp.async waits until the copy has read it: the largest
+  // long-scoreboard stall of the Llama-2 bf16 profile). copy(dst, src, row) issues one.
+  template <typename Copy>
+  static __device__ __forceinline__ void copy_column(int row0, int row_step, const uint8_t* src,
+                                                     int src_step, uint32_t dst, int dst_step,
+                                                     Copy&& copy) {
+    for (int r = row0; r < kPieceTokens; r += 4 * row_step) {
+      const uint8_t* next_src = src + 4 * src_step;
+      const uint32_t next_dst = dst + 4 * dst_step;
+      const uint8_t* from[4];
+      uint32_t to[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        from[i] = src + i * src_step;
+        to[i] = dst + i * dst_step;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (r + i * row_step < kPieceTokens) copy(to[i], from[i], r + i * row_step);
+      }
+      src = next_src;
+      dst = next_dst;
+    }
+  }
+
   // Issues this thread's copies of the cursor's piece into stage `stage` (no commit). blk:
   // piece_block(), loaded an iteration ahead so that the copies need not wait for it. Tokens past
   // the sequence end inside a live piece are copied as they are (valid memory of that block) and
@@ -157,10 +184,40 @@ struct DecodeKernel {
       const uint8_t* src = p.latent + (slot0 + geo.lat_row0) * row_bytes + geo.lat_col;
       uint32_t dst = smem_addr(st + L.st_latent + (piece * kPieceTokens + geo.lat_row0) * pitch +
                                geo.lat_col);
-      for (int r = geo.lat_row0; r < kPieceTokens; r += geo.lat_row_step) {
-        cp_async16(dst, src, r < live ? 16 : 0);
-        src += geo.lat_src_step_bytes;
-        dst += geo.lat_dst_step_bytes;
+      if (p.D_c == kShape.max_latent) {
+        // The bucket's own width: every thread copies 16 / kRowStep rows of its column, four per
+        // asm statement (all four addresses live at once, see cp_async16_x4).
+        constexpr int kRowStep = kPieceThreads / (kShape.max_latent / 8);
+        constexpr int kSrcStep = kRowStep * kShape.max_latent * 2;
+        constexpr int kDstStep = kRowStep * (kShape.max_latent + 8) * 2;  // ld_tile = D_c + 8
+        constexpr int kCopyRows = kPieceTokens / kRowStep;
+        static_assert(kCopyRows * kRowStep == kPieceTokens);
+        if constexpr (kCopyRows % 4 == 0) {
+#pragma unroll
+          for (int i0 = 0; i0 < kCopyRows; i0 += 4) {
+            uint32_t to[4];
+            const uint8_t* from[4];
+            int bytes[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              to[j] = dst + (i0 + j) * kDstStep;
+              from[j] = src + (i0 + j) * kSrcStep;
+              bytes[j] = geo.lat_row0 + (i0 + j) * kRowStep < live ? 16 : 0;
+            }
+            cp_async16_x4(to, from, bytes);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kCopyRows; ++i) {
+            cp_async16(dst + i * kDstStep, src + i * kSrcStep,
+                       geo.lat_row0 + i * kRowStep < live ? 16 : 0);
+          }
+        }
+      } else {
+        copy_column(geo.lat_row0, geo.lat_row_step, src, geo.lat_src_step_bytes, dst,
+                    geo.lat_dst_step_bytes, [live](uint32_t to, const uint8_t* from, int r) {
+                      cp_async16(to, from, r < live ? 16 : 0);
+                    });
       }
     } else if (blk >= 0) {
       const int rb = p.latent_row_bytes;
@@ -185,10 +242,19 @@ struct DecodeKernel {
     if (!geo.rope_general) {
       const uint8_t* from = src + geo.rope_row0 * src_pitch + geo.rope_src_col;
       uint32_t to = smem_addr(dst + geo.rope_row0 * L.rope_ld + geo.rope_dst_col);
-      for (int r = geo.rope_row0; r < kPieceTokens; r += geo.rope_row_step) {
-        cp_async_n(to, from, u);
-        from += geo.rope_src_step_bytes;
-        to += geo.rope_dst_step_bytes;
+      // the chunk size a template argument: no branch on it per copy
+      auto rows = [&](auto bytes) {
+        copy_column(geo.rope_row0, geo.rope_row_step, from, geo.rope_src_step_bytes, to,
+                    geo.rope_dst_step_bytes, [](uint32_t d, const uint8_t* s, int) {
+                      cp_async_bytes<decltype(bytes)::value>(d, s);
+                    });
+      };
+      if (u == 16) {
+        rows(std::integral_constant<int, 16>{});
+      } else if (u == 8) {
+        rows(std::integral_constant<int, 8>{});
+      } else {
+        rows(std::integral_constant<int, 4>{});
       }
     } else {
       const int per_head = src_kvb / u, cols = kv_cnt * per_head;
