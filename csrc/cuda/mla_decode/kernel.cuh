@@ -459,6 +459,29 @@ struct DecodeKernel {
         }
       }
     }
+    // This thread's RoPE query elements tid + j * kThreads (row rq_r, dimension rq_d: stepped,
+    // no division per element), loaded before the barrier below so that their latency overlaps
+    // the step table's setup.
+    static_assert(kRows * 64 <= kThreads * 8);  // rows_per_cta * d_r <= 8 per thread
+    int rq_r[8], rq_d[8];
+    uint32_t q_bits[8];
+    {
+      const uint16_t* q_rope = reinterpret_cast<const uint16_t*>(p.q_rope) + q_row_base * p.d_r;
+      const int step_r = kThreads / p.d_r, step_d = kThreads - step_r * p.d_r;
+      int r = tid / p.d_r, d = tid - r * p.d_r;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        rq_r[j] = r;
+        rq_d[j] = d;
+        q_bits[j] = r < rows_here ? q_rope[tid + j * kThreads] : 0u;
+        r += step_r;
+        d += step_d;
+        if (d >= p.d_r) {
+          d -= p.d_r;
+          ++r;
+        }
+      }
+    }
     {
       // The RoPE runs of each row tile and its step table (one thread per row tile), then the
       // block-diagonal queries: row r's query in the k-units of its run, zeros elsewhere.
@@ -491,38 +514,26 @@ struct DecodeKernel {
         }
       }
       // Block-diagonal queries: zeros, then each row's query at its run's units (k = run *
-      // d_r_pad + d), all of a thread's loads in flight at once.
+      // d_r_pad + d).
       uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
       {
         const int words = p.rows_per_cta * L.rope_q_ld / 8;  // rope_q_ld: a multiple of 8
         for (int i = tid; i < words; i += kThreads) reinterpret_cast<uint4*>(rq)[i] = make_uint4(0, 0, 0, 0);
       }
       __syncthreads();
-      const T* q_rope = reinterpret_cast<const T*>(p.q_rope);
-      const bool rope_half = p.rope_path == kRopeFp8Keys;
-      const int rope_elems = p.rows_per_cta * p.d_r;  // at most kRows * 64: 8 per thread
-      static_assert(kRows * 64 <= kThreads * 8);
-      float qv[8];
+      // fp8 keys take fp16 queries: bf16 ones are converted, 16-bit ones of the MMA's type kept.
+      const bool to_half = p.rope_path == kRopeFp8Keys && !kHalf;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int idx = tid + j * kThreads, r = idx / p.d_r;
-        qv[j] = idx < rope_elems && r < rows_here ? static_cast<float>(q_rope[q_row_base * p.d_r + idx]) : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int idx = tid + j * kThreads, r = idx / p.d_r, d = idx - r * p.d_r;
-        if (idx >= rope_elems) break;
+        const int r = rq_r[j];
+        if (r >= rows_here) break;  // r grows with j
         const int run = tab[(r / 8) * L.rope_tab_ld + 1 + r % 8];
-        if (run < 0) continue;
-        uint16_t bits;
-        if (rope_half) {
-          const __half h = __float2half_rn(qv[j]);
-          bits = *reinterpret_cast<const uint16_t*>(&h);
-        } else {
-          const T h = from_float<T>(qv[j]);
+        uint16_t bits = static_cast<uint16_t>(q_bits[j]);
+        if (to_half) {
+          const __half h = __float2half_rn(__uint_as_float(q_bits[j] << 16));
           bits = *reinterpret_cast<const uint16_t*>(&h);
         }
-        rq[r * L.rope_q_ld + run * p.d_r_pad + d] = bits;
+        rq[r * L.rope_q_ld + run * p.d_r_pad + rq_d[j]] = bits;
       }
       if (!quant) {
         // Channels D_c .. ld_tile of every stage: cp.async never writes them, the MMAs read
@@ -828,26 +839,41 @@ struct DecodeKernel {
     if (my_sub == 0) l_s[my_row] = l_run;
     __syncthreads();
     const bool split = num_splits > 1;
-    T* o_lat = reinterpret_cast<T*>(p.o_lat);
+    // Per accumulator row (two per row tile): 1 / l, and its offset in the output rows.
+    float inv_l[kRowTiles][2];
+    int row_off[kRowTiles][2];
+#pragma unroll
+    for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = nt * 8 + 2 * tq + c;
+        const float l = l_s[r];
+        inv_l[nt][c] = l > 0.f ? 1.f / l : 0.f;
+        row_off[nt][c] = r < rows_here ? r * p.D_c : -1;
+      }
+    T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;
+    float* ws_out = p.ws_o + (static_cast<int64_t>(part) * p.rows + row0) * p.D_c;
 #pragma unroll
     for (int mt = 0; mt < kChanTiles; ++mt) {
       const int c0 = (warp + kWarps * mt) * 16;
       if (c0 >= p.D16) break;
 #pragma unroll
-      for (int nt = 0; nt < kRowTiles; ++nt)
+      for (int h = 0; h < 2; ++h) {
+        const int chan = c0 + g + 8 * h;
+        if (chan >= p.D_c) continue;
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int chan = c0 + g + (k / 2) * 8;
-          const int r = nt * 8 + 2 * tq + (k % 2);
-          if (r >= rows_here || chan >= p.D_c) continue;
-          const float l = l_s[r];
-          const float v = l > 0.f ? acc[mt][nt][k] / l : 0.f;
-          if (split) {
-            p.ws_o[(static_cast<int64_t>(part) * p.rows + row0 + r) * p.D_c + chan] = v;
-          } else {
-            o_lat[(q_row_base + r) * p.D_c + chan] = from_float<T>(v);
+        for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            if (row_off[nt][c] < 0) continue;
+            const float v = acc[mt][nt][2 * h + c] * inv_l[nt][c];
+            if (split) {
+              ws_out[row_off[nt][c] + chan] = v;
+            } else {
+              o_out[row_off[nt][c] + chan] = from_float<T>(v);
+            }
           }
-        }
+      }
     }
     if (my_sub == 0 && my_row_valid) {
       const float lse = l_run > 0.f ? 0.69314718056f * (m_run + log2f(l_run)) : -INFINITY;
