@@ -5,7 +5,7 @@ instructions by how often they ran (once per tile and warp, twice, ...).
   ncu --clock-control none --section SourceCounters --section InstructionStats --page source \\
       --csv --print-source sass -k regex:mla_decode_kernel -c 1 --launch-skip 3 \\
       python3 bench/bench_mla_decode.py --profile --ncu > ncu_source.csv
-  python bench/ncu_sass_summary.py ncu_source.csv
+  python bench/ncu_sass_summary.py ncu_source.csv [--kernel N]
 """
 from __future__ import annotations
 
@@ -16,14 +16,24 @@ import io
 from pathlib import Path
 
 
-def load(path: Path) -> tuple[str, list[dict]]:
+def load(path: Path) -> list[tuple[str, list[dict]]]:
+    """(kernel name, per-instruction rows) of each kernel in the CSV (ncu -c N prints one
+    "Kernel Name" line and one table per profiled launch)."""
     lines = path.read_text().split("\n")
-    kernel = next((line for line in lines if line.startswith('"Kernel Name"')), "")
-    start = next((i for i, line in enumerate(lines) if line.startswith('"Address"')), None)
-    if start is None:
+    starts = [i for i, line in enumerate(lines) if line.startswith('"Kernel Name"')] or [0]
+    kernels = []
+    for k, first in enumerate(starts):
+        last = starts[k + 1] if k + 1 < len(starts) else len(lines)
+        section = lines[first:last]
+        table = next((i for i, line in enumerate(section) if line.startswith('"Address"')), None)
+        if table is None:
+            continue
+        reader = csv.DictReader(io.StringIO("\n".join(section[table:])))
+        name = section[0] if section[0].startswith('"Kernel Name"') else ""
+        kernels.append((name, [row for row in reader if row.get("Source")]))
+    if not kernels:
         raise SystemExit(f"{path}: no per-instruction table (was ncu run with --page source?)")
-    reader = csv.DictReader(io.StringIO("\n".join(lines[start:])))
-    return kernel, [row for row in reader if row.get("Source")]
+    return kernels
 
 
 def number(text: str) -> float:
@@ -46,14 +56,28 @@ def main():
     ap.add_argument("--min-share", type=float, default=0.01,
                     help="smallest share of the executed instructions a region listed has "
                          "(default 0.01)")
+    ap.add_argument("--kernel", type=int, default=0,
+                    help="which profiled launch of the CSV to summarize (0: the first)")
     args = ap.parse_args()
-    kernel, rows = load(args.csv)
+    kernels = load(args.csv)
+    if not 0 <= args.kernel < len(kernels):
+        raise SystemExit(f"--kernel {args.kernel}: {args.csv} holds {len(kernels)} launch(es)")
+    kernel, rows = kernels[args.kernel]
     executed = [number(r["Instructions Executed"]) for r in rows]
     stalls = [number(r["Warp Stall Sampling (All Samples)"]) for r in rows]
     total, total_stall = sum(executed), sum(stalls) or 1.0
     print(kernel)
     print(f"{len(rows)} SASS instructions, {total:,.0f} warp instructions executed, "
           f"{total_stall:,.0f} stall samples")
+    reasons = collections.Counter()  # ncu's per-reason sample columns: stall_barrier, ...
+    for r in rows:
+        for column, value in r.items():
+            if column.startswith("stall_") and "Not Issued" not in column:
+                reasons[column[len("stall_"):]] += number(value)
+    if reasons:
+        print("stall reasons (% of samples): " + ", ".join(
+            f"{name} {100 * n / total_stall:.1f}" for name, n in reasons.most_common()
+            if n >= 0.01 * total_stall))
     mix, mix_stall = collections.Counter(), collections.Counter()
     for r, n, s in zip(rows, executed, stalls):
         opcode = _opcode(r)

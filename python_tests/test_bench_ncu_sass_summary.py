@@ -36,3 +36,26 @@ def test_csv_without_the_source_page(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), str(csv)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and "--page source" in result.stderr
+
+
+def test_two_launches_and_stall_reasons(tmp_path):
+    # ncu -c 2: one "Kernel Name" line and one table per launch; --kernel picks one.
+    header = HEADER.rstrip("\n") + ',"stall_barrier","stall_wait","stall_wait (Not Issued)"\n'
+    rows = [("0x00", "BAR.SYNC 0x0", 10, 4, 8, 2, 1), ("0x10", "FADD R1, R2, R3", 30, 4, 0, 30, 9)]
+    table = "".join(f'"{a}","{src}","{s}","{n}","{b}","{w}","{wn}"\n'
+                    for a, src, s, n, b, w, wn in rows)
+    csv = tmp_path / "two.csv"
+    csv.write_text('"Kernel Name","first"\n' + header + table + '"Kernel Name","second"\n'
+                   + header + table.replace('"4"', '"7"'))
+    out = {}
+    for k in (0, 1):
+        result = subprocess.run([sys.executable, str(SCRIPT), str(csv), "--kernel", str(k)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        out[k] = result.stdout
+    assert '"first"' in out[0] and "8 warp instructions executed" in out[0]
+    assert '"second"' in out[1] and "14 warp instructions executed" in out[1]
+    assert "stall reasons (% of samples): wait 80.0, barrier 20.0" in out[0]
+    bad = subprocess.run([sys.executable, str(SCRIPT), str(csv), "--kernel", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "holds 2 launch(es)" in bad.stderr
