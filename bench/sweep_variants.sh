@@ -43,7 +43,7 @@ run_bench() {  # name, tree
   mkdir -p "$OUT/variants/$1"
   (cd "$2" && PYTHONPATH=$2 python3 bench/bench_mla_decode.py --out "$OUT/variants/$1" "${@:3}") \
     > "$OUT/variants/$1.bench.log" 2>&1
-  echo "bench $1: exit $?"; grep -E "us|x" "$OUT/variants/$1.bench.log" | tail -n 60
+  echo "bench $1: exit $?"; grep " us " "$OUT/variants/$1.bench.log" | tail -n 60  # the result rows
 }
 run_bench base "$root" "$@"
 for name in "${names[@]}"; do run_bench "$name" "$work/$name" "$@"; done
