@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def torch_absorbed(q_lat, q_rope, c, kr, scale):
 def save_results(args, rows, notes, peak, *, partial: bool):
     return write_results("decode_h200", rows, extra={
         "peak_read_GBps": round(peak / 1e9, 1), "notes": notes, "quick": args.quick,
-        "targets": args.targets, "partial": partial, "l2_flush": args.flush},
+        "targets": args.targets, "partial": partial, "l2_flush": args.flush,
+        "kernel": args.kernel},
         out_dir=args.out)
 
 
@@ -185,7 +187,8 @@ def run(args):
                                    speedup_vs_sdpa=sdpa_us and round(sdpa_us / t, 2),
                                    torch_us=torch_us and round(torch_us, 2),
                                    speedup_vs_torch=torch_us and round(torch_us / t, 2),
-                                   checked_vs_torch=checked)
+                                   checked_vs_torch=checked, kernel=args.kernel,
+                                   tile_tokens=int(plan[1]))
                         rows.append(row)
                         if args.out_partial:  # a run cut by a time limit keeps its rows
                             save_results(args, rows, notes, peak, partial=True)
@@ -272,10 +275,15 @@ def main():
                          "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
+    ap.add_argument("--kernel", choices=("auto", "mma", "wgmma"), default="auto",
+                    help="which decode kernel (MLA_EXT_DECODE_KERNEL): the Hopper one where it "
+                         "applies (auto), the mma.sync one, or the Hopper one only; each row "
+                         "records the plan's tile (48 or 64 tokens: the Hopper kernel, 32: mma)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     ap.add_argument("--ncu", action="store_true",
                     help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")
     args = ap.parse_args()
+    os.environ["MLA_EXT_DECODE_KERNEL"] = args.kernel
     if args.profile:
         profile(args)
         return

@@ -6,6 +6,7 @@ outside the cache, so a kernel that reads past a sequence's end fails loudly.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -302,6 +303,80 @@ def test_mla_decode_cuda_matches_reference(p):
     out = torch.ops.mla_ext.mla_decode(*args, None)  # the kernel itself, never the fallback
     check_against_reference(p, out, args)
     check_format_error(p, out, args, raw)
+
+
+def hopper_params(n: int, seed: int) -> list[DecodeParam]:
+    """Draws of random_params moved into what the Hopper kernel takes: D_c a multiple of 64 up to
+    512, 16-bit latent and RoPE keys in q's dtype, d_r a multiple of 8."""
+    rng = random.Random(seed)
+    out = []
+    for p in random_params(n, seed, cpu=False):
+        dt = rng.choice([torch.bfloat16, torch.float16])
+        D_c = min(512, 64 * max(1, round(p.D_c / 64)))
+        d_r = rng.choice([8, 16, 16, 24, 32, 64])
+        # a CTA's 32 rows need the keys of up to 32 / group + 2 KV heads: at most 640 dims of
+        # them fit next to the latent slots
+        while min(p.H_kv, 32 // (p.H // p.H_kv) + 2) * d_r > 640 and d_r > 8:
+            d_r -= 8
+        out.append(dataclasses.replace(p, D_c=D_c, d_r=d_r, latent_dtype=dt, rope_dtype=dt,
+                                       q_dtype=dt, group_size=D_c))
+    return out
+
+
+def hopper_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", hopper_params(160, seed=13), ids=lambda p: f"s{p.seed}")
+def test_mla_decode_hopper_kernel_matches_reference(p, monkeypatch):
+    if not hopper_gpu():
+        pytest.skip("the Hopper kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
+    args, raw = make_inputs(p, "cuda")
+    out = torch.ops.mla_ext.mla_decode(*args, None)
+    check_against_reference(p, out, args)
+    check_format_error(p, out, args, raw)
+
+
+@pytest.mark.gpu
+def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
+    if not hopper_gpu():
+        pytest.skip("the Hopper kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
+    # the Llama-2 (MHA: 48-token tiles) and Llama-3 (GQA: 64-token tiles) shapes, many splits
+    for D_c, H, H_kv, d_r, s_q in ((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
+                                   (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)):
+        for dt in (torch.bfloat16, torch.float16):
+            p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 64, (20000, 0, 1, 7777), dt, dt, dt, D_c,
+                            seed=D_c + H + s_q)
+            args, raw = make_inputs(p, "cuda")
+            out = torch.ops.mla_ext.mla_decode(*args, None)
+            check_against_reference(p, out, args)
+            check_format_error(p, out, args, raw)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        og, lg = ops.mla_decode(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    o1, l1 = ops.mla_decode(*args)
+    assert torch.equal(og, o1) and torch.equal(lg, l1)
+
+
+@pytest.mark.gpu
+def test_mla_decode_kernel_choice_errors(monkeypatch):
+    p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.bfloat16,
+                    torch.bfloat16, 16, seed=9)
+    args, _ = make_inputs(p, "cuda")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma or wgmma"):
+        torch.ops.mla_ext.mla_decode(*args, None)
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
+    with pytest.raises(RuntimeError, match="Hopper kernel does not apply"):
+        torch.ops.mla_ext.mla_decode(*args, None)
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
+    check_against_reference(p, torch.ops.mla_ext.mla_decode(*args, None), args)
 
 
 @pytest.mark.gpu

@@ -9,11 +9,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "args/mla_decode.h"
+#include "cuda/mla_decode/hopper/layout.h"
 #include "cuda/mla_decode/launch.h"
 #include "cuda/mla_decode/split_plan.h"
 #include "ops.h"
@@ -57,11 +61,98 @@ int format_of(LatentFormat f) {
 
 struct Config {
   int bucket, tile_tokens, target_parts;
+  int hopper_blocks;  // > 0: the Hopper kernel for D_c <= 64 * hopper_blocks
 };
+
+#define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                 \
+  switch (BLOCKS) {                                           \
+    case 2: { constexpr int kBlocks = 2; __VA_ARGS__(); break; } \
+    case 4: { constexpr int kBlocks = 4; __VA_ARGS__(); break; } \
+    default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; } \
+  }
+
+// Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the Hopper kernel where it applies),
+// "mma" (the mma.sync kernel everywhere) or "wgmma" (the Hopper kernel, an error where it does
+// not apply). Read per call, so that tests and benchmarks can compare both in one process.
+enum class KernelChoice { kAuto, kMma, kWgmma };
+
+KernelChoice kernel_choice() {
+  const char* v = std::getenv("MLA_EXT_DECODE_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
+  if (std::strcmp(v, "mma") == 0) return KernelChoice::kMma;
+  TORCH_CHECK(std::strcmp(v, "wgmma") == 0,
+              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma or wgmma, got '", v, "'");
+  return KernelChoice::kWgmma;
+}
+
+// Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
+// p's shape part is filled for it: rows per CTA, tile, shared-memory layout).
+std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
+                             int* blocks_out) {
+  const auto* props = at::cuda::getDeviceProperties(device.index());
+  if (props->major != 9) return "it needs a compute capability 9.0 GPU";
+  if (p.format != decode::kFmtFloat) return "it takes bf16 / fp16 latent caches only";
+  if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
+  if (p.d_r % 8 != 0) return "it needs d_r to be a multiple of 8";
+  if (p.D_c % decode::hopper::kChanBlock != 0 || p.D_c > decode::hopper::kMaxLatent) {
+    return "it needs D_c to be a multiple of 64 up to 512";
+  }
+  const int blocks = p.D_c <= 128 ? 2 : p.D_c <= 256 ? 4 : 8;
+  // whether the build holds sm_90a code (the answer never changes: asked once per kernel)
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, bool> available;
+  const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype), blocks);
+  bool ok = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = available.find(key);
+    if (it == available.end()) {
+      MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
+        MLA_DECODE_HOPPER_SWITCH(blocks, [&] { ok = decode::hopper_decode_available<T, kBlocks>(); });
+      });
+      available[key] = ok;
+    } else {
+      ok = it->second;
+    }
+  }
+  if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
+  p.rows_per_cta = std::min(decode::hopper::kRows, p.rows);
+  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
+  for (int tile : {decode::hopper::kGemmTokens, 48}) {
+    for (int slots = decode::hopper::kMaxLatentSlots; slots >= decode::hopper::kMinLatentSlots; --slots) {
+      const decode::SmemLayout layout = decode::hopper::make_hopper_layout(p, tile, slots);
+      if (layout.total <= smem_limit) {
+        p.smem = layout;
+        p.tile_tokens = tile;
+        *blocks_out = blocks;
+        return "";
+      }
+    }
+  }
+  return "its shared memory does not fit (RoPE keys of too many KV heads)";
+}
 
 // Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
 Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
   constexpr const char* kOp = "mla_decode";
+  const KernelChoice choice = kernel_choice();
+  if (choice != KernelChoice::kMma) {
+    int blocks = 0;
+    const std::string why = configure_hopper(p, dtype, device, &blocks);
+    TORCH_CHECK(why.empty() || choice == KernelChoice::kAuto, kOp,
+                ": MLA_EXT_DECODE_KERNEL=wgmma, but the Hopper kernel does not apply: ", why);
+    if (why.empty()) {
+      const auto* props = at::cuda::getDeviceProperties(device.index());
+      p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
+      // one CTA per SM (its shared memory)
+      const int target = std::min(decode::kPlanSlots,
+                                  std::max(1, props->multiProcessorCount / p.row_chunks));
+      p.max_parts = target + p.B;
+      TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= props->sharedMemPerBlockOptin - 1024,
+                  kOp, ": batch ", p.B, " is too large for the split-KV merge on this GPU");
+      return {-1, p.tile_tokens, target, blocks};
+    }
+  }
   const int bucket = decode::bucket_of(p.D_c);
   TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
               decode::kBuckets[decode::kNumBuckets - 1].max_latent, ", got D_c = ", p.D_c);
@@ -95,6 +186,7 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
               " need ", p.smem.total, " bytes of shared memory per CTA; this GPU allows ",
               smem_limit);
   const int tile_tokens = shape.tile_tokens;
+  p.tile_tokens = tile_tokens;
   p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
   // The occupancy query costs microseconds of host time per call: remember its answers.
   static std::mutex cache_mutex;
@@ -123,7 +215,7 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   // The merge keeps one weight per split of a sequence in shared memory.
   TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
               " is too large for the split-KV merge on this GPU");
-  return {bucket, tile_tokens, target};
+  return {bucket, tile_tokens, target, 0};
 }
 
 MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
@@ -255,7 +347,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   MLA_DECODE_DTYPE_SWITCH(q_lat.scalar_type(), [&] {
-    MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] { decode::launch_decode<T, kBucket>(p, stream); });
+    if (cfg.hopper_blocks > 0) {
+      MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,
+                               [&] { decode::launch_hopper_decode<T, kBlocks>(p, stream); });
+    } else {
+      MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] { decode::launch_decode<T, kBucket>(p, stream); });
+    }
     decode::launch_combine<T>(p, stream);
   });
   return {o_lat, lse};

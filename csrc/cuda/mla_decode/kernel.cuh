@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "cuda/mla_decode/ptx.cuh"
+#include "cuda/mla_decode/rope_queries.cuh"
 #include "cuda/mla_decode/split_plan.h"
 #include "cuda/mla_decode/traits.h"
 
@@ -372,23 +373,8 @@ struct DecodeKernel {
     const int num_stages = L.num_stages;
     const int my_piece = tid / kPieceThreads;
 
-    // KV heads of rows row0 .. row0 + rows_here - 1: a cyclic range [kv_lo, kv_lo + kv_cnt).
     int kv_lo, kv_cnt;
-    if (rows_here >= p.H) {
-      kv_lo = 0;
-      kv_cnt = p.H_kv;
-    } else {
-      // Rows that wrap past head H - 1 (the next query token) go on from KV head 0, and may come
-      // back to kv_lo's own head: then the CTA needs every KV head.
-      kv_lo = (row0 % p.H) / group;
-      const int kv_last = ((row0 + rows_here - 1) % p.H) / group;
-      const bool wraps = row0 % p.H + rows_here > p.H;
-      kv_cnt = wraps ? p.H_kv - kv_lo + kv_last + 1 : kv_last - kv_lo + 1;
-      if (kv_cnt >= p.H_kv) {
-        kv_lo = 0;
-        kv_cnt = p.H_kv;
-      }
-    }
+    cta_kv_range(p, row0, rows_here, kv_lo, kv_cnt);
 
     // Zero the padding of each KV head's key (d_r .. d_r_pad) in every stage: cp.async never
     // writes it, and the RoPE MMA reads it (times a zero query, but 0 * NaN is NaN). The bytes
@@ -459,91 +445,15 @@ struct DecodeKernel {
         }
       }
     }
-    // This thread's RoPE query elements tid + j * kThreads (row rq_r, dimension rq_d: stepped,
-    // no division per element), loaded before the barrier below so that their latency overlaps
-    // the step table's setup.
-    static_assert(kRows * 64 <= kThreads * 8);  // rows_per_cta * d_r <= 8 per thread
-    int rq_r[8], rq_d[8];
-    uint32_t q_bits[8];
-    {
-      const uint16_t* q_rope = reinterpret_cast<const uint16_t*>(p.q_rope) + q_row_base * p.d_r;
-      const int step_r = kThreads / p.d_r, step_d = kThreads - step_r * p.d_r;
-      int r = tid / p.d_r, d = tid - r * p.d_r;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        rq_r[j] = r;
-        rq_d[j] = d;
-        q_bits[j] = r < rows_here ? q_rope[tid + j * kThreads] : 0u;
-        r += step_r;
-        d += step_d;
-        if (d >= p.d_r) {
-          d -= p.d_r;
-          ++r;
-        }
-      }
-    }
-    {
-      // The RoPE runs of each row tile and its step table (one thread per row tile), then the
-      // block-diagonal queries: row r's query in the k-units of its run, zeros elsewhere.
-      int* tab = reinterpret_cast<int*>(smem + L.rope_tab);
-      const int upr = p.d_r_pad / 8;  // k-units of a run
-      if (tid < kRowTiles) {
-        int* t = tab + tid * L.rope_tab_ld;
-        int runs = 0, prev = -1, run_kvl[8];
-        for (int j = 0; j < 8; ++j) {
-          const int lr = tid * 8 + j;
-          int run = -1;
-          if (lr < rows_here) {
-            const int kvl = ((row0 + lr) % p.H / group - kv_lo + p.H_kv) % p.H_kv;
-            if (kvl != prev) run_kvl[runs++] = kvl;
-            prev = kvl;
-            run = runs - 1;
-          }
-          t[1 + j] = run;
-        }
-        const int units = runs * upr, steps = (units + 1) / 2;
-        t[0] = steps;
-        for (int s = 0; s < steps; ++s) {
-          int off[2];
-          for (int h = 0; h < 2; ++h) {
-            // past the last unit (an odd count): run 0's keys, finite, times a zero query
-            const int u = 2 * s + h < units ? 2 * s + h : 0;
-            off[h] = run_kvl[u / upr] * L.rope_kvb + (u % upr) * 8 * p.rope_esize;
-          }
-          t[kRopeTabHeader + s] = off[0] | (off[1] << 16);
-        }
-      }
-      // Block-diagonal queries: zeros, then each row's query at its run's units (k = run *
-      // d_r_pad + d).
-      uint16_t* rq = reinterpret_cast<uint16_t*>(smem + L.rope_q);
-      {
-        const int words = p.rows_per_cta * L.rope_q_ld / 8;  // rope_q_ld: a multiple of 8
-        for (int i = tid; i < words; i += kThreads) reinterpret_cast<uint4*>(rq)[i] = make_uint4(0, 0, 0, 0);
-      }
-      __syncthreads();
-      // fp8 keys take fp16 queries: bf16 ones are converted, 16-bit ones of the MMA's type kept.
-      const bool to_half = p.rope_path == kRopeFp8Keys && !kHalf;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int r = rq_r[j];
-        if (r >= rows_here) break;  // r grows with j
-        const int run = tab[(r / 8) * L.rope_tab_ld + 1 + r % 8];
-        uint16_t bits = static_cast<uint16_t>(q_bits[j]);
-        if (to_half) {
-          const __half h = __float2half_rn(__uint_as_float(q_bits[j] << 16));
-          bits = *reinterpret_cast<const uint16_t*>(&h);
-        }
-        rq[r * L.rope_q_ld + run * p.d_r_pad + rq_d[j]] = bits;
-      }
-      if (!quant) {
-        // Channels D_c .. ld_tile of every stage: cp.async never writes them, the MMAs read
-        // D_c .. D16 (and 0 * NaN would poison the scores).
-        const int pad = L.ld_tile - p.D_c;
-        for (int s = 0; s < num_stages; ++s) {
-          T* tile = reinterpret_cast<T*>(smem + L.stages + s * L.stage_bytes + L.st_latent);
-          for (int idx = tid; idx < kTile * pad; idx += kThreads) {
-            tile[(idx / pad) * L.ld_tile + p.D_c + idx % pad] = from_float<T>(0.f);
-          }
+    setup_rope_queries<kHalf, kThreads, kRowTiles>(p, smem, L, row0, rows_here, kv_lo, q_row_base);
+    if (!quant) {
+      // Channels D_c .. ld_tile of every stage: cp.async never writes them, the MMAs read
+      // D_c .. D16 (and 0 * NaN would poison the scores).
+      const int pad = L.ld_tile - p.D_c;
+      for (int s = 0; s < num_stages; ++s) {
+        T* tile = reinterpret_cast<T*>(smem + L.stages + s * L.stage_bytes + L.st_latent);
+        for (int idx = tid; idx < kTile * pad; idx += kThreads) {
+          tile[(idx / pad) * L.ld_tile + p.D_c + idx % pad] = from_float<T>(0.f);
         }
       }
     }

@@ -16,6 +16,13 @@ int decode_ctas_per_sm(int smem_bytes);
 template <typename T, int kBucket>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
+// The Hopper (wgmma) kernel for latents of up to 64 * kMaxBlocks channels: whether this device
+// runs its sm_90a code, and its launch (hopper/layout.h).
+template <typename T, int kMaxBlocks>
+bool hopper_decode_available();
+template <typename T, int kMaxBlocks>
+void launch_hopper_decode(const MlaDecodeParams& params, cudaStream_t stream);
+
 // Computes the split plan on the device (one CTA, so that it stays capturable).
 void launch_plan(const int32_t* seq_lens, int batch, int tile_tokens, int target_parts,
                  int capacity, int32_t* plan, cudaStream_t stream);

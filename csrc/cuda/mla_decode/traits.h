@@ -38,6 +38,10 @@ struct SmemLayout {
   int rope_steps_max;      // k16 steps of the longest row tile: ceil(runs * d_r_pad / 8 / 2)
   int rope_q_ld;           // 16-bit elements per row of rope_q (an odd multiple of 16 bytes)
   int rope_tab_ld;         // ints per row tile in rope_tab: steps, run of each row, step offsets
+  // The Hopper kernel (hopper/layout.h) keeps the RoPE keys in a ring of their own, one slot
+  // fewer than the latent's (a slot is refilled as soon as the RoPE score has read it), and its
+  // latent slots as 64-channel blocks of tile_tokens x 128 bytes.
+  int rope_ring, rope_slot_bytes, rope_slots, lat_block_bytes;
 };
 
 struct MlaDecodeParams {
@@ -64,6 +68,7 @@ struct MlaDecodeParams {
   int max_parts;
   int format, rope_path, rope_esize, latent_row_bytes;
   int rope_chunk;    // bytes per cp.async of RoPE keys: 16, 8 or 4 (what d_r * esize allows)
+  int tile_tokens;   // tokens per tile (the plan's unit)
   float softmax_scale_log2;  // softmax_scale * log2(e): the kernel works in base 2
   SmemLayout smem;
 };
