@@ -76,10 +76,11 @@ struct HopperDecodeKernel {
     int kv_lo, kv_cnt;
     cta_kv_range(p, row0, rows_here, kv_lo, kv_cnt);
 
-    // This thread's latent copies: 16-byte column c8 of tokens t0, t0 + tstep, ... (128 is a
-    // multiple of D_c / 8 <= 64).
+    // This thread's latent copies: 16-byte column c8 of a piece's rows t0, t0 + tstep, ... < 16
+    // (threads past tstep * (D_c / 8) copy nothing).
     const int c8_count = p.D_c / 8;
-    const int lat_c8 = tid % c8_count, lat_t0 = tid / c8_count, lat_tstep = kThreads / c8_count;
+    const int lat_c8 = tid % c8_count, lat_tstep = kThreads / c8_count;
+    const int lat_t0 = tid < lat_tstep * c8_count ? tid / c8_count : kPieceTokens;
     const int lat_dst_col = (lat_c8 / 8) * L.lat_block_bytes;
     // RoPE copies: 16-byte chunk `col` of the CTA's kv_cnt heads' keys (d_r % 8 == 0, 16-bit
     // keys), stepped through (token, chunk) pairs without a division per copy.
@@ -96,11 +97,11 @@ struct HopperDecodeKernel {
       for (int pc = 0; pc < kMaxPieces; ++pc) {
         if (pc >= pieces) break;
         const int blk = tb.blk[pc];
-        const int64_t row0 = static_cast<int64_t>(blk) * p.block_size + tb.offset[pc];
+        const int64_t slot_row = static_cast<int64_t>(blk) * p.block_size + tb.offset[pc];
         for (int r = lat_t0; r < kPieceTokens; r += lat_tstep) {
           const int t = pc * kPieceTokens + r;
           const bool live = blk >= 0 && tok0 + t < len;
-          const uint8_t* src = live ? p.latent + ((row0 + r) * p.D_c + lat_c8 * 8) * 2 : p.latent;
+          const uint8_t* src = live ? p.latent + ((slot_row + r) * p.D_c + lat_c8 * 8) * 2 : p.latent;
           cp_async16(dst0 + swizzled_offset(t, lat_c8 % 8), src, live ? 16 : 0);
         }
       }
