@@ -61,14 +61,19 @@ int format_of(LatentFormat f) {
 
 struct Config {
   int bucket, tile_tokens, target_parts;
-  int hopper_blocks;  // > 0: the Hopper kernel for D_c <= 64 * hopper_blocks
+  int hopper_blocks;  // > 0: the Hopper kernel for D_c = 64 * hopper_blocks
 };
 
-#define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                 \
-  switch (BLOCKS) {                                           \
-    case 2: { constexpr int kBlocks = 2; __VA_ARGS__(); break; } \
-    case 4: { constexpr int kBlocks = 4; __VA_ARGS__(); break; } \
-    default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; } \
+#define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                        \
+  switch (BLOCKS) {                                                  \
+    case 1: { constexpr int kBlocks = 1; __VA_ARGS__(); break; }     \
+    case 2: { constexpr int kBlocks = 2; __VA_ARGS__(); break; }     \
+    case 3: { constexpr int kBlocks = 3; __VA_ARGS__(); break; }     \
+    case 4: { constexpr int kBlocks = 4; __VA_ARGS__(); break; }     \
+    case 5: { constexpr int kBlocks = 5; __VA_ARGS__(); break; }     \
+    case 6: { constexpr int kBlocks = 6; __VA_ARGS__(); break; }     \
+    case 7: { constexpr int kBlocks = 7; __VA_ARGS__(); break; }     \
+    default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; }    \
   }
 
 // Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the Hopper kernel where it applies),
@@ -97,7 +102,7 @@ std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at:
   if (p.D_c % decode::hopper::kChanBlock != 0 || p.D_c > decode::hopper::kMaxLatent) {
     return "it needs D_c to be a multiple of 64 up to 512";
   }
-  const int blocks = p.D_c <= 128 ? 2 : p.D_c <= 256 ? 4 : 8;
+  const int blocks = p.D_c / decode::hopper::kChanBlock;
   // whether the build holds sm_90a code (the answer never changes: asked once per kernel)
   static std::mutex mutex;
   static std::map<std::tuple<int, int, int>, bool> available;

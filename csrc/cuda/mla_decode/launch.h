@@ -16,11 +16,11 @@ int decode_ctas_per_sm(int smem_bytes);
 template <typename T, int kBucket>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// The Hopper (wgmma) kernel for latents of up to 64 * kMaxBlocks channels: whether this device
-// runs its sm_90a code, and its launch (hopper/layout.h).
-template <typename T, int kMaxBlocks>
+// The Hopper (wgmma) kernel for latents of D_c = 64 * kBlocks channels: whether this device runs
+// its sm_90a code, and its launch (hopper/layout.h).
+template <typename T, int kBlocks>
 bool hopper_decode_available();
-template <typename T, int kMaxBlocks>
+template <typename T, int kBlocks>
 void launch_hopper_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
 // Computes the split plan on the device (one CTA, so that it stays capturable).

@@ -30,8 +30,10 @@
 
 namespace mla_ext::decode::hopper {
 
-// kMaxBlocks: 64-channel blocks of the widest latent of the instantiation (D_c <= 64 kMaxBlocks).
-template <typename T, int kMaxBlocks>
+// kBlocks: the latent's 64-channel blocks (D_c = 64 kBlocks). Every wgmma sequence is straight-line
+// code with compile-time counts: a wgmma under a runtime condition makes ptxas insert a
+// warpgroup.arrive before it, which waits for the previous wgmma to finish (one MMA at a time).
+template <typename T, int kBlocks>
 struct HopperDecodeKernel {
   static constexpr bool kHalf = std::is_same_v<T, __half>;
   static constexpr int kMaxPieces = kGemmTokens / kPieceTokens;
@@ -54,6 +56,24 @@ struct HopperDecodeKernel {
     return t;
   }
 
+  // O^T += C^T (P_lo + P_hi)^T over kPieces 16-token steps, per 64-channel block (issued only:
+  // the caller commits and waits).
+  template <int kPieces>
+  static __device__ __forceinline__ void output_gemm(float (&acc)[kBlocks][16], uint32_t lat,
+                                                     int block_bytes, uint32_t pt_hi,
+                                                     uint32_t pt_lo) {
+#pragma unroll
+    for (int mb = 0; mb < kBlocks; ++mb) {
+#pragma unroll
+      for (int kt = 0; kt < kPieces; ++kt) {
+        // M-major A: 8-token groups 1024 bytes apart (SBO); one 64-channel atom wide (LBO unused)
+        const uint64_t da = make_desc(lat + mb * block_bytes + kt * 2048, block_bytes, 1024);
+        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_lo + kt * 32, 16, 1024));
+        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_hi + kt * 32, 16, 1024));
+      }
+    }
+  }
+
   static __device__ void run(const MlaDecodeParams& p) {
 #ifdef MLA_EXT_WGMMA
     extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -72,7 +92,6 @@ struct HopperDecodeKernel {
     const int rows_here = min(p.rows_per_cta, p.rows - row0);
     const int tile_tokens = p.tile_tokens, pieces = tile_tokens / kPieceTokens;
     const int lat_slots = L.num_stages, rope_slots = L.rope_slots;
-    const int blocks = p.D_c / kChanBlock;
     int kv_lo, kv_cnt;
     cta_kv_range(p, row0, rows_here, kv_lo, kv_cnt);
 
@@ -174,9 +193,9 @@ struct HopperDecodeKernel {
         // positions <= this are visible to row r; a row past rows_here sees none
         last_visible[j][c] = r < rows_here ? len - p.s_q + (row0 + r) / p.H : -1;
       }
-    float acc[kMaxBlocks][16];
+    float acc[kBlocks][16];
 #pragma unroll
-    for (int i = 0; i < kMaxBlocks; ++i)
+    for (int i = 0; i < kBlocks; ++i)
 #pragma unroll
       for (int k = 0; k < 16; ++k) acc[i][k] = 0.f;
 
@@ -186,7 +205,6 @@ struct HopperDecodeKernel {
     const int* rope_tab = reinterpret_cast<const int*>(smem + L.rope_tab);
     const uint16_t* rq_base = reinterpret_cast<const uint16_t*>(smem + L.rope_q) +
                               (lane % 8) * L.rope_q_ld + ((lane % 16) / 8) * 8;
-    const int ksteps = p.D_c / 16;
     // groups committed after the ones a tile waits for: the RoPE copies of the tile are the
     // later of its two groups, followed by two groups per tile in between
     const int pending = 2 * (rope_slots - 1);
@@ -206,12 +224,10 @@ struct HopperDecodeKernel {
       fence_accumulators(sacc);
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < 4 * kMaxBlocks; ++ks) {
-        if (ks < ksteps) {
-          const uint64_t da = make_desc(lat + (ks / 4) * L.lat_block_bytes + (ks % 4) * 32, 16, 1024);
-          const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
-          wgmma_m64n32k16<T, 0>(sacc, da, db, ks > 0 ? 1 : 0);
-        }
+      for (int ks = 0; ks < 4 * kBlocks; ++ks) {
+        const uint64_t da = make_desc(lat + (ks / 4) * L.lat_block_bytes + (ks % 4) * 32, 16, 1024);
+        const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
+        wgmma_m64n32k16<T, 0>(sacc, da, db, ks > 0 ? 1 : 0);
       }
       wgmma_commit();
       {
@@ -318,7 +334,7 @@ struct HopperDecodeKernel {
       // 3. O^T = alpha O^T + C^T P^T: per 64-channel block and 16-token step, lo terms then hi
       if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-        for (int mb = 0; mb < kMaxBlocks; ++mb)
+        for (int mb = 0; mb < kBlocks; ++mb)
 #pragma unroll
           for (int j = 0; j < kRowTiles; ++j)
 #pragma unroll
@@ -328,22 +344,17 @@ struct HopperDecodeKernel {
             }
       }
 #pragma unroll
-      for (int mb = 0; mb < kMaxBlocks; ++mb) fence_accumulators(acc[mb]);
+      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
       wgmma_fence();
-#pragma unroll
-      for (int mb = 0; mb < kMaxBlocks; ++mb) {
-        if (mb < blocks) {
-          for (int kt = 0; kt < pieces; ++kt) {
-            const uint64_t da = make_desc(lat + mb * L.lat_block_bytes + kt * 2048, L.lat_block_bytes, 1024);
-            wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_lo + kt * 32, 16, 1024));
-            wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_hi + kt * 32, 16, 1024));
-          }
-        }
+      if (pieces == kMaxPieces) {
+        output_gemm<kMaxPieces>(acc, lat, L.lat_block_bytes, pt_hi, pt_lo);
+      } else {
+        output_gemm<kMaxPieces - 1>(acc, lat, L.lat_block_bytes, pt_hi, pt_lo);
       }
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
-      for (int mb = 0; mb < kMaxBlocks; ++mb) fence_accumulators(acc[mb]);
+      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
     }
     cp_async_wait<0>();
 
@@ -383,8 +394,7 @@ struct HopperDecodeKernel {
     T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;
     float* ws_out = p.ws_o + (static_cast<int64_t>(part) * p.rows + row0) * p.D_c;
 #pragma unroll
-    for (int mb = 0; mb < kMaxBlocks; ++mb) {
-      if (mb >= blocks) break;
+    for (int mb = 0; mb < kBlocks; ++mb) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int chan = mb * kChanBlock + 16 * warp + g + 8 * h;
@@ -408,10 +418,10 @@ struct HopperDecodeKernel {
   }
 };
 
-template <typename T, int kMaxBlocks>
+template <typename T, int kBlocks>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_hopper_kernel(const __grid_constant__ MlaDecodeParams params) {
-  HopperDecodeKernel<T, kMaxBlocks>::run(params);
+  HopperDecodeKernel<T, kBlocks>::run(params);
 }
 
 }  // namespace mla_ext::decode::hopper
