@@ -45,7 +45,10 @@ struct CopyGeometry {
   bool rope_general;
 };
 
-template <typename T, int kBucket>
+// kQuant: the cache's latent is quantized (int8, fp8, int4: dequantized per tile) or not (a 16-bit
+// latent the MMAs read in place). Each kernel holds one of the two paths only: a third less code
+// for float caches, whose instruction cache a call at small batch fills cold.
+template <typename T, int kBucket, bool kQuant>
 struct DecodeKernel {
   static constexpr BucketShape kShape = kBuckets[kBucket];
   static constexpr int kWarps = kShape.warps;
@@ -178,7 +181,7 @@ struct DecodeKernel {
     const int ptok0 = cur.tok;
     const int64_t slot0 = blk >= 0 ? static_cast<int64_t>(blk) * p.block_size + cur.offset : 0;
     uint8_t* st = smem + L.stages + stage * L.stage_bytes;
-    if (p.format == kFmtFloat) {
+    if constexpr (!kQuant) {
       const int row_bytes = p.D_c * 2, pitch = L.ld_tile * 2;
       const int live = blk >= 0 ? len - ptok0 : 0;
       const uint8_t* src = p.latent + (slot0 + geo.lat_row0) * row_bytes + geo.lat_col;
@@ -368,7 +371,7 @@ struct DecodeKernel {
     const int row0 = chunk * p.rows_per_cta;
     const int rows_here = min(p.rows_per_cta, p.rows - row0);
     const int group = p.H / p.H_kv;
-    const bool quant = p.format != kFmtFloat;
+    constexpr bool quant = kQuant;
     const int num_stages = L.num_stages;
     const int my_piece = tid / kPieceThreads;
 
@@ -886,10 +889,10 @@ struct DecodeKernel {
   }
 };
 
-template <typename T, int kBucket>
+template <typename T, int kBucket, bool kQuant>
 __global__ void __launch_bounds__(bucket_threads(kBucket), kBuckets[kBucket].min_ctas)
     mla_decode_kernel(const __grid_constant__ MlaDecodeParams params) {
-  DecodeKernel<T, kBucket>::run(params);
+  DecodeKernel<T, kBucket, kQuant>::run(params);
 }
 
 }  // namespace mla_ext::decode
