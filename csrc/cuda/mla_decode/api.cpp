@@ -36,6 +36,15 @@ using decode::MlaDecodeParams;
     default: { constexpr int kBucket = 4; __VA_ARGS__(); break; } \
   }
 
+#define MLA_DECODE_CACHE_SWITCH(QUANT, ...) \
+  if (QUANT) {                              \
+    constexpr bool kQuant = true;           \
+    __VA_ARGS__();                          \
+  } else {                                  \
+    constexpr bool kQuant = false;          \
+    __VA_ARGS__();                          \
+  }
+
 #define MLA_DECODE_DTYPE_SWITCH(DTYPE, ...)                                    \
   if ((DTYPE) == at::kBFloat16) {                                              \
     using T = __nv_bfloat16;                                                   \
@@ -195,9 +204,9 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
   // The occupancy query costs microseconds of host time per call: remember its answers.
   static std::mutex cache_mutex;
-  static std::map<std::tuple<int, int, int, int>, int> occupancy_cache;
+  static std::map<std::tuple<int, int, int, bool, int>, int> occupancy_cache;
   const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype),
-                                   bucket, p.smem.total);
+                                   bucket, p.format != decode::kFmtFloat, p.smem.total);
   int ctas_per_sm = 0;
   {
     std::lock_guard<std::mutex> lock(cache_mutex);
@@ -207,7 +216,9 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   if (ctas_per_sm == 0) {
     MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
       MLA_DECODE_BUCKET_SWITCH(bucket, [&] {
-        ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket>(p.smem.total);
+        MLA_DECODE_CACHE_SWITCH(p.format != decode::kFmtFloat, [&] {
+          ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket, kQuant>(p.smem.total);
+        });
       });
     });
     std::lock_guard<std::mutex> lock(cache_mutex);
@@ -356,7 +367,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
       MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,
                                [&] { decode::launch_hopper_decode<T, kBlocks>(p, stream); });
     } else {
-      MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] { decode::launch_decode<T, kBucket>(p, stream); });
+      MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] {
+        MLA_DECODE_CACHE_SWITCH(p.format != decode::kFmtFloat,
+                                [&] { decode::launch_decode<T, kBucket, kQuant>(p, stream); });
+      });
     }
     decode::launch_combine<T>(p, stream);
   });

@@ -46,7 +46,10 @@ struct CopyGeometry {
   bool rope_general;
 };
 
-template <typename T, int kBucket>
+// kQuant: the cache's latent is quantized (int8, fp8, int4: dequantized per tile) or not (a 16-bit
+// latent the MMAs read in place). Each kernel holds one of the two paths only: a third less code
+// for float caches, whose instruction cache a call at small batch fills cold.
+template <typename T, int kBucket, bool kQuant>
 struct DecodeKernel {
   static constexpr BucketShape kShape = kBuckets[kBucket];
   static constexpr int kWarps = kShape.warps;
@@ -179,47 +182,16 @@ struct DecodeKernel {
     const int ptok0 = cur.tok;
     const int64_t slot0 = blk >= 0 ? static_cast<int64_t>(blk) * p.block_size + cur.offset : 0;
     uint8_t* st = smem + L.stages + stage * L.stage_bytes;
-    if (p.format == kFmtFloat) {
+    if constexpr (!kQuant) {
       const int row_bytes = p.D_c * 2, pitch = L.ld_tile * 2;
       const int live = blk >= 0 ? len - ptok0 : 0;
       const uint8_t* src = p.latent + (slot0 + geo.lat_row0) * row_bytes + geo.lat_col;
       uint32_t dst = smem_addr(st + L.st_latent + (piece * kPieceTokens + geo.lat_row0) * pitch +
                                geo.lat_col);
-      if (p.D_c == kShape.max_latent) {
-        // The bucket's own width: every thread copies 16 / kRowStep rows of its column, four per
-        // asm statement (all four addresses live at once, see cp_async16_x4).
-        constexpr int kRowStep = kPieceThreads / (kShape.max_latent / 8);
-        constexpr int kSrcStep = kRowStep * kShape.max_latent * 2;
-        constexpr int kDstStep = kRowStep * (kShape.max_latent + 8) * 2;  // ld_tile = D_c + 8
-        constexpr int kCopyRows = kPieceTokens / kRowStep;
-        static_assert(kCopyRows * kRowStep == kPieceTokens);
-        if constexpr (kCopyRows % 4 == 0) {
-#pragma unroll
-          for (int i0 = 0; i0 < kCopyRows; i0 += 4) {
-            uint32_t to[4];
-            const uint8_t* from[4];
-            int bytes[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              to[j] = dst + (i0 + j) * kDstStep;
-              from[j] = src + (i0 + j) * kSrcStep;
-              bytes[j] = geo.lat_row0 + (i0 + j) * kRowStep < live ? 16 : 0;
-            }
-            cp_async16_x4(to, from, bytes);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < kCopyRows; ++i) {
-            cp_async16(dst + i * kDstStep, src + i * kSrcStep,
-                       geo.lat_row0 + i * kRowStep < live ? 16 : 0);
-          }
-        }
-      } else {
-        copy_column(geo.lat_row0, geo.lat_row_step, src, geo.lat_src_step_bytes, dst,
-                    geo.lat_dst_step_bytes, [live](uint32_t to, const uint8_t* from, int r) {
-                      cp_async16(to, from, r < live ? 16 : 0);
-                    });
-      }
+      copy_column(geo.lat_row0, geo.lat_row_step, src, geo.lat_src_step_bytes, dst,
+                  geo.lat_dst_step_bytes, [live](uint32_t to, const uint8_t* from, int r) {
+                    cp_async16(to, from, r < live ? 16 : 0);
+                  });
     } else if (blk >= 0) {
       const int rb = p.latent_row_bytes;
       copy_contiguous(st + L.st_latent + piece * kPieceTokens * rb, p.latent + slot0 * rb,
@@ -369,7 +341,7 @@ struct DecodeKernel {
     const int row0 = chunk * p.rows_per_cta;
     const int rows_here = min(p.rows_per_cta, p.rows - row0);
     const int group = p.H / p.H_kv;
-    const bool quant = p.format != kFmtFloat;
+    constexpr bool quant = kQuant;
     const int num_stages = L.num_stages;
     const int my_piece = tid / kPieceThreads;
 
@@ -796,10 +768,10 @@ struct DecodeKernel {
   }
 };
 
-template <typename T, int kBucket>
+template <typename T, int kBucket, bool kQuant>
 __global__ void __launch_bounds__(bucket_threads(kBucket), kBuckets[kBucket].min_ctas)
     mla_decode_kernel(const __grid_constant__ MlaDecodeParams params) {
-  DecodeKernel<T, kBucket>::run(params);
+  DecodeKernel<T, kBucket, kQuant>::run(params);
 }
 
 }  // namespace mla_ext::decode

@@ -8,12 +8,13 @@
 
 namespace mla_ext::decode {
 
-// CTAs of this kernel that fit on one SM with `smem_bytes` of dynamic shared memory.
-template <typename T, int kBucket>
+// CTAs of this kernel that fit on one SM with `smem_bytes` of dynamic shared memory. kQuant: the
+// kernel of quantized latents (int8, fp8, int4), else of 16-bit ones.
+template <typename T, int kBucket, bool kQuant>
 int decode_ctas_per_sm(int smem_bytes);
 
 // Launches the split-KV kernel over params.max_parts * params.row_chunks CTAs.
-template <typename T, int kBucket>
+template <typename T, int kBucket, bool kQuant>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
 // The Hopper (wgmma) kernel for latents of D_c = 64 * kBlocks channels: whether this device runs

@@ -22,20 +22,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int sr
                "r"(src_bytes));
 }
 
-// Four 16-byte async copies in one asm statement: the four source addresses are distinct
-// registers when the first copy issues. (Copies issued one by one reuse one address register,
-// and writing the next address waits until the previous copy has read it.)
-__device__ __forceinline__ void cp_async16_x4(const uint32_t (&dst)[4], const uint8_t* const (&src)[4],
-                                              const int (&src_bytes)[4]) {
-  asm volatile(
-      "cp.async.cg.shared.global [%0], [%4], 16, %8;\n"
-      "cp.async.cg.shared.global [%1], [%5], 16, %9;\n"
-      "cp.async.cg.shared.global [%2], [%6], 16, %10;\n"
-      "cp.async.cg.shared.global [%3], [%7], 16, %11;\n" ::"r"(dst[0]),
-      "r"(dst[1]), "r"(dst[2]), "r"(dst[3]), "l"(src[0]), "l"(src[1]), "l"(src[2]), "l"(src[3]),
-      "r"(src_bytes[0]), "r"(src_bytes[1]), "r"(src_bytes[2]), "r"(src_bytes[3]));
-}
-
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src));
 }

@@ -2,6 +2,6 @@
 #include "cuda/mla_decode/launch.cuh"
 
 namespace mla_ext::decode {
-template int decode_ctas_per_sm<__half, 4>(int);
-template void launch_decode<__half, 4>(const MlaDecodeParams&, cudaStream_t);
+template int decode_ctas_per_sm<__half, 4, true>(int);
+template void launch_decode<__half, 4, true>(const MlaDecodeParams&, cudaStream_t);
 }  // namespace mla_ext::decode

@@ -2,6 +2,6 @@
 #include "cuda/mla_decode/launch.cuh"
 
 namespace mla_ext::decode {
-template int decode_ctas_per_sm<__nv_bfloat16, 1>(int);
-template void launch_decode<__nv_bfloat16, 1>(const MlaDecodeParams&, cudaStream_t);
+template int decode_ctas_per_sm<__half, 3, false>(int);
+template void launch_decode<__half, 3, false>(const MlaDecodeParams&, cudaStream_t);
 }  // namespace mla_ext::decode
