@@ -6,6 +6,7 @@
 # Usage, from the repository root (the unpatched tree is built first if it is not):
 #   bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
 # e.g. bash bench/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
+# SWEEP_PACK=1 packs $OUT/variants into $OUT/variants.tar.gz at the end.
 set -uo pipefail
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
   echo "usage: bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]" >&2
@@ -47,3 +48,8 @@ run_bench() {  # name, tree
 }
 run_bench base "$root" "$@"
 for name in "${names[@]}"; do run_bench "$name" "$work/$name" "$@"; done
+# The device tool brings back only a few files per call: everything in one archive.
+if [ -n "${SWEEP_PACK:-}" ]; then
+  tar -C "$OUT" -czf "$OUT/variants.tar.gz" variants && rm -rf "$OUT/variants"
+  echo "packed $OUT/variants.tar.gz"
+fi
