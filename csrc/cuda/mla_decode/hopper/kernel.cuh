@@ -1,18 +1,17 @@
 // Device body of the Hopper decode kernel (layout.h has the shapes): one CTA = one warpgroup =
 // one split x one chunk of up to 32 (query token, head) rows. Latent tiles stream through a ring
-// of `slots` shared-memory slots and RoPE keys through a ring of slots - 1 (cp.async). Per tile:
-//   1. each warp computes the RoPE scores of its 16 tokens with mma.sync (the block-diagonal
-//      queries of the mma.sync kernel) straight into the score accumulators (a warp's part of a
-//      wgmma accumulator is the m16n8 fragment of its 16 tokens, repeated per 8 rows), and at once
-//      refills its own rows of the RoPE slot with the tile slots - 1 ahead; then the latent
-//      scores on wgmma on top (A = the latent tile, K-major; B = the CTA's queries), whose wait
-//      also covers the previous tile's output GEMM;
+// of `slots` shared-memory slots and RoPE keys through a ring of slots - 1 (cp.async; a RoPE slot
+// is refilled once the tile's RoPE score has read it). Per tile:
+//   1. scores on wgmma (A = the latent tile, K-major; B = the CTA's queries), asynchronous; the
+//      latent copies of the tile slots - 1 ahead are issued meanwhile; then each warp adds the
+//      RoPE scores of its 16 tokens with mma.sync into the same accumulators (the wgmma
+//      accumulator of a warp is the m16n8 fragment of its 16 tokens, repeated per 8 rows), with
+//      the block-diagonal queries of the mma.sync kernel;
 //   2. online softmax (base 2) in registers: per row the tile maximum over the four warps through
-//      shared memory; the latent copies of the tile slots - 1 ahead into the slot the previous
-//      tile used; P^T as two 16-bit terms (hi + lo, as the mma.sync kernel) stored with stmatrix
-//      into the swizzled K-major layout the output GEMM reads;
-//   3. O^T = alpha O^T + C^T (P_hi + P_lo)^T on wgmma (A = the same latent tile, M-major), left
-//      running into the next tile's step 1.
+//      shared memory; P^T as two 16-bit terms (hi + lo, as the mma.sync kernel) stored with
+//      stmatrix into the swizzled K-major layout the output GEMM reads; the RoPE copies of the
+//      tile slots - 1 ahead go into the slot just read;
+//   3. O^T = alpha O^T + C^T (P_hi + P_lo)^T on wgmma (A = the same latent tile, M-major).
 // Three barriers per tile. Sequences with one split write o_lat and lse directly, split ones the
 // fp32 partials that combine.cu merges (as the mma.sync kernel).
 #pragma once
@@ -106,6 +105,7 @@ struct HopperDecodeKernel {
     // keys), stepped through (token, chunk) pairs without a division per copy.
     const int rope_cols = kv_cnt * p.d_r / 8, per_head = p.d_r / 8;
     const int rope_src_pitch = p.H_kv * p.d_r * 2;
+    const int rope_step_t = kThreads / rope_cols, rope_step_c = kThreads - rope_step_t * rope_cols;
 
     const uint32_t lat_base = smem_addr(smem + L.stages);
     auto issue_latent = [&](int tile, const TileBlocks& tb) {
@@ -125,27 +125,25 @@ struct HopperDecodeKernel {
         }
       }
     };
-    // pieces pc_lo .. pc_hi - 1, by `threads` threads (this one is `me` of them)
-    auto issue_rope = [&](int tile, const TileBlocks& tb, int pc_lo, int pc_hi, int me, int threads) {
+    auto issue_rope = [&](int tile, const TileBlocks& tb) {
       const int slot = (tile - tile_begin) % rope_slots;
       uint8_t* dst0 = smem + L.rope_ring + slot * L.rope_slot_bytes;
-      const int step_t = threads / rope_cols, step_c = threads - step_t * rope_cols;
 #pragma unroll
       for (int pc = 0; pc < kMaxPieces; ++pc) {
-        if (pc < pc_lo || pc >= pc_hi) continue;
+        if (pc >= pieces) break;
         const int blk = tb.blk[pc];
         if (blk < 0) continue;  // past the end: masked, never read as a score
         const uint8_t* src0 = p.k_rope + (static_cast<int64_t>(blk) * p.block_size + tb.offset[pc]) * rope_src_pitch;
         uint8_t* dst = dst0 + pc * kPieceTokens * L.rope_ld;
-        int r = me / rope_cols, c = me - r * rope_cols;
+        int r = tid / rope_cols, c = tid - r * rope_cols;
         while (r < kPieceTokens) {
           const int h = c / per_head, w = c - h * per_head;
           int kv = kv_lo + h;
           if (kv >= p.H_kv) kv -= p.H_kv;
           cp_async16(smem_addr(dst + r * L.rope_ld + h * L.rope_kvb + w * 16),
                      src0 + r * rope_src_pitch + kv * p.d_r * 2 + w * 16);
-          r += step_t;
-          c += step_c;
+          r += rope_step_t;
+          c += rope_step_c;
           if (c >= rope_cols) {
             c -= rope_cols;
             ++r;
@@ -156,7 +154,7 @@ struct HopperDecodeKernel {
 
     // Queries into the swizzled K-major B layout (rows past rows_here zero), in the first copy
     // group; then the prologue's tiles as the steady state issues them: per tile one group of
-    // RoPE copies, then one of latent copies.
+    // latent copies, then one of RoPE copies.
     const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
     {
       const T* q_lat = reinterpret_cast<const T*>(p.q_lat);
@@ -172,9 +170,9 @@ struct HopperDecodeKernel {
     for (int v = 1 - lat_slots; v < 0; ++v) {
       const int ahead = tile_begin + v + lat_slots - 1;  // latent and RoPE of tile `ahead`
       const bool live = ahead < tile_end;
-      if (live) issue_rope(ahead, next, 0, pieces, tid, kThreads);
-      cp_async_commit();
       if (live) issue_latent(ahead, next);
+      cp_async_commit();
+      if (live) issue_rope(ahead, next);
       cp_async_commit();
       if (live) next = tile_blocks(p, b, len, ahead + 1, pieces);
     }
@@ -207,7 +205,7 @@ struct HopperDecodeKernel {
     const int* rope_tab = reinterpret_cast<const int*>(smem + L.rope_tab);
     const uint16_t* rq_base = reinterpret_cast<const uint16_t*>(smem + L.rope_q) +
                               (lane % 8) * L.rope_q_ld + ((lane % 16) / 8) * 8;
-    // groups committed after the ones a tile waits for: the latent copies of the tile are the
+    // groups committed after the ones a tile waits for: the RoPE copies of the tile are the
     // later of its two groups, followed by two groups per tile in between
     const int pending = 2 * (rope_slots - 1);
 
@@ -219,12 +217,29 @@ struct HopperDecodeKernel {
       fence_proxy_async();
       __syncthreads();
 
-      // 1. RoPE scores of this warp's 16 tokens (mma.sync, per row tile one chain over its
-      // runs), then the latent scores on top of them (wgmma: 64 tokens x 32 rows, K = D_c in
-      // steps of 16 channels), which also waits for the previous tile's output GEMM.
+      // 1. scores: 64 tokens x 32 rows, K = D_c in steps of 16 channels
       float sacc[16];
 #pragma unroll
       for (int k = 0; k < 16; ++k) sacc[k] = 0.f;
+      fence_accumulators(sacc);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4 * kBlocks; ++ks) {
+        const uint64_t da = make_desc(lat + (ks / 4) * L.lat_block_bytes + (ks % 4) * 32, 16, 1024);
+        const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
+        wgmma_m64n32k16<T, 0>(sacc, da, db, ks > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      {
+        // the latent slot tile - 1 used is free (every warp is past its output GEMM)
+        const int ahead = tile + lat_slots - 1;
+        if (ahead < tile_end) issue_latent(ahead, next);
+        cp_async_commit();
+      }
+      wgmma_wait<0>();
+      fence_accumulators(sacc);
+
+      // RoPE scores of this warp's 16 tokens, per row tile one chain over its runs
       const int tok_w = warp * kPieceTokens;
       if (tok_w < tile_tokens) {
         const uint8_t* rope = smem + L.rope_ring + rslot * L.rope_slot_bytes + tok_w * L.rope_ld;
@@ -233,7 +248,7 @@ struct HopperDecodeKernel {
           const int* tab = rope_tab + j * L.rope_tab_ld;
           const int steps = tab[0];
           const uint16_t* rq_row = rq_base + j * 8 * L.rope_q_ld;
-          float cj[4] = {0.f, 0.f, 0.f, 0.f};
+          float cj[4] = {sacc[4 * j], sacc[4 * j + 1], sacc[4 * j + 2], sacc[4 * j + 3]};
           for (int s = 0; s < steps; ++s) {
             const uint32_t offs = static_cast<uint32_t>(tab[kRopeTabHeader + s]);
             uint32_t bq[2], a[4];
@@ -244,25 +259,7 @@ struct HopperDecodeKernel {
 #pragma unroll
           for (int k = 0; k < 4; ++k) sacc[4 * j + k] = cj[k];
         }
-        // A warp reads only its own piece's keys: it refills them for tile + slots - 1 at once.
-        const int ahead = tile + lat_slots - 1;
-        __syncwarp();
-        if (ahead < tile_end) issue_rope(ahead, next, warp, warp + 1, lane, 32);
       }
-      cp_async_commit();
-      fence_accumulators(sacc);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4 * kBlocks; ++ks) {
-        const uint64_t da = make_desc(lat + (ks / 4) * L.lat_block_bytes + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
-        wgmma_m64n32k16<T, 0>(sacc, da, db);
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_accumulators(sacc);
-#pragma unroll
-      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
 
       // 2. softmax: mask, scale, the tile maximum per row over the four warps
       const int tok0 = tile * tile_tokens;
@@ -284,11 +281,10 @@ struct HopperDecodeKernel {
         }
       __syncthreads();
       {
-        // every warp is past the previous tile's output GEMM: its latent slot takes tile +
-        // slots - 1
+        // every warp is past its RoPE score: the slot takes the RoPE keys of tile + slots - 1
         const int ahead = tile + lat_slots - 1;
         if (ahead < tile_end) {
-          issue_latent(ahead, next);
+          issue_rope(ahead, next);
           if (ahead + 1 < tile_end) next = tile_blocks(p, b, len, ahead + 1, pieces);
         }
         cp_async_commit();
@@ -355,11 +351,11 @@ struct HopperDecodeKernel {
       } else {
         output_gemm<kMaxPieces - 1>(acc, lat, L.lat_block_bytes, pt_hi, pt_lo);
       }
-      wgmma_commit();  // waited for by the next tile's scores (or after the loop)
-    }
-    wgmma_wait<0>();
+      wgmma_commit();
+      wgmma_wait<0>();
 #pragma unroll
-    for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
+      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
+    }
     cp_async_wait<0>();
 
     // Finalize: l per row over the 8 lanes of a column and the four warps; o = acc / l;
