@@ -370,7 +370,7 @@ def test_mla_decode_kernel_choice_errors(monkeypatch):
                     torch.bfloat16, 16, seed=9)
     args, _ = make_inputs(p, "cuda")
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma or wgmma"):
+    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be mma or wgmma"):
         torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
     with pytest.raises(RuntimeError, match="Hopper kernel does not apply"):

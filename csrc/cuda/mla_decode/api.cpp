@@ -85,18 +85,16 @@ struct Config {
     default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; }    \
   }
 
-// Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the Hopper kernel where it applies),
-// "mma" (the mma.sync kernel everywhere) or "wgmma" (the Hopper kernel, an error where it does
-// not apply). Read per call, so that tests and benchmarks can compare both in one process.
-enum class KernelChoice { kAuto, kMma, kWgmma };
-
-KernelChoice kernel_choice() {
+// Which kernel MLA_EXT_DECODE_KERNEL asks for: "mma" (unset: the mma.sync kernel) or "wgmma"
+// (the Hopper kernel; an error where it does not apply). The Hopper kernel is opt-in while it is
+// slower (bench/results/decode_h200.md, session 8). Read per call, so that tests and benchmarks
+// can run both in one process (a plan must come from the same choice as its decode calls).
+bool wgmma_chosen() {
   const char* v = std::getenv("MLA_EXT_DECODE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
-  if (std::strcmp(v, "mma") == 0) return KernelChoice::kMma;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
   TORCH_CHECK(std::strcmp(v, "wgmma") == 0,
-              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma or wgmma, got '", v, "'");
-  return KernelChoice::kWgmma;
+              "mla_decode: MLA_EXT_DECODE_KERNEL must be mma or wgmma, got '", v, "'");
+  return true;
 }
 
 // Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
@@ -149,13 +147,12 @@ std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at:
 // Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
 Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
   constexpr const char* kOp = "mla_decode";
-  const KernelChoice choice = kernel_choice();
-  if (choice != KernelChoice::kMma) {
+  if (wgmma_chosen()) {
     int blocks = 0;
     const std::string why = configure_hopper(p, dtype, device, &blocks);
-    TORCH_CHECK(why.empty() || choice == KernelChoice::kAuto, kOp,
-                ": MLA_EXT_DECODE_KERNEL=wgmma, but the Hopper kernel does not apply: ", why);
-    if (why.empty()) {
+    TORCH_CHECK(why.empty(), kOp, ": MLA_EXT_DECODE_KERNEL=wgmma, but the Hopper kernel does not "
+                "apply: ", why);
+    {
       const auto* props = at::cuda::getDeviceProperties(device.index());
       p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
       // one CTA per SM (its shared memory)
