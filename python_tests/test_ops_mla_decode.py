@@ -305,6 +305,17 @@ def test_mla_decode_cuda_matches_reference(p):
     check_format_error(p, out, args, raw)
 
 
+def assert_graph_replay_matches(args, o, lse):
+    """mla_decode captured in a CUDA graph (plan included) replays to exactly (o, lse)."""
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        og, lg = ops.mla_decode(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(og, o) and torch.equal(lg, lse)
+
+
 def hopper_params(n: int, seed: int) -> list[DecodeParam]:
     """Draws of random_params moved into what the Hopper kernel takes: D_c a multiple of 64 up to
     512, 16-bit latent and RoPE keys in q's dtype, d_r a multiple of 8."""
@@ -354,14 +365,7 @@ def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
             out = torch.ops.mla_ext.mla_decode(*args, None)
             check_against_reference(p, out, args)
             check_format_error(p, out, args, raw)
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        og, lg = ops.mla_decode(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    o1, l1 = ops.mla_decode(*args)
-    assert torch.equal(og, o1) and torch.equal(lg, l1)
+    assert_graph_replay_matches(args, *ops.mla_decode(*args))
 
 
 @pytest.mark.gpu
@@ -407,13 +411,7 @@ def test_mla_decode_cuda_plan_reuse_and_graph():
     assert torch.equal(o1, o2) and torch.equal(l1, l2)
     with pytest.raises(RuntimeError, match="sched_meta"):
         ops.mla_decode(*args, sched_meta=plan[:-1])
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        og, lg = ops.mla_decode(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(og, o1) and torch.equal(lg, l1)
+    assert_graph_replay_matches(args, o1, l1)
 
 
 @pytest.mark.gpu
