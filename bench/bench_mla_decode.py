@@ -294,10 +294,12 @@ def main():
                          "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
-    ap.add_argument("--kernel", choices=("mma", "wgmma"), default="mma",
-                    help="which decode kernel (MLA_EXT_DECODE_KERNEL): the mma.sync one, or the "
-                         "Hopper one (shapes it does not take are skipped, with a note); each row "
-                         "records the plan's tile (48 or 64 tokens: the Hopper kernel, 32: mma)")
+    ap.add_argument("--kernel", choices=("auto", "mma", "wgmma", "ws"), default="auto",
+                    help="which decode kernel (MLA_EXT_DECODE_KERNEL): the default choice (the "
+                         "warp-specialized one where it applies, else mma.sync), the mma.sync "
+                         "one, the first Hopper one, or the warp-specialized one (shapes a forced "
+                         "kernel does not take are skipped, with a note); each row records the "
+                         "plan's tile (64 tokens: ws, 48 or 64: wgmma, 32: mma)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     ap.add_argument("--ncu", action="store_true",
                     help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")

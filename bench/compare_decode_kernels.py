@@ -1,9 +1,9 @@
-"""Both CUDA decode kernels against reference.py on a few small shapes, each with and without its
+"""The CUDA decode kernels against reference.py on a few small shapes, each with and without its
 RoPE part (q_rope = 0) and its latent part (q_lat = 0): where a kernel change went wrong.
 
 Prints, per shape and variant, the largest |o - o_ref| and |lse - lse_ref| of the mma.sync kernel
-and of the Hopper kernel (MLA_EXT_DECODE_KERNEL=wgmma; an error line where it does not apply),
-and whether any output is NaN. The inputs are those of the GPU tests (paged, poisoned pages).
+and of the Hopper kernels (MLA_EXT_DECODE_KERNEL=wgmma and ws; an error line where one does not
+apply), and whether any output is NaN. The inputs are those of the GPU tests (paged, poisoned pages).
 Also the workload of the Hopper kernel's compute-sanitizer run:
   compute-sanitizer --tool memcheck python3 bench/compare_decode_kernels.py
 """
@@ -59,7 +59,7 @@ def main():
             o_ref, l_ref = reference.mla_decode(cpu[0].float(), cpu[1].float(), *cpu[2:])
             live = ~torch.isinf(l_ref)
             res = []
-            for kind in ("mma", "wgmma"):
+            for kind in ("mma", "wgmma", "ws"):
                 try:
                     o, lse = run_kernel(kind, tuple(a))
                 except RuntimeError as e:

@@ -4,7 +4,7 @@
   python bench/sanitize_decode.py --inner    # the workload alone
 
 Covers every latent format, fp8 RoPE keys, s_q > 1, an empty and a mid-block sequence, split
-sequences (LSE merge) and each latent-width bucket.
+sequences (LSE merge), each latent-width bucket and the warp-specialized kernel.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def workload():
         cases.append(DecodeParam(3, 2, H, H_kv, 16, D_c, 16, (0, 37, 700), dt,
                                  torch.float8_e4m3fn if i % 2 else torch.bfloat16,
                                  torch.bfloat16, 8, seed=D_c))
+    # the warp-specialized Hopper kernel (the default for these on an H200): GQA and MHA
+    for D_c, H, H_kv in ((256, 32, 8), (128, 16, 16)):
+        cases.append(DecodeParam(3, 2, H, H_kv, 16, D_c, 16, (0, 37, 700), torch.bfloat16,
+                                 torch.bfloat16, torch.bfloat16, D_c, seed=D_c + 1))
     for p in cases:
         args, _ = make_inputs(p, "cuda")
         ops.mla_decode(*args)

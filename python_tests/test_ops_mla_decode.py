@@ -298,7 +298,10 @@ GPU_PARAMS = random_params(520, seed=11, cpu=False)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", GPU_PARAMS, ids=lambda p: f"s{p.seed}")
-def test_mla_decode_cuda_matches_reference(p):
+def test_mla_decode_cuda_matches_reference(p, monkeypatch):
+    # the mma.sync kernel on every draw (by default, shapes the warp-specialized kernel takes go
+    # to it: tested below)
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
     args, raw = make_inputs(p, "cuda")
     out = torch.ops.mla_ext.mla_decode(*args, None)  # the kernel itself, never the fallback
     check_against_reference(p, out, args)
@@ -368,19 +371,110 @@ def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
     assert_graph_replay_matches(args, *ops.mla_decode(*args))
 
 
+def warpspec_span_steps(H: int, H_kv: int, d_r: int) -> int:
+    """k16 steps of the widest RoPE window of 8 consecutive query heads (api.cpp's rule)."""
+    group = H // H_kv
+    widest = max(((h0 + 7) // group - h0 // group + 1) * d_r for h0 in range(0, H, 8))
+    steps = 1
+    while steps * 16 < widest:
+        steps *= 2
+    return steps
+
+
+def warpspec_params(n: int, seed: int) -> list[DecodeParam]:
+    """Draws of random_params moved into what the warp-specialized kernel takes: H a multiple of
+    8, D_c a multiple of 64 up to 256, d_r a multiple of 16 whose windows stay within 8 k16 steps,
+    16-bit latent and RoPE keys in q's dtype, three 64-token slots in shared memory."""
+    rng = random.Random(seed)
+    out = []
+    for p in random_params(n, seed, cpu=False):
+        dt = rng.choice([torch.bfloat16, torch.float16])
+        H = rng.choice([8, 16, 32, 32, 40, 64, 128])
+        H_kv = rng.choice([d for d in range(1, H + 1) if H % d == 0])
+        D_c = 64 * rng.randint(1, 4)
+        d_r = rng.choice([16, 16, 32, 48, 64])
+        # 3 slots of (D_c + H_kv d_r) 16-bit columns per token must fit next to the queries
+        while d_r > 16 and (warpspec_span_steps(H, H_kv, d_r) > 8
+                            or D_c // 64 + -(-H_kv * d_r // 64) > 7):
+            d_r -= 16
+        while warpspec_span_steps(H, H_kv, d_r) > 8 or D_c // 64 + -(-H_kv * d_r // 64) > 7:
+            H_kv = rng.choice([d for d in range(1, H_kv) if H % d == 0])
+        out.append(dataclasses.replace(p, H=H, H_kv=H_kv, D_c=D_c, d_r=d_r, latent_dtype=dt,
+                                       rope_dtype=dt, q_dtype=dt, group_size=D_c))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", warpspec_params(160, seed=17), ids=lambda p: f"s{p.seed}")
+def test_mla_decode_warpspec_kernel_matches_reference(p, monkeypatch):
+    if not hopper_gpu():
+        pytest.skip("the warp-specialized kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
+    args, raw = make_inputs(p, "cuda")
+    out = torch.ops.mla_ext.mla_decode(*args, None)
+    check_against_reference(p, out, args)
+    check_format_error(p, out, args, raw)
+
+
+@pytest.mark.gpu
+def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
+    if not hopper_gpu():
+        pytest.skip("the warp-specialized kernel needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
+    # the Llama-3 shape, MQA, MHA with small latents, several query tokens, odd lengths
+    for D_c, H, H_kv, d_r, s_q in ((256, 32, 8, 16, 1), (256, 32, 8, 16, 4), (128, 64, 1, 64, 2),
+                                   (64, 16, 16, 16, 1), (192, 16, 4, 32, 8)):
+        for dt in (torch.bfloat16, torch.float16):
+            p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 16 if s_q > 1 else 64,
+                            (20000, 0, 1, 7777), dt, dt, dt, D_c, seed=D_c + H + s_q)
+            args, raw = make_inputs(p, "cuda")
+            out = torch.ops.mla_ext.mla_decode(*args, None)
+            check_against_reference(p, out, args)
+            check_format_error(p, out, args, raw)
+    assert_graph_replay_matches(args, *ops.mla_decode(*args))
+
+
 @pytest.mark.gpu
 def test_mla_decode_kernel_choice_errors(monkeypatch):
     p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.bfloat16,
                     torch.bfloat16, 16, seed=9)
     args, _ = make_inputs(p, "cuda")
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be mma or wgmma"):
+    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws"):
         torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
     with pytest.raises(RuntimeError, match="Hopper kernel does not apply"):
         torch.ops.mla_ext.mla_decode(*args, None)
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
+    with pytest.raises(RuntimeError, match="warp-specialized kernel does not apply"):
+        torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
     check_against_reference(p, torch.ops.mla_ext.mla_decode(*args, None), args)
+
+
+@pytest.mark.gpu
+def test_mla_decode_default_kernel_choice(monkeypatch):
+    """Unset (auto): the warp-specialized kernel where it applies, else the mma.sync kernel; the
+    kernels differ in summation order, so bitwise equality names the one that ran."""
+    if not hopper_gpu():
+        pytest.skip("the choice differs from mma only on a compute capability 9.0 GPU")
+    gqa = DecodeParam(2, 1, 32, 8, 16, 256, 64, (3000, 77), torch.bfloat16, torch.bfloat16,
+                      torch.bfloat16, 256, seed=21)
+    quant = dataclasses.replace(gqa, latent_dtype=torch.int8, group_size=64)
+    for p, expected in ((gqa, "ws"), (quant, "mma")):
+        args, _ = make_inputs(p, "cuda")
+        outs = {}
+        for choice in ("auto", "ws", "mma"):
+            monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", choice)
+            try:
+                outs[choice] = torch.ops.mla_ext.mla_decode(*args, None)
+            except RuntimeError:
+                assert choice == "ws" and expected == "mma"
+        monkeypatch.delenv("MLA_EXT_DECODE_KERNEL")
+        default = torch.ops.mla_ext.mla_decode(*args, None)
+        for o in (outs["auto"], default):
+            assert torch.equal(o[0], outs[expected][0]) and torch.equal(o[1], outs[expected][1])
+        check_against_reference(p, default, args)
 
 
 @pytest.mark.gpu

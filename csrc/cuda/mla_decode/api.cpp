@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -20,6 +21,8 @@
 #include "cuda/mla_decode/hopper/layout.h"
 #include "cuda/mla_decode/launch.h"
 #include "cuda/mla_decode/split_plan.h"
+#include "cuda/mla_decode/warpspec/layout.h"
+#include "cuda/mla_decode/warpspec/tensor_map.h"
 #include "ops.h"
 
 namespace mla_ext {
@@ -70,7 +73,9 @@ int format_of(LatentFormat f) {
 
 struct Config {
   int bucket, tile_tokens, target_parts;
-  int hopper_blocks;  // > 0: the Hopper kernel for D_c = 64 * hopper_blocks
+  int hopper_blocks;    // > 0: the Hopper kernel for D_c = 64 * hopper_blocks
+  int warpspec_blocks;  // > 0: the warp-specialized kernel for D_c = 64 * warpspec_blocks,
+  int rope_steps;       // with RoPE windows of rope_steps k16 steps
 };
 
 #define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                        \
@@ -85,16 +90,109 @@ struct Config {
     default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; }    \
   }
 
-// Which kernel MLA_EXT_DECODE_KERNEL asks for: "mma" (unset: the mma.sync kernel) or "wgmma"
-// (the Hopper kernel; an error where it does not apply). The Hopper kernel is opt-in while it is
-// slower (bench/results/decode_h200.md, session 8). Read per call, so that tests and benchmarks
-// can run both in one process (a plan must come from the same choice as its decode calls).
-bool wgmma_chosen() {
+#define MLA_DECODE_WARPSPEC_SWITCH(BLOCKS, STEPS, ...)                              \
+  switch (BLOCKS * 16 + STEPS) {                                                    \
+    case 17: { constexpr int kBlocks = 1, kSteps = 1; __VA_ARGS__(); break; }       \
+    case 18: { constexpr int kBlocks = 1, kSteps = 2; __VA_ARGS__(); break; }       \
+    case 20: { constexpr int kBlocks = 1, kSteps = 4; __VA_ARGS__(); break; }       \
+    case 24: { constexpr int kBlocks = 1, kSteps = 8; __VA_ARGS__(); break; }       \
+    case 33: { constexpr int kBlocks = 2, kSteps = 1; __VA_ARGS__(); break; }       \
+    case 34: { constexpr int kBlocks = 2, kSteps = 2; __VA_ARGS__(); break; }       \
+    case 36: { constexpr int kBlocks = 2, kSteps = 4; __VA_ARGS__(); break; }       \
+    case 40: { constexpr int kBlocks = 2, kSteps = 8; __VA_ARGS__(); break; }       \
+    case 49: { constexpr int kBlocks = 3, kSteps = 1; __VA_ARGS__(); break; }       \
+    case 50: { constexpr int kBlocks = 3, kSteps = 2; __VA_ARGS__(); break; }       \
+    case 52: { constexpr int kBlocks = 3, kSteps = 4; __VA_ARGS__(); break; }       \
+    case 56: { constexpr int kBlocks = 3, kSteps = 8; __VA_ARGS__(); break; }       \
+    case 65: { constexpr int kBlocks = 4, kSteps = 1; __VA_ARGS__(); break; }       \
+    case 66: { constexpr int kBlocks = 4, kSteps = 2; __VA_ARGS__(); break; }       \
+    case 68: { constexpr int kBlocks = 4, kSteps = 4; __VA_ARGS__(); break; }       \
+    default: { constexpr int kBlocks = 4, kSteps = 8; __VA_ARGS__(); break; }       \
+  }
+
+// Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the warp-specialized Hopper kernel
+// where it applies, 1.1-1.4x faster than the mma.sync kernel on Llama-3's shape, else the mma.sync
+// kernel), "mma", "wgmma" (the first Hopper kernel, slower: opt-in) or "ws"; a forced kernel that
+// does not apply is an error. Read per call, so that tests and benchmarks can run all in one
+// process (a plan must come from the same choice as its decode calls: the tile sizes differ).
+enum class KernelChoice { kAuto, kMma, kWgmma, kWarpSpecialized };
+
+KernelChoice kernel_choice() {
   const char* v = std::getenv("MLA_EXT_DECODE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "wgmma") == 0,
-              "mla_decode: MLA_EXT_DECODE_KERNEL must be mma or wgmma, got '", v, "'");
-  return true;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
+  if (std::strcmp(v, "mma") == 0) return KernelChoice::kMma;
+  if (std::strcmp(v, "wgmma") == 0) return KernelChoice::kWgmma;
+  TORCH_CHECK(std::strcmp(v, "ws") == 0,
+              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws, got '", v, "'");
+  return KernelChoice::kWarpSpecialized;
+}
+
+// Whether this device runs the sm_90a code of a Hopper kernel (the answer never changes: asked
+// once per kernel and device); `probe` asks the driver.
+template <typename Probe>
+bool sm90a_code_available(const at::Device& device, int kind, int variant, Probe probe) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, bool> available;
+  const auto key = std::make_tuple(static_cast<int>(device.index()), kind, variant);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = available.find(key);
+  if (it != available.end()) return it->second;
+  const bool ok = probe();
+  available[key] = ok;
+  return ok;
+}
+
+// k16 steps of the widest RoPE window an 8-row group needs: the keys of the KV heads its rows
+// use (rows are (query token, head) pairs, 8 consecutive heads of one token when 8 divides H).
+int warpspec_rope_steps(int H, int H_kv, int d_r) {
+  const int group = H / H_kv;
+  int widest = 0;
+  for (int h0 = 0; h0 < H; h0 += 8) widest = std::max(widest, ((h0 + 7) / group - h0 / group + 1) * d_r);
+  int steps = 1;
+  while (steps * 16 < widest) steps *= 2;
+  return steps;
+}
+
+// Why the warp-specialized kernel does not take these shapes on this device, or "" where it does
+// (and then p's shape part is filled for it).
+std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
+                               int* blocks_out, int* steps_out) {
+  namespace ws = decode::warpspec;
+  const auto* props = at::cuda::getDeviceProperties(device.index());
+  if (props->major != 9) return "it needs a compute capability 9.0 GPU";
+  if (p.format != decode::kFmtFloat) return "it takes bf16 / fp16 latent caches only";
+  if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
+  if (p.d_r % 16 != 0) return "it needs d_r to be a multiple of 16";
+  if (p.H % 8 != 0) return "it needs H to be a multiple of 8";
+  if (p.D_c % ws::kChanBlock != 0 || p.D_c > ws::kMaxBlocks * ws::kChanBlock) {
+    return "it needs D_c to be a multiple of 64 up to 256";
+  }
+  const int steps = warpspec_rope_steps(p.H, p.H_kv, p.d_r);
+  if (steps > ws::kMaxRopeSteps) return "the KV heads of 8 query heads span more than 128 RoPE dims";
+  const int blocks = p.D_c / ws::kChanBlock;
+  const bool ok = sm90a_code_available(device, 1 + static_cast<int>(dtype), blocks * 16 + steps, [&] {
+    bool found = false;
+    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
+      MLA_DECODE_WARPSPEC_SWITCH(blocks, steps, [&] {
+        found = decode::warpspec_decode_available<T, kBlocks, kSteps>();
+      });
+    });
+    return found;
+  });
+  if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
+  p.rows_per_cta = std::min(ws::kRows, p.rows);
+  p.tile_tokens = ws::kTileTokens;
+  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
+  for (int slots = ws::kMaxSlots; slots >= ws::kMinSlots; --slots) {
+    const decode::SmemLayout layout = ws::make_warpspec_layout(p, steps, slots);
+    if (layout.total <= smem_limit) {
+      p.smem = layout;
+      *blocks_out = blocks;
+      *steps_out = steps;
+      return "";
+    }
+  }
+  return "three 64-token slots of the latent and the RoPE keys do not fit in shared memory";
 }
 
 // Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
@@ -110,23 +208,13 @@ std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at:
     return "it needs D_c to be a multiple of 64 up to 512";
   }
   const int blocks = p.D_c / decode::hopper::kChanBlock;
-  // whether the build holds sm_90a code (the answer never changes: asked once per kernel)
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, bool> available;
-  const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype), blocks);
-  bool ok = false;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = available.find(key);
-    if (it == available.end()) {
-      MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-        MLA_DECODE_HOPPER_SWITCH(blocks, [&] { ok = decode::hopper_decode_available<T, kBlocks>(); });
-      });
-      available[key] = ok;
-    } else {
-      ok = it->second;
-    }
-  }
+  const bool ok = sm90a_code_available(device, -1 - static_cast<int>(dtype), blocks, [&] {
+    bool found = false;
+    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
+      MLA_DECODE_HOPPER_SWITCH(blocks, [&] { found = decode::hopper_decode_available<T, kBlocks>(); });
+    });
+    return found;
+  });
   if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   p.rows_per_cta = std::min(decode::hopper::kRows, p.rows);
   const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
@@ -147,22 +235,27 @@ std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at:
 // Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
 Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
   constexpr const char* kOp = "mla_decode";
-  if (wgmma_chosen()) {
-    int blocks = 0;
-    const std::string why = configure_hopper(p, dtype, device, &blocks);
-    TORCH_CHECK(why.empty(), kOp, ": MLA_EXT_DECODE_KERNEL=wgmma, but the Hopper kernel does not "
-                "apply: ", why);
-    {
-      const auto* props = at::cuda::getDeviceProperties(device.index());
-      p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
-      // one CTA per SM (its shared memory)
-      const int target = std::min(decode::kPlanSlots,
-                                  std::max(1, props->multiProcessorCount / p.row_chunks));
-      p.max_parts = target + p.B;
-      TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= props->sharedMemPerBlockOptin - 1024,
-                  kOp, ": batch ", p.B, " is too large for the split-KV merge on this GPU");
-      return {-1, p.tile_tokens, target, blocks};
-    }
+  const KernelChoice choice = kernel_choice();
+  int blocks = 0, steps = 0;
+  const bool warpspec = choice == KernelChoice::kWarpSpecialized ||
+                        (choice == KernelChoice::kAuto &&
+                         configure_warpspec(p, dtype, device, &blocks, &steps).empty());
+  if (warpspec || choice == KernelChoice::kWgmma) {
+    const std::string why = choice == KernelChoice::kAuto ? ""
+                            : warpspec ? configure_warpspec(p, dtype, device, &blocks, &steps)
+                                       : configure_hopper(p, dtype, device, &blocks);
+    TORCH_CHECK(why.empty(), kOp, ": MLA_EXT_DECODE_KERNEL=", warpspec ? "ws" : "wgmma", ", but the ",
+                warpspec ? "warp-specialized" : "Hopper", " kernel does not apply: ", why);
+    const auto* props = at::cuda::getDeviceProperties(device.index());
+    p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
+    // one CTA per SM (its shared memory)
+    const int target = std::min(decode::kPlanSlots,
+                                std::max(1, props->multiProcessorCount / p.row_chunks));
+    p.max_parts = target + p.B;
+    TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= props->sharedMemPerBlockOptin - 1024,
+                kOp, ": batch ", p.B, " is too large for the split-KV merge on this GPU");
+    return warpspec ? Config{-1, p.tile_tokens, target, 0, blocks, steps}
+                    : Config{-1, p.tile_tokens, target, blocks, 0, 0};
   }
   const int bucket = decode::bucket_of(p.D_c);
   TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
@@ -228,7 +321,7 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   // The merge keeps one weight per split of a sequence in shared memory.
   TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
               " is too large for the split-KV merge on this GPU");
-  return {bucket, tile_tokens, target, 0};
+  return {bucket, tile_tokens, target, 0, 0, 0};
 }
 
 MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
@@ -360,7 +453,17 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
 
   MLA_DECODE_DTYPE_SWITCH(q_lat.scalar_type(), [&] {
-    if (cfg.hopper_blocks > 0) {
+    if (cfg.warpspec_blocks > 0) {
+      const bool half = q_lat.scalar_type() == at::kHalf;
+      const int64_t cache_rows = d.num_blocks * d.block_size;
+      const CUtensorMap latent_map =
+          decode::warpspec::cache_tensor_map(latent.data_ptr(), cache_rows, d.D_c, half, "latent");
+      const CUtensorMap rope_map = decode::warpspec::cache_tensor_map(
+          k_rope_cache.data_ptr(), cache_rows, int64_t{d.H_kv} * d.d_r, half, "k_rope_cache");
+      MLA_DECODE_WARPSPEC_SWITCH(cfg.warpspec_blocks, cfg.rope_steps, [&] {
+        decode::launch_warpspec_decode<T, kBlocks, kSteps>(p, latent_map, rope_map, stream);
+      });
+    } else if (cfg.hopper_blocks > 0) {
       MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,
                                [&] { decode::launch_hopper_decode<T, kBlocks>(p, stream); });
     } else {

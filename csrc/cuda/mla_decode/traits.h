@@ -42,6 +42,9 @@ struct SmemLayout {
   // fewer than the latent's (a slot is refilled as soon as the RoPE score has read it), and its
   // latent slots as 64-channel blocks of tile_tokens x 128 bytes.
   int rope_ring, rope_slot_bytes, rope_slots, lat_block_bytes;
+  // The warp-specialized kernel (warpspec/layout.h): its slots' full and empty mbarriers, and the
+  // 64-column blocks of a token's RoPE keys (all KV heads) in a slot, after the latent's.
+  int mbar, rope_blocks;
 };
 
 struct MlaDecodeParams {

@@ -88,6 +88,28 @@ __device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t desc_a,
 #endif
 }
 
+// D[64 x 8] (+)= A[64 x 16] B[16 x 8], A K-major; scale_d = 0 overwrites D. Its fragment is that
+// of columns 8j .. 8j + 7 of an m64nN accumulator (registers 4j .. 4j + 3), but it needs registers
+// of its own: issued into part of a wider accumulator, ptxas serializes every wgmma (C7511).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n8k16(float (&d)[4], uint64_t desc_a, uint64_t desc_b,
+                                               int scale_d = 1) {
+#ifdef MLA_EXT_WGMMA
+#define MLA_EXT_WGMMA_N8(TYPE)                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"                                \
+               "wgmma.mma_async.sync.aligned.m64n8k16.f32." TYPE "." TYPE              \
+               " {%0,%1,%2,%3}, %4, %5, p, 1, 1, 0, 0;\n}\n"                            \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                         \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MLA_EXT_WGMMA_N8("bf16");
+  } else {
+    MLA_EXT_WGMMA_N8("f16");
+  }
+#undef MLA_EXT_WGMMA_N8
+#endif
+}
+
 // Four 8 x 8 16-bit matrices from MMA fragments to shared memory, each stored transposed; lane l
 // gives the address of row l % 8 of matrix l / 8.
 __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1,

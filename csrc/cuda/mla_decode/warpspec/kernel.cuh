@@ -1,0 +1,475 @@
+// Device body of the warp-specialized Hopper decode kernel (layout.h has the shapes): one CTA =
+// one split x one chunk of up to 32 (query token, head) rows.
+//
+// Producer (lane 0 of the last warp): per tile, waits until its ring slot is free, reads the
+// block-table entries of the tile's 16-token pieces, and issues one TMA box per piece and
+// 64-column block of the latent and of the RoPE keys, all completing on the slot's full barrier.
+// Consumers (two warpgroups, tile i on warpgroup i % 2): wait for the slot, zero the latent rows
+// past the sequence end (a page's unused rows may hold anything), then
+//   1. scores on wgmma, the latent part and per 8-row group the RoPE part into its 8 accumulator
+//      columns, one commit group;
+//   2. online softmax (base 2) in registers, the tile maximum per row over the four warps through
+//      shared memory; P^T as two 16-bit terms (hi + lo, as the other kernels) stored with
+//      stmatrix in the layout the output GEMM reads;
+//   3. O^T = alpha O^T + C^T (P_hi + P_lo)^T on wgmma; then the slot goes back to the producer.
+// Two warpgroup barriers per tile, no CTA-wide one. At the end the second consumer's (m, l, O^T)
+// is merged into the first's through shared memory, which writes o_lat / lse (one split) or the
+// fp32 partials combine.cu merges.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/mla_decode/hopper/wgmma.cuh"
+#include "cuda/mla_decode/ptx.cuh"
+#include "cuda/mla_decode/split_plan.h"
+#include "cuda/mla_decode/warpspec/layout.h"
+#include "cuda/mla_decode/warpspec/tma.cuh"
+
+namespace mla_ext::decode::warpspec {
+
+using hopper::fence_accumulators;
+using hopper::fence_proxy_async;
+using hopper::make_desc;
+using hopper::stmatrix_x4_trans;
+using hopper::swizzled_offset;
+using hopper::wgmma_commit;
+using hopper::wgmma_fence;
+using hopper::wgmma_m64n32k16;
+using hopper::wgmma_m64n8k16;
+using hopper::wgmma_wait;
+
+constexpr int kRowTiles = kRows / 8;
+constexpr int kPieces = kTileTokens / kPieceTokens;
+
+// kBlocks: the latent's 64-channel blocks (D_c = 64 kBlocks); kRopeSteps: k16 steps of each
+// 8-row group's RoPE window. Every wgmma sequence is straight-line code with compile-time counts
+// (a wgmma under a runtime condition makes ptxas serialize them).
+template <typename T, int kBlocks, int kRopeSteps>
+struct WarpSpecializedDecode {
+  static constexpr int kGroupBytes = (16 * kRopeSteps + 63) / 64 * 1024;
+
+  // Lane 0 of the producer warp: every tile of the split into the ring, in order.
+  static __device__ __forceinline__ void produce(const MlaDecodeParams& p, const CUtensorMap* lat_map,
+                                                 const CUtensorMap* rope_map, uint32_t ring,
+                                                 uint32_t full, uint32_t empty, int b, int len,
+                                                 int tile_begin, int n_tiles) {
+    const SmemLayout& L = p.smem;
+    const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+    const uint32_t piece_bytes = (kBlocks + L.rope_blocks) * kBoxRows * 128;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int slot = it % L.num_stages, use = it / L.num_stages;
+      const int tok0 = (tile_begin + it) * kTileTokens;
+      int row[kPieces], live = 0;
+#pragma unroll
+      for (int pc = 0; pc < kPieces; ++pc) {
+        const int tok = tok0 + pc * kPieceTokens;
+        row[pc] = tok < len ? table[tok / p.block_size] * p.block_size + tok % p.block_size : -1;
+        live += tok < len;
+      }
+      if (use > 0) mbar_wait(empty + 8 * slot, (use - 1) & 1);
+      mbar_arrive_expect_tx(full + 8 * slot, live * piece_bytes);
+      const uint32_t dst = ring + slot * L.stage_bytes;
+#pragma unroll
+      for (int pc = 0; pc < kPieces; ++pc) {
+        if (row[pc] < 0) continue;
+        const uint32_t piece = dst + pc * kBoxRows * 128;
+#pragma unroll
+        for (int cb = 0; cb < kBlocks; ++cb) {
+          tma_load_2d(piece + cb * kBlockBytes, lat_map, cb * kChanBlock, row[pc], full + 8 * slot);
+        }
+        for (int rb = 0; rb < L.rope_blocks; ++rb) {
+          tma_load_2d(piece + L.st_rope + rb * kBlockBytes, rope_map, rb * kChanBlock, row[pc],
+                      full + 8 * slot);
+        }
+      }
+    }
+  }
+
+  // O^T += C^T (P_lo + P_hi)^T over the tile's four 16-token steps (issued only).
+  static __device__ __forceinline__ void output_gemm(float (&acc)[kBlocks][16], uint32_t lat,
+                                                     uint32_t pt_hi, uint32_t pt_lo) {
+#pragma unroll
+    for (int mb = 0; mb < kBlocks; ++mb) {
+#pragma unroll
+      for (int kt = 0; kt < kPieces; ++kt) {
+        // M-major A: 8-token groups 1024 bytes apart (SBO), one 64-channel atom wide
+        const uint64_t da = make_desc(lat + mb * kBlockBytes + kt * 2048, kBlockBytes, 1024);
+        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_lo + kt * 32, 16, 1024));
+        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_hi + kt * 32, 16, 1024));
+      }
+    }
+  }
+
+  // Queries into the swizzled K-major B layouts: the latent part by cp.async (rows past
+  // rows_here zero), the RoPE part block-diagonal per 8-row group: row n of group j holds its
+  // query at its KV head's offset inside the group's key window win[j], zeros elsewhere.
+  static __device__ __forceinline__ void load_queries(const MlaDecodeParams& p, uint8_t* smem,
+                                                      int ct, int row0, int rows_here,
+                                                      int64_t q_row_base, const int (&win)[kRowTiles]) {
+    constexpr int kConsumerThreads = 128 * kConsumers;
+    const SmemLayout& L = p.smem;
+    const int c8_count = p.D_c / 8, group = p.H / p.H_kv;
+    const T* q_lat = reinterpret_cast<const T*>(p.q_lat);
+    const uint32_t q_base = smem_addr(smem + L.q);
+    for (int idx = ct; idx < kRows * c8_count; idx += kConsumerThreads) {
+      const int r = idx / c8_count, c8 = idx - r * c8_count;
+      const bool live = r < rows_here;
+      const T* src = live ? q_lat + (q_row_base + r) * p.D_c + c8 * 8 : q_lat;
+      cp_async16(q_base + (c8 / 8) * (kRows * 128) + swizzled_offset(r, c8 % 8), src, live ? 16 : 0);
+    }
+    cp_async_commit();
+    const uint16_t* q_rope = reinterpret_cast<const uint16_t*>(p.q_rope);
+    constexpr int kChunks = kRows * 2 * kRopeSteps;  // 16-byte chunks: 8 elements each
+    for (int idx = ct; idx < kChunks; idx += kConsumerThreads) {
+      const int r = idx / (2 * kRopeSteps), kc = idx - r * (2 * kRopeSteps);
+      const int j = r / 8, n = r % 8;
+      uint16_t v[8];
+      const int rel = r < rows_here ? ((row0 + r) % p.H) / group * p.d_r - win[j] : 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int d = kc * 8 + e - rel;
+        v[e] = r < rows_here && d >= 0 && d < p.d_r ? q_rope[(q_row_base + r) * p.d_r + d] : 0;
+      }
+      uint4 w;
+      w.x = v[0] | (static_cast<uint32_t>(v[1]) << 16);
+      w.y = v[2] | (static_cast<uint32_t>(v[3]) << 16);
+      w.z = v[4] | (static_cast<uint32_t>(v[5]) << 16);
+      w.w = v[6] | (static_cast<uint32_t>(v[7]) << 16);
+      *reinterpret_cast<uint4*>(smem + L.rope_q + j * kGroupBytes + (kc / 8) * 1024 +
+                                swizzled_offset(n, kc % 8)) = w;
+    }
+    cp_async_wait<0>();
+  }
+
+  static __device__ void run(const MlaDecodeParams& p, const CUtensorMap* lat_map,
+                             const CUtensorMap* rope_map) {
+#ifdef MLA_EXT_WGMMA
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    const SmemLayout& L = p.smem;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int part = blockIdx.x / p.row_chunks, chunk = blockIdx.x % p.row_chunks;
+    const int32_t* work = p.plan + kPlanHeader + 4 * part;
+    const int b = work[0];
+    if (b < 0) return;
+    const int tile_begin = work[1], n_tiles = work[2] - work[1];
+    const int num_splits = p.plan[kPlanHeader + 4 * plan_capacity(p.B) + 2 * b + 1];
+    const int len = p.seq_lens[b];
+    const int row0 = chunk * p.rows_per_cta;
+    const int rows_here = min(p.rows_per_cta, p.rows - row0);
+    const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
+    const uint32_t ring = smem_addr(smem + L.stages);
+    const uint32_t full = smem_addr(smem + L.mbar), empty = full + 8 * kMaxSlots;
+
+    // Per 8-row group: the start of its RoPE key window (a multiple of 16 columns): its first KV
+    // head's keys, moved back where the window would pass the slot's RoPE columns.
+    int win[kRowTiles];
+    {
+      const int group = p.H / p.H_kv, last_start = L.rope_blocks * kChanBlock - 16 * kRopeSteps;
+#pragma unroll
+      for (int j = 0; j < kRowTiles; ++j) {
+        const int first = 8 * j < rows_here ? ((row0 + 8 * j) % p.H) / group * p.d_r : 0;
+        win[j] = min(first, last_start);
+      }
+    }
+
+    if (tid == 0) {
+      for (int s = 0; s < L.num_stages; ++s) {
+        mbar_init(full + 8 * s, 1);
+        mbar_init(empty + 8 * s, 4);  // one arrival per warp of the consumer that used the slot
+      }
+      mbar_init_fence();
+    }
+    if (warp < kProducerWarp) load_queries(p, smem, tid, row0, rows_here, q_row_base, win);
+    fence_proxy_async();
+    __syncthreads();
+
+    if (warp >= kProducerWarp) {
+      setmaxnreg_dec<kProducerRegisters>();
+      if (warp == kProducerWarp && lane == 0) {
+        produce(p, lat_map, rope_map, ring, full, empty, b, len, tile_begin, n_tiles);
+      }
+    } else {
+      setmaxnreg_inc<kConsumerRegisters>();
+      consume(p, smem, ring, full, empty, part, b, len, tile_begin, n_tiles, num_splits, row0,
+              rows_here, q_row_base, win);
+    }
+#else
+    __trap();  // launched only where the sm_90a code exists (api.cpp checks the binary)
+#endif
+  }
+
+  // The two consumer warpgroups: alternate tiles, then the merge and the output.
+  static __device__ __forceinline__ void consume(const MlaDecodeParams& p, uint8_t* smem,
+                                                 uint32_t ring, uint32_t full, uint32_t empty,
+                                                 int part, int b, int len, int tile_begin,
+                                                 int n_tiles, int num_splits, int row0,
+                                                 int rows_here, int64_t q_row_base,
+                                                 const int (&win)[kRowTiles]) {
+    const SmemLayout& L = p.smem;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+    // Consumer warpgroup cg; per thread its 8 accumulator columns (rows 8 j + 2 tq + c) and its
+    // two tokens per tile (16 wwarp + g, + 8).
+    const int cg = warp / 4, wwarp = warp % 4, wt = tid % 128;
+    const int g = lane / 4, tq = lane % 4;
+    float m_run[kRowTiles][2], l_part[kRowTiles][2];
+    int last_visible[kRowTiles][2];
+#pragma unroll
+    for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = 8 * j + 2 * tq + c;
+        m_run[j][c] = -INFINITY;
+        l_part[j][c] = 0.f;
+        // positions <= this are visible to row r; a row past rows_here sees none
+        last_visible[j][c] = r < rows_here ? len - p.s_q + (row0 + r) / p.H : -1;
+      }
+    float acc[kBlocks][16];
+#pragma unroll
+    for (int i = 0; i < kBlocks; ++i)
+#pragma unroll
+      for (int k = 0; k < 16; ++k) acc[i][k] = 0.f;
+
+    const uint32_t q_base = smem_addr(smem + L.q), rq_base = smem_addr(smem + L.rope_q);
+    const uint32_t pt_hi = smem_addr(smem + L.pt) + cg * 2 * (kRows * 128);
+    const uint32_t pt_lo = pt_hi + kRows * 128;
+    float* red_max = reinterpret_cast<float*>(smem + L.stats) + cg * 4 * kRows;
+    const int tok_w = wwarp * kPieceTokens;
+
+    for (int it = cg; it < n_tiles; it += kConsumers) {
+      const int slot = it % L.num_stages;
+      const uint32_t lat = ring + slot * L.stage_bytes, rope = lat + L.st_rope;
+      const int tok0 = (tile_begin + it) * kTileTokens;
+      const int valid = min(kTileTokens, len - tok0);
+      mbar_wait(full + 8 * slot, (it / L.num_stages) & 1);
+      if (valid < kTileTokens) {
+        // rows past the end: whatever the page holds (or an earlier tile) times P = 0 could be
+        // NaN; their scores are masked below
+        uint4* lat_rows = reinterpret_cast<uint4*>(smem + L.stages + slot * L.stage_bytes);
+        const int per_block = (kTileTokens - valid) * 8;
+        for (int i = wt; i < kBlocks * per_block; i += 128) {
+          const int blk = i / per_block, k = i - blk * per_block;
+          lat_rows[blk * (kBlockBytes / 16) + valid * 8 + k] = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async();
+        named_barrier(1 + cg, 128);
+      }
+
+      // 1. scores: 64 tokens x 32 rows; the latent part over D_c, then each group's RoPE window
+      // into accumulators of its own, added after the wait
+      float sacc[16], racc[kRowTiles][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4 * kBlocks; ++ks) {
+        const uint64_t da = make_desc(lat + (ks / 4) * kBlockBytes + (ks % 4) * 32, 16, 1024);
+        const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
+        wgmma_m64n32k16<T, 0>(sacc, da, db, ks > 0 ? 1 : 0);
+      }
+#pragma unroll
+      for (int j = 0; j < kRowTiles; ++j) {
+#pragma unroll
+        for (int s = 0; s < kRopeSteps; ++s) {
+          const int col = win[j] + 16 * s;
+          const uint64_t da = make_desc(rope + (col / 64) * kBlockBytes + (col % 64) / 16 * 32, 16, 1024);
+          const uint64_t db = make_desc(rq_base + j * kGroupBytes + (s / 4) * 1024 + (s % 4) * 32, 16, 1024);
+          wgmma_m64n8k16<T>(racc[j], da, db, s > 0 ? 1 : 0);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_accumulators(sacc);
+#pragma unroll
+      for (int j = 0; j < kRowTiles; ++j) {
+        fence_accumulators(racc[j]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sacc[4 * j + k] += racc[j][k];
+      }
+
+      // 2. softmax: mask, scale, the tile maximum per row over the four warps
+      const int pos_a = tok0 + tok_w + g, pos_b = pos_a + 8;
+      const bool in_a = pos_a < len, in_b = pos_b < len;
+      float s[kRowTiles][4];
+#pragma unroll
+      for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int lv = last_visible[j][c];
+          s[j][c] = in_a && pos_a <= lv ? sacc[4 * j + c] * p.softmax_scale_log2 : -INFINITY;
+          s[j][2 + c] = in_b && pos_b <= lv ? sacc[4 * j + 2 + c] * p.softmax_scale_log2 : -INFINITY;
+          float mx = fmaxf(s[j][c], s[j][2 + c]);
+#pragma unroll
+          for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+          if (g == 0) red_max[wwarp * kRows + 8 * j + 2 * tq + c] = mx;
+        }
+      named_barrier(1 + cg, 128);
+      float alpha[kRowTiles][2];
+      bool rescale = false;
+      uint32_t hi[kRowTiles][2], lo[kRowTiles][2];  // [j][token a / b]: packed (col 2tq, 2tq + 1)
+#pragma unroll
+      for (int j = 0; j < kRowTiles; ++j) {
+        float pa[2], pb[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * j + 2 * tq + c;
+          float m_tile = red_max[col];
+#pragma unroll
+          for (int w = 1; w < 4; ++w) m_tile = fmaxf(m_tile, red_max[w * kRows + col]);
+          const float m_new = fmaxf(m_run[j][c], m_tile);
+          alpha[j][c] = m_new == -INFINITY ? 1.f : exp2f(m_run[j][c] - m_new);
+          rescale |= alpha[j][c] != 1.f;
+          m_run[j][c] = m_new;
+          pa[c] = s[j][c] == -INFINITY ? 0.f : exp2f(s[j][c] - m_new);
+          pb[c] = s[j][2 + c] == -INFINITY ? 0.f : exp2f(s[j][2 + c] - m_new);
+          l_part[j][c] = l_part[j][c] * alpha[j][c] + pa[c] + pb[c];
+        }
+        const T ha0 = from_float<T>(pa[0]), ha1 = from_float<T>(pa[1]);
+        const T hb0 = from_float<T>(pb[0]), hb1 = from_float<T>(pb[1]);
+        hi[j][0] = pack2<T>(to_float<T>(ha0), to_float<T>(ha1));
+        hi[j][1] = pack2<T>(to_float<T>(hb0), to_float<T>(hb1));
+        lo[j][0] = pack2<T>(pa[0] - to_float<T>(ha0), pa[1] - to_float<T>(ha1));
+        lo[j][1] = pack2<T>(pb[0] - to_float<T>(hb0), pb[1] - to_float<T>(hb1));
+      }
+      {
+        // P^T[row][token]: matrix m of a stmatrix.x4 is row tile jj + m / 2, tokens a (m even)
+        // or b of this warp; lane l gives row l % 8 of matrix l / 8.
+        const int m = lane / 8, i = lane % 8;
+#pragma unroll
+        for (int jj = 0; jj < kRowTiles; jj += 2) {
+          const int row = 8 * (jj + m / 2) + i, chunk8 = 2 * wwarp + m % 2;
+          const uint32_t off = swizzled_offset(row, chunk8);
+          stmatrix_x4_trans(pt_hi + off, hi[jj][0], hi[jj][1], hi[jj + 1][0], hi[jj + 1][1]);
+          stmatrix_x4_trans(pt_lo + off, lo[jj][0], lo[jj][1], lo[jj + 1][0], lo[jj + 1][1]);
+        }
+      }
+      fence_proxy_async();
+      named_barrier(1 + cg, 128);
+
+      // 3. O^T = alpha O^T + C^T P^T
+      if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+        for (int mb = 0; mb < kBlocks; ++mb)
+#pragma unroll
+          for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              acc[mb][4 * j + c] *= alpha[j][c];
+              acc[mb][4 * j + 2 + c] *= alpha[j][c];
+            }
+      }
+#pragma unroll
+      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
+      wgmma_fence();
+      output_gemm(acc, lat, pt_hi, pt_lo);
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
+      if (lane == 0) mbar_arrive(empty + 8 * slot);
+    }
+
+    // Row sums over the 8 lanes of a column, per warp into shared memory.
+    float* red_sum = reinterpret_cast<float*>(smem + L.stats) + cg * 4 * kRows;
+    float* m_second = reinterpret_cast<float*>(smem + L.stats) + kConsumers * 4 * kRows;
+#pragma unroll
+    for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float l = l_part[j][c];
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+        l_part[j][c] = l;
+      }
+    // Both consumers are past their last tile (and past every read of red_max): the ring and
+    // the statistics are free.
+    named_barrier(3, 128 * kConsumers);
+#pragma unroll
+    for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = 8 * j + 2 * tq + c;
+        if (g == 0) red_sum[wwarp * kRows + r] = l_part[j][c];
+        if (cg == 1 && wwarp == 0 && g == 0) m_second[r] = m_run[j][c];
+      }
+    float* xfer = reinterpret_cast<float*>(smem + L.stages);  // [kBlocks * 16][128]
+    if (cg == 1) {
+#pragma unroll
+      for (int mb = 0; mb < kBlocks; ++mb)
+#pragma unroll
+        for (int k = 0; k < 16; ++k) xfer[(mb * 16 + k) * 128 + wt] = acc[mb][k];
+    }
+    named_barrier(3, 128 * kConsumers);
+    if (cg == 1) return;
+
+    // The first consumer merges: m = max(m0, m1), each side scaled by 2^(m_i - m).
+    const float* sum0 = red_sum;
+    const float* sum1 = red_sum + 4 * kRows;
+    const bool split = num_splits > 1;
+    float sc0[kRowTiles][2], sc1[kRowTiles][2], inv_l[kRowTiles][2];
+    int row_off[kRowTiles][2];
+#pragma unroll
+    for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int r = 8 * j + 2 * tq + c;
+        const float m0 = m_run[j][c], m1 = m_second[r], m = fmaxf(m0, m1);
+        sc0[j][c] = m0 == -INFINITY ? 0.f : exp2f(m0 - m);
+        sc1[j][c] = m1 == -INFINITY ? 0.f : exp2f(m1 - m);
+        float l0 = 0.f, l1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          l0 += sum0[w * kRows + r];
+          l1 += sum1[w * kRows + r];
+        }
+        const float l = l0 * sc0[j][c] + l1 * sc1[j][c];
+        inv_l[j][c] = l > 0.f ? 1.f / l : 0.f;
+        row_off[j][c] = r < rows_here ? r * p.D_c : -1;
+        if (wwarp == 0 && g == 0 && r < rows_here) {
+          const float lse = l > 0.f ? 0.69314718056f * (m + log2f(l)) : -INFINITY;
+          if (split) {
+            p.ws_lse[static_cast<int64_t>(part) * p.rows + row0 + r] = lse;
+          } else {
+            p.lse[q_row_base + r] = lse;
+          }
+        }
+      }
+    T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;
+    float* ws_out = p.ws_o + (static_cast<int64_t>(part) * p.rows + row0) * p.D_c;
+#pragma unroll
+    for (int mb = 0; mb < kBlocks; ++mb) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int chan = mb * kChanBlock + 16 * wwarp + g + 8 * h;
+#pragma unroll
+        for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            if (row_off[j][c] < 0) continue;
+            const int k = 4 * j + 2 * h + c;
+            const float v = (acc[mb][k] * sc0[j][c] + xfer[(mb * 16 + k) * 128 + wt] * sc1[j][c]) *
+                            inv_l[j][c];
+            if (split) {
+              ws_out[row_off[j][c] + chan] = v;
+            } else {
+              o_out[row_off[j][c] + chan] = from_float<T>(v);
+            }
+          }
+      }
+    }
+  }
+};
+
+template <typename T, int kBlocks, int kRopeSteps>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_warpspec_kernel(const __grid_constant__ MlaDecodeParams params,
+                               const __grid_constant__ CUtensorMap lat_map,
+                               const __grid_constant__ CUtensorMap rope_map) {
+  WarpSpecializedDecode<T, kBlocks, kRopeSteps>::run(params, &lat_map, &rope_map);
+}
+
+}  // namespace mla_ext::decode::warpspec
