@@ -105,12 +105,22 @@ struct WarpSpecializedDecode {
     }
   }
 
+  // The start of 8-row group j's RoPE key window (a multiple of 16 columns): its first KV head's
+  // keys, moved back where the window would pass the slot's RoPE columns. A function, not an
+  // array indexed at run time: such an array lives in local memory, and the tile loop would
+  // read it from there.
+  static __device__ __forceinline__ int rope_window(const MlaDecodeParams& p, int row0,
+                                                    int rows_here, int j) {
+    const int first = 8 * j < rows_here ? ((row0 + 8 * j) % p.H) / (p.H / p.H_kv) * p.d_r : 0;
+    return min(first, p.smem.rope_blocks * kChanBlock - 16 * kRopeSteps);
+  }
+
   // Queries into the swizzled K-major B layouts: the latent part by cp.async (rows past
   // rows_here zero), the RoPE part block-diagonal per 8-row group: row n of group j holds its
-  // query at its KV head's offset inside the group's key window win[j], zeros elsewhere.
+  // query at its KV head's offset inside the group's key window, zeros elsewhere.
   static __device__ __forceinline__ void load_queries(const MlaDecodeParams& p, uint8_t* smem,
                                                       int ct, int row0, int rows_here,
-                                                      int64_t q_row_base, const int (&win)[kRowTiles]) {
+                                                      int64_t q_row_base) {
     constexpr int kConsumerThreads = 128 * kConsumers;
     const SmemLayout& L = p.smem;
     const int c8_count = p.D_c / 8, group = p.H / p.H_kv;
@@ -129,7 +139,7 @@ struct WarpSpecializedDecode {
       const int r = idx / (2 * kRopeSteps), kc = idx - r * (2 * kRopeSteps);
       const int j = r / 8, n = r % 8;
       uint16_t v[8];
-      const int rel = r < rows_here ? ((row0 + r) % p.H) / group * p.d_r - win[j] : 0;
+      const int rel = r < rows_here ? ((row0 + r) % p.H) / group * p.d_r - rope_window(p, row0, rows_here, j) : 0;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int d = kc * 8 + e - rel;
@@ -166,18 +176,6 @@ struct WarpSpecializedDecode {
     const uint32_t ring = smem_addr(smem + L.stages);
     const uint32_t full = smem_addr(smem + L.mbar), empty = full + 8 * kMaxSlots;
 
-    // Per 8-row group: the start of its RoPE key window (a multiple of 16 columns): its first KV
-    // head's keys, moved back where the window would pass the slot's RoPE columns.
-    int win[kRowTiles];
-    {
-      const int group = p.H / p.H_kv, last_start = L.rope_blocks * kChanBlock - 16 * kRopeSteps;
-#pragma unroll
-      for (int j = 0; j < kRowTiles; ++j) {
-        const int first = 8 * j < rows_here ? ((row0 + 8 * j) % p.H) / group * p.d_r : 0;
-        win[j] = min(first, last_start);
-      }
-    }
-
     if (tid == 0) {
       for (int s = 0; s < L.num_stages; ++s) {
         mbar_init(full + 8 * s, 1);
@@ -185,7 +183,7 @@ struct WarpSpecializedDecode {
       }
       mbar_init_fence();
     }
-    if (warp < kProducerWarp) load_queries(p, smem, tid, row0, rows_here, q_row_base, win);
+    if (warp < kProducerWarp) load_queries(p, smem, tid, row0, rows_here, q_row_base);
     fence_proxy_async();
     __syncthreads();
 
@@ -197,7 +195,7 @@ struct WarpSpecializedDecode {
     } else {
       setmaxnreg_inc<kConsumerRegisters>();
       consume(p, smem, ring, full, empty, part, b, len, tile_begin, n_tiles, num_splits, row0,
-              rows_here, q_row_base, win);
+              rows_here, q_row_base);
     }
 #else
     __trap();  // launched only where the sm_90a code exists (api.cpp checks the binary)
@@ -209,10 +207,12 @@ struct WarpSpecializedDecode {
                                                  uint32_t ring, uint32_t full, uint32_t empty,
                                                  int part, int b, int len, int tile_begin,
                                                  int n_tiles, int num_splits, int row0,
-                                                 int rows_here, int64_t q_row_base,
-                                                 const int (&win)[kRowTiles]) {
+                                                 int rows_here, int64_t q_row_base) {
     const SmemLayout& L = p.smem;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int win[kRowTiles];  // indexed by unrolled loops only: registers
+#pragma unroll
+    for (int j = 0; j < kRowTiles; ++j) win[j] = rope_window(p, row0, rows_here, j);
 
     // Consumer warpgroup cg; per thread its 8 accumulator columns (rows 8 j + 2 tq + c) and its
     // two tokens per tile (16 wwarp + g, + 8).
