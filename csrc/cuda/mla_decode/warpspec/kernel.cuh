@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/mla_decode/hopper/softmax.cuh"
 #include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/split_plan.h"
@@ -33,9 +34,12 @@
 namespace mla_ext::decode::warpspec {
 
 using hopper::fence_accumulators;
+using hopper::masked_row_max;
+using hopper::online_softmax_step;
+using hopper::rescale_output;
+using hopper::store_pt;
 using hopper::fence_proxy_async;
 using hopper::make_desc;
-using hopper::stmatrix_x4_trans;
 using hopper::swizzled_offset;
 using hopper::wgmma_commit;
 using hopper::wgmma_fence;
@@ -295,73 +299,18 @@ struct WarpSpecializedDecode {
       const int pos_a = tok0 + tok_w + g, pos_b = pos_a + 8;
       const bool in_a = pos_a < len, in_b = pos_b < len;
       float s[kRowTiles][4];
-#pragma unroll
-      for (int j = 0; j < kRowTiles; ++j)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int lv = last_visible[j][c];
-          s[j][c] = in_a && pos_a <= lv ? sacc[4 * j + c] * p.softmax_scale_log2 : -INFINITY;
-          s[j][2 + c] = in_b && pos_b <= lv ? sacc[4 * j + 2 + c] * p.softmax_scale_log2 : -INFINITY;
-          float mx = fmaxf(s[j][c], s[j][2 + c]);
-#pragma unroll
-          for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-          if (g == 0) red_max[wwarp * kRows + 8 * j + 2 * tq + c] = mx;
-        }
+      masked_row_max(s, sacc, in_a, pos_a, in_b, pos_b, last_visible, p.softmax_scale_log2, red_max,
+                     wwarp, lane);
       named_barrier(1 + cg, 128);
       float alpha[kRowTiles][2];
-      bool rescale = false;
       uint32_t hi[kRowTiles][2], lo[kRowTiles][2];  // [j][token a / b]: packed (col 2tq, 2tq + 1)
-#pragma unroll
-      for (int j = 0; j < kRowTiles; ++j) {
-        float pa[2], pb[2];
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = 8 * j + 2 * tq + c;
-          float m_tile = red_max[col];
-#pragma unroll
-          for (int w = 1; w < 4; ++w) m_tile = fmaxf(m_tile, red_max[w * kRows + col]);
-          const float m_new = fmaxf(m_run[j][c], m_tile);
-          alpha[j][c] = m_new == -INFINITY ? 1.f : exp2f(m_run[j][c] - m_new);
-          rescale |= alpha[j][c] != 1.f;
-          m_run[j][c] = m_new;
-          pa[c] = s[j][c] == -INFINITY ? 0.f : exp2f(s[j][c] - m_new);
-          pb[c] = s[j][2 + c] == -INFINITY ? 0.f : exp2f(s[j][2 + c] - m_new);
-          l_part[j][c] = l_part[j][c] * alpha[j][c] + pa[c] + pb[c];
-        }
-        const T ha0 = from_float<T>(pa[0]), ha1 = from_float<T>(pa[1]);
-        const T hb0 = from_float<T>(pb[0]), hb1 = from_float<T>(pb[1]);
-        hi[j][0] = pack2<T>(to_float<T>(ha0), to_float<T>(ha1));
-        hi[j][1] = pack2<T>(to_float<T>(hb0), to_float<T>(hb1));
-        lo[j][0] = pack2<T>(pa[0] - to_float<T>(ha0), pa[1] - to_float<T>(ha1));
-        lo[j][1] = pack2<T>(pb[0] - to_float<T>(hb0), pb[1] - to_float<T>(hb1));
-      }
-      {
-        // P^T[row][token]: matrix m of a stmatrix.x4 is row tile jj + m / 2, tokens a (m even)
-        // or b of this warp; lane l gives row l % 8 of matrix l / 8.
-        const int m = lane / 8, i = lane % 8;
-#pragma unroll
-        for (int jj = 0; jj < kRowTiles; jj += 2) {
-          const int row = 8 * (jj + m / 2) + i, chunk8 = 2 * wwarp + m % 2;
-          const uint32_t off = swizzled_offset(row, chunk8);
-          stmatrix_x4_trans(pt_hi + off, hi[jj][0], hi[jj][1], hi[jj + 1][0], hi[jj + 1][1]);
-          stmatrix_x4_trans(pt_lo + off, lo[jj][0], lo[jj][1], lo[jj + 1][0], lo[jj + 1][1]);
-        }
-      }
+      const bool rescale = online_softmax_step<T>(s, red_max, lane, m_run, l_part, alpha, hi, lo);
+      store_pt(pt_hi, pt_lo, hi, lo, wwarp, lane);
       fence_proxy_async();
       named_barrier(1 + cg, 128);
 
       // 3. O^T = alpha O^T + C^T P^T
-      if (__any_sync(0xffffffffu, rescale)) {
-#pragma unroll
-        for (int mb = 0; mb < kBlocks; ++mb)
-#pragma unroll
-          for (int j = 0; j < kRowTiles; ++j)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              acc[mb][4 * j + c] *= alpha[j][c];
-              acc[mb][4 * j + 2 + c] *= alpha[j][c];
-            }
-      }
+      rescale_output(acc, alpha, rescale);
 #pragma unroll
       for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
       wgmma_fence();
