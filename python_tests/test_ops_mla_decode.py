@@ -393,11 +393,16 @@ def warpspec_params(n: int, seed: int) -> list[DecodeParam]:
         H_kv = rng.choice([d for d in range(1, H + 1) if H % d == 0])
         D_c = 64 * rng.randint(1, 4)
         d_r = rng.choice([16, 16, 32, 48, 64])
-        # 3 slots of (D_c + H_kv d_r) 16-bit columns per token must fit next to the queries
-        while d_r > 16 and (warpspec_span_steps(H, H_kv, d_r) > 8
-                            or D_c // 64 + -(-H_kv * d_r // 64) > 7):
+
+        def fits():
+            # windows within 8 k16 steps; 3 slots of (D_c + H_kv d_r) 16-bit columns per token
+            # next to the queries
+            return (warpspec_span_steps(H, H_kv, d_r) <= 8
+                    and D_c // 64 + -(-H_kv * d_r // 64) <= 7)
+
+        while d_r > 16 and not fits():
             d_r -= 16
-        while warpspec_span_steps(H, H_kv, d_r) > 8 or D_c // 64 + -(-H_kv * d_r // 64) > 7:
+        while not fits():
             H_kv = rng.choice([d for d in range(1, H_kv) if H % d == 0])
         out.append(dataclasses.replace(p, H=H, H_kv=H_kv, D_c=D_c, d_r=d_r, latent_dtype=dt,
                                        rope_dtype=dt, q_dtype=dt, group_size=D_c))
