@@ -12,16 +12,31 @@
 
 namespace mla_ext::decode::hopper {
 
+// Writes the warp's maximum of each row of s into red_max[warp][row] (the caller's barrier
+// publishes it).
+template <int kRowTiles>
+__device__ __forceinline__ void write_row_max(const float (&s)[kRowTiles][4], float* red_max,
+                                              int warp, int lane) {
+  constexpr int kRows = 8 * kRowTiles;
+  const int g = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int j = 0; j < kRowTiles; ++j)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float mx = fmaxf(s[j][c], s[j][2 + c]);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      if (g == 0) red_max[warp * kRows + 8 * j + 2 * tq + c] = mx;
+    }
+}
+
 // Masks and scales this thread's scores (-inf where the token is past the tile or the sequence,
-// or not visible to the row), and writes the warp's maximum of each row into red_max[warp][row]
-// (the caller's barrier publishes it).
+// or not visible to the row), then write_row_max.
 template <int kRowTiles>
 __device__ __forceinline__ void masked_row_max(float (&s)[kRowTiles][4], const float (&sacc)[16],
                                                bool in_a, int pos_a, bool in_b, int pos_b,
                                                const int (&last_visible)[kRowTiles][2],
                                                float scale_log2, float* red_max, int warp, int lane) {
-  constexpr int kRows = 8 * kRowTiles;
-  const int g = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int j = 0; j < kRowTiles; ++j)
 #pragma unroll
@@ -29,11 +44,8 @@ __device__ __forceinline__ void masked_row_max(float (&s)[kRowTiles][4], const f
       const int lv = last_visible[j][c];
       s[j][c] = in_a && pos_a <= lv ? sacc[4 * j + c] * scale_log2 : -INFINITY;
       s[j][2 + c] = in_b && pos_b <= lv ? sacc[4 * j + 2 + c] * scale_log2 : -INFINITY;
-      float mx = fmaxf(s[j][c], s[j][2 + c]);
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      if (g == 0) red_max[warp * kRows + 8 * j + 2 * tq + c] = mx;
     }
+  write_row_max(s, red_max, warp, lane);
 }
 
 // After the barrier that published red_max: the tile maximum of each row over the four warps,
@@ -52,14 +64,16 @@ __device__ __forceinline__ bool online_softmax_step(const float (&s)[kRowTiles][
   bool rescale = false;
 #pragma unroll
   for (int j = 0; j < kRowTiles; ++j) {
-    float pa[2], pb[2];
+    float pa[2], pb[2], m_tile[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {  // this thread's two columns are adjacent: one 8-byte load
+      const float2 m2 = *reinterpret_cast<const float2*>(red_max + w * kRows + 8 * j + 2 * tq);
+      m_tile[0] = fmaxf(m_tile[0], m2.x);
+      m_tile[1] = fmaxf(m_tile[1], m2.y);
+    }
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      const int col = 8 * j + 2 * tq + c;
-      float m_tile = red_max[col];
-#pragma unroll
-      for (int w = 1; w < 4; ++w) m_tile = fmaxf(m_tile, red_max[w * kRows + col]);
-      const float m_new = fmaxf(m_run[j][c], m_tile);
+      const float m_new = fmaxf(m_run[j][c], m_tile[c]);
       alpha[j][c] = m_new == -INFINITY ? 1.f : exp2f(m_run[j][c] - m_new);
       rescale |= alpha[j][c] != 1.f;
       m_run[j][c] = m_new;

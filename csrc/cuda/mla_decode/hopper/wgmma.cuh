@@ -33,6 +33,15 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo, 
          (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) | (uint64_t{1} << 62);
 }
 
+// A descriptor moved by `bytes` (a multiple of 16): its start-address field is the low 14 bits of
+// the low word (address >> 4, below 256 KB of shared memory: no carry into the LBO field), so the
+// move is one add to the low word; the high word (SBO, swizzle) stays. Descriptors built once
+// and moved by constants cost an add per wgmma instead of the masks and shifts of make_desc.
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef MLA_EXT_WGMMA
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

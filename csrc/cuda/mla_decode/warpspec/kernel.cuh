@@ -38,7 +38,9 @@ using hopper::masked_row_max;
 using hopper::online_softmax_step;
 using hopper::rescale_output;
 using hopper::store_pt;
+using hopper::write_row_max;
 using hopper::fence_proxy_async;
+using hopper::desc_add;
 using hopper::make_desc;
 using hopper::swizzled_offset;
 using hopper::wgmma_commit;
@@ -94,17 +96,17 @@ struct WarpSpecializedDecode {
     }
   }
 
-  // O^T += C^T (P_lo + P_hi)^T over the tile's four 16-token steps (issued only).
-  static __device__ __forceinline__ void output_gemm(float (&acc)[kBlocks][16], uint32_t lat,
-                                                     uint32_t pt_hi, uint32_t pt_lo) {
+  // O^T += C^T (P_lo + P_hi)^T over the tile's four 16-token steps (issued only). lat_m: the
+  // tile's M-major descriptor (8-token groups 1024 bytes apart, one 64-channel atom wide).
+  static __device__ __forceinline__ void output_gemm(float (&acc)[kBlocks][16], uint64_t lat_m,
+                                                     uint64_t pt_hi, uint64_t pt_lo) {
 #pragma unroll
     for (int mb = 0; mb < kBlocks; ++mb) {
 #pragma unroll
       for (int kt = 0; kt < kPieces; ++kt) {
-        // M-major A: 8-token groups 1024 bytes apart (SBO), one 64-channel atom wide
-        const uint64_t da = make_desc(lat + mb * kBlockBytes + kt * 2048, kBlockBytes, 1024);
-        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_lo + kt * 32, 16, 1024));
-        wgmma_m64n32k16<T, 1>(acc[mb], da, make_desc(pt_hi + kt * 32, 16, 1024));
+        const uint64_t da = desc_add(lat_m, mb * kBlockBytes + kt * 2048);
+        wgmma_m64n32k16<T, 1>(acc[mb], da, desc_add(pt_lo, kt * 32));
+        wgmma_m64n32k16<T, 1>(acc[mb], da, desc_add(pt_hi, kt * 32));
       }
     }
   }
@@ -220,7 +222,10 @@ struct WarpSpecializedDecode {
 
     // Consumer warpgroup cg; per thread its 8 accumulator columns (rows 8 j + 2 tq + c) and its
     // two tokens per tile (16 wwarp + g, + 8).
-    const int cg = warp / 4, wwarp = warp % 4, wt = tid % 128;
+    // cg through a shuffle from lane 0: the compiler then knows it is warp-uniform, and what
+    // derives from it (the tile loop, the slot addresses, the wgmma descriptors) stays in uniform
+    // registers instead of being moved there (R2UR) before every wgmma.
+    const int cg = __shfl_sync(0xffffffffu, warp / 4, 0), wwarp = warp % 4, wt = tid % 128;
     const int g = lane / 4, tq = lane % 4;
     float m_run[kRowTiles][2], l_part[kRowTiles][2];
     int last_visible[kRowTiles][2];
@@ -240,15 +245,22 @@ struct WarpSpecializedDecode {
 #pragma unroll
       for (int k = 0; k < 16; ++k) acc[i][k] = 0.f;
 
-    const uint32_t q_base = smem_addr(smem + L.q), rq_base = smem_addr(smem + L.rope_q);
+    // Descriptors of the operands at fixed addresses, built once; the per-k-step ones are these
+    // moved by constants.
+    const uint64_t q_desc = make_desc(smem_addr(smem + L.q), 16, 1024);
+    const uint64_t rq_desc = make_desc(smem_addr(smem + L.rope_q), 16, 1024);
     const uint32_t pt_hi = smem_addr(smem + L.pt) + cg * 2 * (kRows * 128);
     const uint32_t pt_lo = pt_hi + kRows * 128;
+    const uint64_t pt_hi_desc = make_desc(pt_hi, 16, 1024), pt_lo_desc = make_desc(pt_lo, 16, 1024);
     float* red_max = reinterpret_cast<float*>(smem + L.stats) + cg * 4 * kRows;
     const int tok_w = wwarp * kPieceTokens;
+    // tiles ending at or before this are visible to every row: positions <= len - s_q + the
+    // query token of the CTA's first row
+    const int visible_end = len - p.s_q + row0 / p.H + 1;
 
     for (int it = cg; it < n_tiles; it += kConsumers) {
       const int slot = it % L.num_stages;
-      const uint32_t lat = ring + slot * L.stage_bytes, rope = lat + L.st_rope;
+      const uint32_t lat = ring + slot * L.stage_bytes;  // the RoPE keys follow at L.st_rope
       const int tok0 = (tile_begin + it) * kTileTokens;
       const int valid = min(kTileTokens, len - tok0);
       mbar_wait(full + 8 * slot, (it / L.num_stages) & 1);
@@ -269,20 +281,21 @@ struct WarpSpecializedDecode {
       // into accumulators of its own, added after the wait
       float sacc[16], racc[kRowTiles][4];
       wgmma_fence();
+      const uint64_t lat_k = make_desc(lat, 16, 1024);  // K-major: the score GEMM's A
 #pragma unroll
       for (int ks = 0; ks < 4 * kBlocks; ++ks) {
-        const uint64_t da = make_desc(lat + (ks / 4) * kBlockBytes + (ks % 4) * 32, 16, 1024);
-        const uint64_t db = make_desc(q_base + (ks / 4) * (kRows * 128) + (ks % 4) * 32, 16, 1024);
-        wgmma_m64n32k16<T, 0>(sacc, da, db, ks > 0 ? 1 : 0);
+        const uint32_t step = (ks / 4) * kBlockBytes + (ks % 4) * 32;
+        wgmma_m64n32k16<T, 0>(sacc, desc_add(lat_k, step),
+                              desc_add(q_desc, (ks / 4) * (kRows * 128) + (ks % 4) * 32), ks > 0 ? 1 : 0);
       }
 #pragma unroll
       for (int j = 0; j < kRowTiles; ++j) {
 #pragma unroll
         for (int s = 0; s < kRopeSteps; ++s) {
-          const int col = win[j] + 16 * s;
-          const uint64_t da = make_desc(rope + (col / 64) * kBlockBytes + (col % 64) / 16 * 32, 16, 1024);
-          const uint64_t db = make_desc(rq_base + j * kGroupBytes + (s / 4) * 1024 + (s % 4) * 32, 16, 1024);
-          wgmma_m64n8k16<T>(racc[j], da, db, s > 0 ? 1 : 0);
+          const int unit = win[j] / 16 + s;  // 16-column units: 4 per 64-column block
+          wgmma_m64n8k16<T>(racc[j], desc_add(lat_k, L.st_rope + (unit / 4) * kBlockBytes + (unit % 4) * 32),
+                            desc_add(rq_desc, j * kGroupBytes + (s / 4) * 1024 + (s % 4) * 32),
+                            s > 0 ? 1 : 0);
         }
       }
       wgmma_commit();
@@ -299,8 +312,16 @@ struct WarpSpecializedDecode {
       const int pos_a = tok0 + tok_w + g, pos_b = pos_a + 8;
       const bool in_a = pos_a < len, in_b = pos_b < len;
       float s[kRowTiles][4];
-      masked_row_max(s, sacc, in_a, pos_a, in_b, pos_b, last_visible, p.softmax_scale_log2, red_max,
-                     wwarp, lane);
+      if (tok0 + kTileTokens <= visible_end) {
+        // every row sees the whole tile: no mask (rows past rows_here then get finite scores,
+        // but nothing of theirs is written)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) s[i / 4][i % 4] = sacc[i] * p.softmax_scale_log2;
+        write_row_max(s, red_max, wwarp, lane);
+      } else {
+        masked_row_max(s, sacc, in_a, pos_a, in_b, pos_b, last_visible, p.softmax_scale_log2,
+                       red_max, wwarp, lane);
+      }
       named_barrier(1 + cg, 128);
       float alpha[kRowTiles][2];
       uint32_t hi[kRowTiles][2], lo[kRowTiles][2];  // [j][token a / b]: packed (col 2tq, 2tq + 1)
@@ -314,7 +335,7 @@ struct WarpSpecializedDecode {
 #pragma unroll
       for (int mb = 0; mb < kBlocks; ++mb) fence_accumulators(acc[mb]);
       wgmma_fence();
-      output_gemm(acc, lat, pt_hi, pt_lo);
+      output_gemm(acc, make_desc(lat, kBlockBytes, 1024), pt_hi_desc, pt_lo_desc);
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
