@@ -220,6 +220,7 @@ PROFILE_SHAPES = [  # (model, D_c, B, S, latent, rope)
     ("llama2", 512, 32, 16384, "int4", "fp8"),
     ("llama3", 256, 32, 16384, "bf16", "bf16"),
     ("llama3", 256, 32, 16384, "int8", "bf16"),
+    ("llama3", 256, 1, 4096, "bf16", "bf16"),
 ]
 
 
