@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Which of several kernel changes is faster, before one lands: builds a copy of the working tree
-# per patch (applied with `git apply`, all builds in parallel) and runs the decode benchmark on
-# each copy and on the unpatched tree, one after another. The JSON of each goes to
-# $OUT/variants/<patch name>/decode_h200.json (the unpatched tree: .../base/).
-# Usage, from the repository root (the unpatched tree is built first if it is not):
+# Which of several kernel changes is faster, before one lands. The tree is built first (if it is
+# not), then each patch in turn is applied to it (`git apply`, or `patch -p1`), rebuilt
+# incrementally (ninja recompiles only what the patch touches: tens of seconds, not a full build),
+# snapshotted with its extension into $SWEEP_DIR/<patch name>, and reverted; at the end the tree is
+# rebuilt as it was. Then the decode benchmark runs on the unpatched tree and on each snapshot, one
+# after another; the JSON of each goes to $OUT/variants/<patch name>/decode_h200.json (the
+# unpatched tree: .../base/). A patch that does not apply or build is reported and skipped.
+# Usage, from the repository root:
 #   bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
 # e.g. bash bench/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
-# SWEEP_PACK=1 packs $OUT/variants into $OUT/variants.tar.gz at the end.
+# SWEEP_PACK=1 packs $OUT/variants into $OUT/variants.tar.gz at the end. The snapshots stay in
+# $SWEEP_DIR (default /tmp/mla_ext_variants) for tests: cd there and run pytest.
 set -uo pipefail
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
   echo "usage: bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]" >&2
@@ -21,25 +25,38 @@ patches=("$patch_dir"/*.patch)
 [ -e "${patches[0]}" ] || { echo "no *.patch in $patch_dir" >&2; exit 2; }
 [ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1
-jobs_each=$(( $(nproc) / (${#patches[@]} + 1) )); [ "$jobs_each" -ge 1 ] || jobs_each=1
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 rm -rf "$work"; mkdir -p "$work" "$OUT/variants"
+
+build() {  # log name: an incremental build of the tree as it is now
+  local t0=$SECONDS
+  python3 setup.py build_ext --inplace > "$OUT/variants/$1.build.log" 2>&1
+  local rc=$?
+  echo "build $1: exit $rc after $((SECONDS - t0)) s"
+  return $rc
+}
+apply_patch() {  # patch file, then -R to revert
+  if command -v git > /dev/null; then git apply "${@:2}" "$1"; else patch -p1 "${@:2}" < "$1"; fi
+}
+snapshot() {  # name: the source tree with its built extension, without build outputs or data
+  mkdir -p "$work/$1"
+  tar -C "$root" --exclude=./build --exclude=./carry --exclude=./.venv -cf - . |
+    tar -C "$work/$1" -xf -
+}
+
+build base || exit 1
 names=()
-apply_patch() { if command -v git > /dev/null; then git apply "$1"; else patch -p1 < "$1"; fi; }
 for p in "${patches[@]}"; do
-  name=$(basename "$p" .patch); names+=("$name")
-  mkdir -p "$work/$name"
-  # the source tree without its build outputs and carried data
-  tar -C "$root" --exclude=./build --exclude=./carry --exclude=./.venv --exclude='*.so' -cf - . |
-    tar -C "$work/$name" -xf -
-  (cd "$work/$name" && apply_patch "$p" && MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace \
-     > "$OUT/variants/$name.build.log" 2>&1; echo "build $name: exit $?") &
+  name=$(basename "$p" .patch)
+  if ! apply_patch "$p"; then
+    echo "patch $name does not apply: skipped"
+    continue
+  fi
+  build "$name" && { snapshot "$name"; names+=("$name"); }
+  apply_patch "$p" -R || { echo "could not revert $name" >&2; exit 1; }
 done
-# the unpatched tree too, unless it is built already
-if ! ls "$root"/mla_ext/_C*.so > /dev/null 2>&1; then
-  (MAX_JOBS=$jobs_each python3 setup.py build_ext --inplace > "$OUT/variants/base.build.log" 2>&1
-   echo "build base: exit $?") &
-fi
-wait
+build base_again || exit 1
+
 run_bench() {  # name, tree
   mkdir -p "$OUT/variants/$1"
   (cd "$2" && PYTHONPATH=$2 python3 bench/bench_mla_decode.py --out "$OUT/variants/$1" "${@:3}") \
