@@ -34,7 +34,7 @@ class Timer:
         self.warmup, self.repeat, self.flush = warmup, repeat, flush
         self._flush = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
 
-    def _flush_l2(self):
+    def flush_l2(self):
         if self.flush == "write":
             self._flush.zero_()
         else:
@@ -46,7 +46,7 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.repeat)]
         for s, e in zip(starts, ends):
-            self._flush_l2()
+            self.flush_l2()
             s.record()
             fn()
             e.record()
