@@ -2,15 +2,16 @@
 # Which of several kernel changes is faster, before one lands. The tree is built first (if it is
 # not), then each patch in turn is applied to it (`git apply`, or `patch -p1`), rebuilt
 # incrementally (ninja recompiles only what the patch touches: tens of seconds, not a full build),
-# snapshotted with its extension into $SWEEP_DIR/<patch name>, and reverted; at the end the tree is
-# rebuilt as it was. Then the decode benchmark runs on the unpatched tree and on each snapshot, one
-# after another; the JSON of each goes to $OUT/variants/<patch name>/decode_h200.json (the
-# unpatched tree: .../base/). A patch that does not apply or build is reported and skipped.
+# snapshotted with its extension into $SWEEP_DIR/<patch name>, and reverted. Then the decode
+# benchmark runs on the unpatched tree's snapshot and on each variant's, one after another; the
+# JSON of each goes to $OUT/variants/<patch name>/decode_h200.json (the unpatched tree:
+# .../base/). A patch that does not apply or build is reported and skipped.
 # Usage, from the repository root:
 #   bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
 # e.g. bash bench/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
 # SWEEP_PACK=1 packs $OUT/variants into $OUT/variants.tar.gz at the end. The snapshots stay in
-# $SWEEP_DIR (default /tmp/mla_ext_variants) for tests: cd there and run pytest.
+# $SWEEP_DIR (default /tmp/mla_ext_variants) for tests: cd there and run pytest. At the end the tree
+# is rebuilt as it was (SWEEP_RESTORE=0: not).
 set -uo pipefail
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
   echo "usage: bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]" >&2
@@ -45,6 +46,7 @@ snapshot() {  # name: the source tree with its built extension, without build ou
 }
 
 build base || exit 1
+snapshot base  # benchmarked from the snapshot: the tree itself is rebuilt per variant
 names=()
 for p in "${patches[@]}"; do
   name=$(basename "$p" .patch)
@@ -55,7 +57,6 @@ for p in "${patches[@]}"; do
   build "$name" && { snapshot "$name"; names+=("$name"); }
   apply_patch "$p" -R || { echo "could not revert $name" >&2; exit 1; }
 done
-build base_again || exit 1
 
 run_bench() {  # name, tree
   mkdir -p "$OUT/variants/$1"
@@ -63,10 +64,13 @@ run_bench() {  # name, tree
     > "$OUT/variants/$1.bench.log" 2>&1
   echo "bench $1: exit $?"; grep " us " "$OUT/variants/$1.bench.log" | tail -n 60  # the result rows
 }
-run_bench base "$root" "$@"
+run_bench base "$work/base" "$@"
 for name in "${names[@]}"; do run_bench "$name" "$work/$name" "$@"; done
 # The device tool brings back only a few files per call: everything in one archive.
 if [ -n "${SWEEP_PACK:-}" ]; then
   tar -C "$OUT" -czf "$OUT/variants.tar.gz" variants && rm -rf "$OUT/variants"
   echo "packed $OUT/variants.tar.gz"
 fi
+# The tree's extension is the last variant's until rebuilt (SWEEP_RESTORE=0 skips it when nothing
+# runs in the tree afterwards: a patch to a widely included header makes it a full build).
+if [ "${SWEEP_RESTORE:-1}" != 0 ]; then build base_again || exit 1; fi
