@@ -296,16 +296,31 @@ def test_mla_decode_rejects_bad_quant_args():
 GPU_PARAMS = random_params(520, seed=11, cpu=False)
 
 
+def decode_and_check(p: DecodeParam) -> tuple:
+    """p's inputs through the op itself (the kernel MLA_EXT_DECODE_KERNEL picks, never the
+    fallback), checked against the reference and, for quantized caches, against the exact
+    attention; returns the op's arguments."""
+    args, raw = make_inputs(p, "cuda")
+    out = torch.ops.mla_ext.mla_decode(*args, None)
+    check_against_reference(p, out, args)
+    check_format_error(p, out, args, raw)
+    return args
+
+
+def force_hopper_kernel(choice: str, monkeypatch) -> None:
+    """MLA_EXT_DECODE_KERNEL=choice (wgmma or ws) for the test, skipped off a Hopper GPU."""
+    if not hopper_gpu():
+        pytest.skip(f"MLA_EXT_DECODE_KERNEL={choice} needs a compute capability 9.0 GPU")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", choice)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", GPU_PARAMS, ids=lambda p: f"s{p.seed}")
 def test_mla_decode_cuda_matches_reference(p, monkeypatch):
     # the mma.sync kernel on every draw (by default, shapes the warp-specialized kernel takes go
     # to it: tested below)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
-    args, raw = make_inputs(p, "cuda")
-    out = torch.ops.mla_ext.mla_decode(*args, None)  # the kernel itself, never the fallback
-    check_against_reference(p, out, args)
-    check_format_error(p, out, args, raw)
+    decode_and_check(p)
 
 
 def assert_graph_replay_matches(args, o, lse):
@@ -344,30 +359,20 @@ def hopper_gpu() -> bool:
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", hopper_params(160, seed=13), ids=lambda p: f"s{p.seed}")
 def test_mla_decode_hopper_kernel_matches_reference(p, monkeypatch):
-    if not hopper_gpu():
-        pytest.skip("the Hopper kernel needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
-    args, raw = make_inputs(p, "cuda")
-    out = torch.ops.mla_ext.mla_decode(*args, None)
-    check_against_reference(p, out, args)
-    check_format_error(p, out, args, raw)
+    force_hopper_kernel("wgmma", monkeypatch)
+    decode_and_check(p)
 
 
 @pytest.mark.gpu
 def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
-    if not hopper_gpu():
-        pytest.skip("the Hopper kernel needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
+    force_hopper_kernel("wgmma", monkeypatch)
     # the Llama-2 (MHA: 48-token tiles) and Llama-3 (GQA: 64-token tiles) shapes, many splits
     for D_c, H, H_kv, d_r, s_q in ((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
                                    (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)):
         for dt in (torch.bfloat16, torch.float16):
             p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 64, (20000, 0, 1, 7777), dt, dt, dt, D_c,
                             seed=D_c + H + s_q)
-            args, raw = make_inputs(p, "cuda")
-            out = torch.ops.mla_ext.mla_decode(*args, None)
-            check_against_reference(p, out, args)
-            check_format_error(p, out, args, raw)
+            args = decode_and_check(p)
     assert_graph_replay_matches(args, *ops.mla_decode(*args))
 
 
@@ -412,30 +417,20 @@ def warpspec_params(n: int, seed: int) -> list[DecodeParam]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", warpspec_params(160, seed=17), ids=lambda p: f"s{p.seed}")
 def test_mla_decode_warpspec_kernel_matches_reference(p, monkeypatch):
-    if not hopper_gpu():
-        pytest.skip("the warp-specialized kernel needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
-    args, raw = make_inputs(p, "cuda")
-    out = torch.ops.mla_ext.mla_decode(*args, None)
-    check_against_reference(p, out, args)
-    check_format_error(p, out, args, raw)
+    force_hopper_kernel("ws", monkeypatch)
+    decode_and_check(p)
 
 
 @pytest.mark.gpu
 def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
-    if not hopper_gpu():
-        pytest.skip("the warp-specialized kernel needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
+    force_hopper_kernel("ws", monkeypatch)
     # the Llama-3 shape, MQA, MHA with small latents, several query tokens, odd lengths
     for D_c, H, H_kv, d_r, s_q in ((256, 32, 8, 16, 1), (256, 32, 8, 16, 4), (128, 64, 1, 64, 2),
                                    (64, 16, 16, 16, 1), (192, 16, 4, 32, 8)):
         for dt in (torch.bfloat16, torch.float16):
             p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 16 if s_q > 1 else 64,
                             (20000, 0, 1, 7777), dt, dt, dt, D_c, seed=D_c + H + s_q)
-            args, raw = make_inputs(p, "cuda")
-            out = torch.ops.mla_ext.mla_decode(*args, None)
-            check_against_reference(p, out, args)
-            check_format_error(p, out, args, raw)
+            args = decode_and_check(p)
     assert_graph_replay_matches(args, *ops.mla_decode(*args))
 
 
@@ -492,10 +487,7 @@ def test_mla_decode_cuda_long_and_split():
             p = DecodeParam(4, 1, H, H_kv, d_r, D_c, 64, (20000, 0, 1, 7777), dt,
                             torch.float8_e4m3fn, torch.bfloat16, 64 if D_c % 64 == 0 else D_c,
                             seed=D_c + H)
-            args, raw = make_inputs(p, "cuda")
-            out = torch.ops.mla_ext.mla_decode(*args, None)
-            check_against_reference(p, out, args)
-            check_format_error(p, out, args, raw)
+            decode_and_check(p)
 
 
 @pytest.mark.gpu
