@@ -352,6 +352,18 @@ def hopper_params(n: int, seed: int) -> list[DecodeParam]:
     return out
 
 
+def check_long_splits_and_graph(shapes, block_size) -> None:
+    """Each (D_c, H, H_kv, d_r, s_q) of shapes in bf16 and fp16 (latent, keys and queries) over
+    long sequences next to empty and tiny ones (many splits), block_size(s_q) tokens per page,
+    against the reference; then the last one replayed from a CUDA graph."""
+    for D_c, H, H_kv, d_r, s_q in shapes:
+        for dt in (torch.bfloat16, torch.float16):
+            p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, block_size(s_q), (20000, 0, 1, 7777), dt,
+                            dt, dt, D_c, seed=D_c + H + s_q)
+            args = decode_and_check(p)
+    assert_graph_replay_matches(args, *ops.mla_decode(*args))
+
+
 def hopper_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -367,13 +379,9 @@ def test_mla_decode_hopper_kernel_matches_reference(p, monkeypatch):
 def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
     force_hopper_kernel("wgmma", monkeypatch)
     # the Llama-2 (MHA: 48-token tiles) and Llama-3 (GQA: 64-token tiles) shapes, many splits
-    for D_c, H, H_kv, d_r, s_q in ((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
-                                   (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)):
-        for dt in (torch.bfloat16, torch.float16):
-            p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 64, (20000, 0, 1, 7777), dt, dt, dt, D_c,
-                            seed=D_c + H + s_q)
-            args = decode_and_check(p)
-    assert_graph_replay_matches(args, *ops.mla_decode(*args))
+    check_long_splits_and_graph(((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
+                                 (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)),
+                                block_size=lambda s_q: 64)
 
 
 def warpspec_span_steps(H: int, H_kv: int, d_r: int) -> int:
@@ -425,13 +433,9 @@ def test_mla_decode_warpspec_kernel_matches_reference(p, monkeypatch):
 def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
     force_hopper_kernel("ws", monkeypatch)
     # the Llama-3 shape, MQA, MHA with small latents, several query tokens, odd lengths
-    for D_c, H, H_kv, d_r, s_q in ((256, 32, 8, 16, 1), (256, 32, 8, 16, 4), (128, 64, 1, 64, 2),
-                                   (64, 16, 16, 16, 1), (192, 16, 4, 32, 8)):
-        for dt in (torch.bfloat16, torch.float16):
-            p = DecodeParam(4, s_q, H, H_kv, d_r, D_c, 16 if s_q > 1 else 64,
-                            (20000, 0, 1, 7777), dt, dt, dt, D_c, seed=D_c + H + s_q)
-            args = decode_and_check(p)
-    assert_graph_replay_matches(args, *ops.mla_decode(*args))
+    check_long_splits_and_graph(((256, 32, 8, 16, 1), (256, 32, 8, 16, 4), (128, 64, 1, 64, 2),
+                                 (64, 16, 16, 16, 1), (192, 16, 4, 32, 8)),
+                                block_size=lambda s_q: 16 if s_q > 1 else 64)
 
 
 @pytest.mark.gpu
