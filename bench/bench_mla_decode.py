@@ -100,6 +100,45 @@ def torch_absorbed(q_lat, q_rope, c, kr, scale):
     return torch.einsum("bhs,bsc->bhc", p, c)
 
 
+def parse_formats(text: str) -> set[tuple[str, str]]:
+    """'bf16/bf16,int8/bf16' -> {("bf16", "bf16"), ("int8", "bf16")}"""
+    formats = set()
+    for item in text.split(","):
+        lname, _, rname = item.partition("/")
+        if lname not in LATENT or rname not in ROPE:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not LATENT/ROPE with LATENT in {sorted(LATENT)} and "
+                f"ROPE in {sorted(ROPE)}")
+        formats.add((lname, rname))
+    return formats
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'32x16384,1x4096' -> [(32, 16384), (1, 4096)]"""
+    shapes = []
+    for item in text.split(","):
+        try:
+            B, S = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BxS, e.g. 32x16384")
+        if B < 1 or S < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} needs B and S of at least 1")
+        shapes.append((B, S))
+    return shapes
+
+
+def sdpa_decode_us(timer, B, S, H, H_kv, d_h) -> float | None:
+    """torch SDPA decode on the original model's bf16 K/V cache (None: it does not fit)."""
+    try:
+        q = torch.randn(B, H, 1, d_h, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, H_kv, S, d_h, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        return timer(graphed(lambda: F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=H != H_kv)))["median_us"]
+    except torch.OutOfMemoryError:
+        return None
+
+
 def kernel_does_not_apply(err: RuntimeError) -> bool:
     """The error of shapes the chosen kernel does not take (MLA_EXT_DECODE_KERNEL=wgmma with a
     quantized cache, ...): skipped with a note rather than ending the run."""
@@ -124,18 +163,10 @@ def run(args):
         m = MODELS[name]
         H, H_kv, d_h, d_r = m["H"], m["H_kv"], m["d_h"], m["d_r"]
         d_cs = (QUICK_D_C[name],) if args.quick or args.targets else m["D_c"]
-        batch_seq = [(1, 4096), (32, 16384)] if args.quick else BATCH_SEQ
+        batch_seq = args.shapes or ([(1, 4096), (32, 16384)] if args.quick else BATCH_SEQ)
         for B, S in batch_seq:
-            # torch SDPA decode on the original model's bf16 K/V cache.
-            try:
-                q = torch.randn(B, H, 1, d_h, device="cuda", dtype=torch.bfloat16)
-                k = torch.randn(B, H_kv, S, d_h, device="cuda", dtype=torch.bfloat16)
-                v = torch.randn_like(k)
-                sdpa_us = timer(graphed(lambda: F.scaled_dot_product_attention(
-                    q, k, v, enable_gqa=H != H_kv)))["median_us"]
-                del q, k, v
-            except torch.OutOfMemoryError:
-                sdpa_us = None
+            sdpa_us = sdpa_decode_us(timer, B, S, H, H_kv, d_h) if args.baselines else None
+            if args.baselines and sdpa_us is None:
                 notes.append(f"{name} B={B} S={S}: SDPA K/V cache does not fit, skipped")
             torch.cuda.empty_cache()
             for D_c in d_cs:
@@ -148,6 +179,8 @@ def run(args):
                         continue
                     for rname, rdt in ROPE.items():
                         if args.targets and (lname, rname) not in TARGET_DTYPES:
+                            continue
+                        if args.formats and (lname, rname) not in args.formats:
                             continue
                         try:
                             cache = make_cache(B, S, H_kv, d_r, D_c, ldt, rdt)
@@ -179,9 +212,10 @@ def run(args):
                                                           ref.float().flatten(), dim=0).item()
                                 assert cos > 0.999, f"kernel disagrees with PyTorch path: cos {cos}"
                                 checked = True
-                                torch_us = timer(graphed(lambda: torch_absorbed(
-                                    q_lat[:, 0], q_rope[:, 0], c_dense, kr_dense,
-                                    scale)))["median_us"]
+                                if args.baselines:
+                                    torch_us = timer(graphed(lambda: torch_absorbed(
+                                        q_lat[:, 0], q_rope[:, 0], c_dense, kr_dense,
+                                        scale)))["median_us"]
                             except torch.OutOfMemoryError:
                                 notes.append(f"{name} D_c={D_c} B={B} S={S}: PyTorch path "
                                              "does not fit, skipped")
@@ -288,6 +322,14 @@ def main():
     ap.add_argument("--targets", action="store_true",
                     help="the target latent width of each model, every (B, S), the target formats")
     ap.add_argument("--models", default="smollm2,llama2,llama3")
+    ap.add_argument("--formats", type=parse_formats, default=None,
+                    help="only these LATENT/ROPE formats, comma-separated (e.g. bf16/bf16,int8/bf16)")
+    ap.add_argument("--shapes", type=parse_shapes, default=None,
+                    help="only these BxS, comma-separated (e.g. 32x16384,1x4096)")
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="time torch SDPA and the PyTorch absorbed decode for the speedup "
+                         "columns (--no-baselines: kernel times only, for quick sweeps; the "
+                         "output is still checked against the PyTorch path)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--flush", choices=Timer.FLUSHES, default="write",
                     help="how L2 is emptied before each timed call: zeroing a 256 MiB buffer "
