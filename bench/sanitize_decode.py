@@ -35,6 +35,10 @@ def workload():
     for D_c, H, H_kv in ((256, 32, 8), (128, 16, 16)):
         cases.append(DecodeParam(3, 2, H, H_kv, 16, D_c, 16, (0, 37, 700), torch.bfloat16,
                                  torch.bfloat16, torch.bfloat16, D_c, seed=D_c + 1))
+    # and its quantized-latent producer: stored tiles by 16-token pieces and by whole pages
+    for dt, block in ((torch.int8, 16), (torch.uint8, 64)):
+        cases.append(DecodeParam(3, 2, 32, 8, 16, 256, block, (0, 37, 700), dt, torch.bfloat16,
+                                 torch.bfloat16, 64, seed=block))
     for p in cases:
         args, _ = make_inputs(p, "cuda")
         ops.mla_decode(*args)

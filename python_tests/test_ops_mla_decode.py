@@ -422,6 +422,34 @@ def warpspec_params(n: int, seed: int) -> list[DecodeParam]:
     return out
 
 
+def warpspec_quantized_params(n: int, seed: int) -> list[DecodeParam]:
+    """warpspec_params with a quantized latent (int8, int4, fp8; groups of a multiple of 8
+    channels), the KV heads' keys narrowed so that three 16-bit slots leave room for two slots of
+    stored tiles: at most 5 64-column blocks of latent and keys per token."""
+    rng = random.Random(seed)
+    out = []
+    for p in warpspec_params(n, seed):
+        latent = rng.choice([torch.int8, torch.uint8, torch.float8_e4m3fn])
+        group = rng.choice([g for g in (8, 16, 32, 64, p.D_c) if p.D_c % g == 0])
+        H_kv, d_r = p.H_kv, p.d_r
+        while p.D_c // 64 + -(-H_kv * d_r // 64) > 5:
+            if d_r > 16:
+                d_r -= 16
+            else:
+                H_kv = rng.choice([d for d in range(1, H_kv) if p.H % d == 0])
+        out.append(dataclasses.replace(p, latent_dtype=latent, H_kv=H_kv, d_r=d_r,
+                                       group_size=group))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", warpspec_quantized_params(96, seed=29), ids=lambda p: f"s{p.seed}")
+def test_mla_decode_warpspec_quantized_matches_reference(p, monkeypatch):
+    """The producer warpgroup dequantizes the stored tiles into the slots the consumers read."""
+    force_hopper_kernel("ws", monkeypatch)
+    decode_and_check(p)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", warpspec_params(160, seed=17), ids=lambda p: f"s{p.seed}")
 def test_mla_decode_warpspec_kernel_matches_reference(p, monkeypatch):
@@ -440,7 +468,8 @@ def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
 
 @pytest.mark.gpu
 def test_mla_decode_kernel_choice_errors(monkeypatch):
-    p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.bfloat16,
+    # fp8 keys: neither Hopper kernel takes them
+    p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.float8_e4m3fn,
                     torch.bfloat16, 16, seed=9)
     args, _ = make_inputs(p, "cuda")
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
@@ -454,6 +483,13 @@ def test_mla_decode_kernel_choice_errors(monkeypatch):
         torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
     check_against_reference(p, torch.ops.mla_ext.mla_decode(*args, None), args)
+    # a quantized latent with 16-bit keys: the warp-specialized kernel takes it, the first Hopper
+    # kernel does not (it has no dequantizing path)
+    quant = dataclasses.replace(p, rope_dtype=torch.bfloat16)
+    args, _ = make_inputs(quant, "cuda")
+    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
+    with pytest.raises(RuntimeError, match="bf16 / fp16 latent caches only"):
+        torch.ops.mla_ext.mla_decode(*args, None)
 
 
 @pytest.mark.gpu
@@ -465,7 +501,9 @@ def test_mla_decode_default_kernel_choice(monkeypatch):
     gqa = DecodeParam(2, 1, 32, 8, 16, 256, 64, (3000, 77), torch.bfloat16, torch.bfloat16,
                       torch.bfloat16, 256, seed=21)
     quant = dataclasses.replace(gqa, latent_dtype=torch.int8, group_size=64)
-    for p, expected in ((gqa, "ws"), (quant, "mma")):
+    fp8_keys = dataclasses.replace(gqa, latent_dtype=torch.uint8, rope_dtype=torch.float8_e4m3fn,
+                                   group_size=64)
+    for p, expected in ((gqa, "ws"), (quant, "ws"), (fp8_keys, "mma")):
         args, _ = make_inputs(p, "cuda")
         outs = {}
         for choice in ("auto", "ws", "mma"):

@@ -160,7 +160,9 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   namespace ws = decode::warpspec;
   const auto* props = at::cuda::getDeviceProperties(device.index());
   if (props->major != 9) return "it needs a compute capability 9.0 GPU";
-  if (p.format != decode::kFmtFloat) return "it takes bf16 / fp16 latent caches only";
+  if (p.format != decode::kFmtFloat && p.group_size % 8 != 0) {
+    return "it needs quantization groups of a multiple of 8 channels";
+  }
   if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
   if (p.d_r % 16 != 0) return "it needs d_r to be a multiple of 16";
   if (p.H % 8 != 0) return "it needs H to be a multiple of 8";
@@ -170,11 +172,14 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   const int steps = warpspec_rope_steps(p.H, p.H_kv, p.d_r);
   if (steps > ws::kMaxRopeSteps) return "the KV heads of 8 query heads span more than 128 RoPE dims";
   const int blocks = p.D_c / ws::kChanBlock;
-  const bool ok = sm90a_code_available(device, 1 + static_cast<int>(dtype), blocks * 16 + steps, [&] {
+  const bool quant = p.format != decode::kFmtFloat;
+  const int variant = 2 * (blocks * 16 + steps) + quant;
+  const bool ok = sm90a_code_available(device, 1 + static_cast<int>(dtype), variant, [&] {
     bool found = false;
     MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
       MLA_DECODE_WARPSPEC_SWITCH(blocks, steps, [&] {
-        found = decode::warpspec_decode_available<T, kBlocks, kSteps>();
+        found = quant ? decode::warpspec_decode_available<T, kBlocks, kSteps, true>()
+                      : decode::warpspec_decode_available<T, kBlocks, kSteps, false>();
       });
     });
     return found;
@@ -183,16 +188,22 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   p.rows_per_cta = std::min(ws::kRows, p.rows);
   p.tile_tokens = ws::kTileTokens;
   const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  for (int slots = ws::kMaxSlots; slots >= ws::kMinSlots; --slots) {
-    const decode::SmemLayout layout = ws::make_warpspec_layout(p, steps, slots);
-    if (layout.total <= smem_limit) {
-      p.smem = layout;
-      *blocks_out = blocks;
-      *steps_out = steps;
-      return "";
+  // A float latent: as many slots as fit. A quantized one: three 16-bit slots (two computed,
+  // one being dequantized into) and as many slots of stored bytes in flight as fit, at least two.
+  for (int slots = quant ? ws::kMinSlots : ws::kMaxSlots; slots >= ws::kMinSlots; --slots) {
+    for (int raw = quant ? ws::kMaxRawSlots : 0; raw >= (quant ? 2 : 0); --raw) {
+      const decode::SmemLayout layout = ws::make_warpspec_layout(p, steps, slots, raw);
+      if (layout.total <= smem_limit) {
+        p.smem = layout;
+        *blocks_out = blocks;
+        *steps_out = steps;
+        return "";
+      }
     }
   }
-  return "three 64-token slots of the latent and the RoPE keys do not fit in shared memory";
+  return quant ? "three 64-token slots of the latent and the RoPE keys and two of the stored "
+                 "tiles do not fit in shared memory"
+               : "three 64-token slots of the latent and the RoPE keys do not fit in shared memory";
 }
 
 // Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
@@ -456,12 +467,20 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
     if (cfg.warpspec_blocks > 0) {
       const bool half = q_lat.scalar_type() == at::kHalf;
       const int64_t cache_rows = d.num_blocks * d.block_size;
+      // a quantized latent is copied as stored bytes (bulk copies), not through a tensor map
       const CUtensorMap latent_map =
-          decode::warpspec::cache_tensor_map(latent.data_ptr(), cache_rows, d.D_c, half, "latent");
+          p.format == decode::kFmtFloat
+              ? decode::warpspec::cache_tensor_map(latent.data_ptr(), cache_rows, d.D_c, half,
+                                                   "latent")
+              : CUtensorMap{};
       const CUtensorMap rope_map = decode::warpspec::cache_tensor_map(
           k_rope_cache.data_ptr(), cache_rows, int64_t{d.H_kv} * d.d_r, half, "k_rope_cache");
       MLA_DECODE_WARPSPEC_SWITCH(cfg.warpspec_blocks, cfg.rope_steps, [&] {
-        decode::launch_warpspec_decode<T, kBlocks, kSteps>(p, latent_map, rope_map, stream);
+        if (p.format == decode::kFmtFloat) {
+          decode::launch_warpspec_decode<T, kBlocks, kSteps, false>(p, latent_map, rope_map, stream);
+        } else {
+          decode::launch_warpspec_decode<T, kBlocks, kSteps, true>(p, latent_map, rope_map, stream);
+        }
       });
     } else if (cfg.hopper_blocks > 0) {
       MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,

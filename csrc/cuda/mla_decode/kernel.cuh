@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/rope_queries.cuh"
 #include "cuda/mla_decode/split_plan.h"
@@ -262,7 +263,7 @@ struct DecodeKernel {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int live_tokens = min(kTile, len - tile * kTile);  // > 0: the tile is in the split
     const bool uniform_group = p.group_size % 8 == 0;
-    const int chan_bytes = kFormat == kFmtInt4 ? 4 : 8;  // bytes of 8 channels
+    constexpr int chan_bytes = chunk_bytes<kFormat>();
     for (int c8 = lane * 8; c8 < p.D16; c8 += 32 * 8) {
       const bool real = c8 < p.D_c;
       const int g0 = real ? (p.group_shift >= 0 ? c8 >> p.group_shift : c8 / p.group_size) : 0;
@@ -274,30 +275,8 @@ struct DecodeKernel {
           const __half* zrow = zr + t * p.num_groups;
           const float s0 = __half2float(srow[g0]);
           const float z0 = kFormat == kFmtInt4 ? __half2float(zrow[g0]) : 0.f;
-          uint32_t w0, w1 = 0;  // the 8 channels' bytes (int4: nibbles in w0)
-          if constexpr (kFormat == kFmtInt4) {
-            w0 = *reinterpret_cast<const uint32_t*>(src + t * p.latent_row_bytes);
-          } else {
-            const uint2 w = *reinterpret_cast<const uint2*>(src + t * p.latent_row_bytes);
-            w0 = w.x;
-            w1 = w.y;
-          }
           float v[8];
-          if constexpr (kFormat == kFmtFp8) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const uint32_t h2 = fp8x2_to_half2(static_cast<uint16_t>(((j < 2 ? w0 : w1) >> (16 * (j % 2))) & 0xFFFF));
-              const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-              v[2 * j] = f.x;
-              v[2 * j + 1] = f.y;
-            }
-          } else if constexpr (kFormat == kFmtInt4) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = nibble_to_float(w0, j);
-          } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) v[j] = int8_byte_to_float(j < 4 ? w0 : w1, j % 4);
-          }
+          unpack8<kFormat>(src + t * p.latent_row_bytes, v);
           if (uniform_group) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) v[j] = fmaf(v[j], s0, z0);

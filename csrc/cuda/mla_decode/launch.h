@@ -26,11 +26,12 @@ template <typename T, int kBlocks>
 void launch_hopper_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
 // The warp-specialized Hopper kernel (warpspec/layout.h) for D_c = 64 * kBlocks and RoPE windows
-// of kRopeSteps k16 steps; its TMA tensor maps cover the latent and the RoPE keys as 2D tensors
-// of cache rows (warpspec/tensor_map.h).
-template <typename T, int kBlocks, int kRopeSteps>
+// of kRopeSteps k16 steps, for a float latent or a quantized one (int8, int4, fp8); its TMA tensor
+// maps cover the latent (float only) and the RoPE keys as 2D tensors of cache rows
+// (warpspec/tensor_map.h).
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 bool warpspec_decode_available();
-template <typename T, int kBlocks, int kRopeSteps>
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 void launch_warpspec_decode(const MlaDecodeParams& params, const CUtensorMap& latent_map,
                             const CUtensorMap& rope_map, cudaStream_t stream);
 

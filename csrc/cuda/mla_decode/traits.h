@@ -45,6 +45,10 @@ struct SmemLayout {
   // The warp-specialized kernel (warpspec/layout.h): its slots' full and empty mbarriers, and the
   // 64-column blocks of a token's RoPE keys (all KV heads) in a slot, after the latent's.
   int mbar, rope_blocks;
+  // Its quantized latents: a ring of raw_slots slots of raw_bytes each at `raw` holding a tile's
+  // stored bytes (latent rows at 0, scales at r_scale, int4 zeros at r_zero), which the producer
+  // warpgroup dequantizes into the 16-bit slots above.
+  int raw, raw_slots, raw_bytes, r_scale, r_zero;
 };
 
 struct MlaDecodeParams {

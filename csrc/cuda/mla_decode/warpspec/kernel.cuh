@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/hopper/softmax.cuh"
 #include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
@@ -55,9 +56,28 @@ constexpr int kPieces = kTileTokens / kPieceTokens;
 // kBlocks: the latent's 64-channel blocks (D_c = 64 kBlocks); kRopeSteps: k16 steps of each
 // 8-row group's RoPE window. Every wgmma sequence is straight-line code with compile-time counts
 // (a wgmma under a runtime condition makes ptxas serialize them).
-template <typename T, int kBlocks, int kRopeSteps>
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 struct WarpSpecializedDecode {
   static constexpr int kGroupBytes = (16 * kRopeSteps + 63) / 64 * 1024;
+
+  // The cache rows of a tile's 16-token pieces (-1 past the sequence end) and how many are live.
+  // The block-table entries load together, a piece past the end reading the last token's: under
+  // per-piece conditions the compiler waited for each load in turn.
+  static __device__ __forceinline__ int piece_rows(const MlaDecodeParams& p, const int32_t* table,
+                                                   int tok0, int len, int (&row)[kPieces]) {
+    int entry[kPieces], live = 0;
+#pragma unroll
+    for (int pc = 0; pc < kPieces; ++pc) {
+      entry[pc] = __ldg(table + min(tok0 + pc * kPieceTokens, len - 1) / p.block_size);
+    }
+#pragma unroll
+    for (int pc = 0; pc < kPieces; ++pc) {
+      const int tok = tok0 + pc * kPieceTokens;
+      row[pc] = tok < len ? entry[pc] * p.block_size + tok % p.block_size : -1;
+      live += tok < len;
+    }
+    return live;
+  }
 
   // Lane 0 of the producer warp: every tile of the split into the ring, in order.
   static __device__ __forceinline__ void produce(const MlaDecodeParams& p, const CUtensorMap* lat_map,
@@ -70,13 +90,8 @@ struct WarpSpecializedDecode {
     for (int it = 0; it < n_tiles; ++it) {
       const int slot = it % L.num_stages, use = it / L.num_stages;
       const int tok0 = (tile_begin + it) * kTileTokens;
-      int row[kPieces], live = 0;
-#pragma unroll
-      for (int pc = 0; pc < kPieces; ++pc) {
-        const int tok = tok0 + pc * kPieceTokens;
-        row[pc] = tok < len ? table[tok / p.block_size] * p.block_size + tok % p.block_size : -1;
-        live += tok < len;
-      }
+      int row[kPieces];
+      const int live = piece_rows(p, table, tok0, len, row);
       if (use > 0) mbar_wait(empty + 8 * slot, (use - 1) & 1);
       mbar_arrive_expect_tx(full + 8 * slot, live * piece_bytes);
       const uint32_t dst = ring + slot * L.stage_bytes;
@@ -92,6 +107,121 @@ struct WarpSpecializedDecode {
           tma_load_2d(piece + L.st_rope + rb * kBlockBytes, rope_map, rb * kChanBlock, row[pc],
                       full + 8 * slot);
         }
+      }
+    }
+  }
+
+  // The RoPE keys of a tile into its slot, one TMA box per live 16-token piece and 64-column
+  // block, completing on the slot's full barrier (which this call arrives on, expecting them).
+  static __device__ __forceinline__ void copy_rope_keys(const MlaDecodeParams& p,
+                                                        const CUtensorMap* rope_map,
+                                                        const int32_t* table, uint32_t dst,
+                                                        uint32_t bar, int tok0, int len) {
+    const SmemLayout& L = p.smem;
+    int row[kPieces];
+    const int live = piece_rows(p, table, tok0, len, row);
+    mbar_arrive_expect_tx(bar, live * L.rope_blocks * kBoxRows * 128);
+#pragma unroll
+    for (int pc = 0; pc < kPieces; ++pc) {
+      if (row[pc] < 0) continue;
+      for (int rb = 0; rb < L.rope_blocks; ++rb) {
+        tma_load_2d(dst + L.st_rope + pc * kBoxRows * 128 + rb * kBlockBytes, rope_map,
+                    rb * kChanBlock, row[pc], bar);
+      }
+    }
+  }
+
+  // Thread 0 of the producer warpgroup: the stored bytes of tile t (latent rows, scales, int4
+  // zeros) into raw slot `raw`, as one bulk copy per tensor where a page holds whole tiles, else
+  // one per live 16-token piece (a piece's rows are contiguous in its page).
+  template <int kFormat>
+  static __device__ __forceinline__ void copy_stored_tile(const MlaDecodeParams& p,
+                                                          const int32_t* table, uint32_t raw,
+                                                          uint32_t bar, int tok0, int len) {
+    const SmemLayout& L = p.smem;
+    const int row_bytes = p.latent_row_bytes, group_bytes = p.num_groups * 2;
+    const int tensors = kFormat == kFmtInt4 ? 3 : 2;
+    const int piece_tokens = p.block_size % kTileTokens == 0 ? kTileTokens : kPieceTokens;
+    int live = 0;
+    for (int tok = tok0; tok < tok0 + kTileTokens; tok += piece_tokens) live += tok < len;
+    mbar_arrive_expect_tx(bar, live * piece_tokens * (row_bytes + (tensors - 1) * group_bytes));
+    for (int at = 0; at < kTileTokens; at += piece_tokens) {
+      const int tok = tok0 + at;
+      if (tok >= len) break;
+      const int64_t row = static_cast<int64_t>(table[tok / p.block_size]) * p.block_size +
+                          tok % p.block_size;
+      bulk_load(raw + at * row_bytes, p.latent + row * row_bytes, piece_tokens * row_bytes, bar);
+      bulk_load(raw + L.r_scale + at * group_bytes, p.latent_scale + row * group_bytes,
+                piece_tokens * group_bytes, bar);
+      if constexpr (kFormat == kFmtInt4) {
+        bulk_load(raw + L.r_zero + at * group_bytes, p.latent_zero + row * group_bytes,
+                  piece_tokens * group_bytes, bar);
+      }
+    }
+  }
+
+  // The producer warpgroup for a quantized latent (all 128 threads): per tile, waits for its
+  // stored bytes and for the slot, has thread 0 copy the RoPE keys into the slot with TMA, and
+  // dequantizes the latent into the slot in the 16-bit swizzled layout a float cache's TMA copy
+  // gives (the consumers cannot tell them apart); then arrives on the slot's full barrier (128
+  // arrivals + thread 0's for the keys) and refills the raw slot with a later tile. Rows past the
+  // sequence end dequantize to whatever (zeroed by the consumer, as for a float cache).
+  template <int kFormat>
+  static __device__ __forceinline__ void produce_quantized(const MlaDecodeParams& p, uint8_t* smem,
+                                                           const CUtensorMap* rope_map,
+                                                           uint32_t ring, uint32_t full,
+                                                           uint32_t empty, uint32_t raw_full,
+                                                           int b, int len, int tile_begin,
+                                                           int n_tiles) {
+    constexpr int kChunks = 8 * kBlocks;  // 8-channel chunks per token
+    const SmemLayout& L = p.smem;
+    const int pt = threadIdx.x - kProducerWarp * 32;
+    const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+    const uint32_t raw_base = smem_addr(smem + L.raw);
+    if (pt == 0) {
+      for (int t = 0; t < min(L.raw_slots, n_tiles); ++t) {
+        copy_stored_tile<kFormat>(p, table, raw_base + t * L.raw_bytes, raw_full + 8 * t,
+                                  (tile_begin + t) * kTileTokens, len);
+      }
+    }
+    int slot = 0, use = 0, r = 0, r_phase = 0;
+    for (int it = 0; it < n_tiles; ++it) {
+      const int tok0 = (tile_begin + it) * kTileTokens;
+      const uint32_t bar = full + 8 * slot;
+      if (use > 0) mbar_wait(empty + 8 * slot, (use - 1) & 1);
+      if (pt == 0) copy_rope_keys(p, rope_map, table, ring + slot * L.stage_bytes, bar, tok0, len);
+      mbar_wait(raw_full + 8 * r, r_phase);
+      const uint8_t* raw = smem + L.raw + r * L.raw_bytes;
+      const __half* scale = reinterpret_cast<const __half*>(raw + L.r_scale);
+      const __half* zero = reinterpret_cast<const __half*>(raw + L.r_zero);
+      uint8_t* lat = smem + L.stages + slot * L.stage_bytes;
+      for (int i = pt; i < kTileTokens * kChunks; i += 128) {
+        const int row = i / kChunks, c8 = i % kChunks;
+        const int g = p.group_shift >= 0 ? (8 * c8) >> p.group_shift : 8 * c8 / p.group_size;
+        const float s = __half2float(scale[row * p.num_groups + g]);
+        const float z = kFormat == kFmtInt4 ? __half2float(zero[row * p.num_groups + g]) : 0.f;
+        float v[8];
+        unpack8<kFormat>(raw + row * p.latent_row_bytes + c8 * chunk_bytes<kFormat>(), v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = fmaf(v[j], s, z);
+        *reinterpret_cast<uint4*>(lat + (c8 / 8) * kBlockBytes + swizzled_offset(row, c8 % 8)) =
+            make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+                       pack2<T>(v[6], v[7]));
+      }
+      fence_proxy_async();
+      mbar_arrive(bar);
+      named_barrier(kDequantBarrier, 128);  // raw slot r is read
+      if (pt == 0 && it + L.raw_slots < n_tiles) {
+        copy_stored_tile<kFormat>(p, table, raw_base + r * L.raw_bytes, raw_full + 8 * r,
+                                  (tile_begin + it + L.raw_slots) * kTileTokens, len);
+      }
+      if (++slot == L.num_stages) {
+        slot = 0;
+        ++use;
+      }
+      if (++r == L.raw_slots) {
+        r = 0;
+        r_phase ^= 1;
       }
     }
   }
@@ -182,23 +312,44 @@ struct WarpSpecializedDecode {
     const uint32_t ring = smem_addr(smem + L.stages);
     const uint32_t full = smem_addr(smem + L.mbar), empty = full + 8 * kMaxSlots;
 
+    const uint32_t raw_full = empty + 8 * kMaxSlots;
     if (tid == 0) {
       for (int s = 0; s < L.num_stages; ++s) {
-        mbar_init(full + 8 * s, 1);
+        // float: the producer lane's arrival with the copies' bytes; quantized: also each
+        // producer thread's once its share of the dequantized tile is written
+        mbar_init(full + 8 * s, kQuantized ? 1 + 128 : 1);
         mbar_init(empty + 8 * s, 4);  // one arrival per warp of the consumer that used the slot
       }
+      for (int s = 0; kQuantized && s < L.raw_slots; ++s) mbar_init(raw_full + 8 * s, 1);
       mbar_init_fence();
     }
-    if (warp < kProducerWarp) load_queries(p, smem, tid, row0, rows_here, q_row_base);
-    fence_proxy_async();
-    __syncthreads();
+    __syncthreads();  // the barriers are initialized: the producer starts copying
 
     if (warp >= kProducerWarp) {
       setmaxnreg_dec<kProducerRegisters>();
-      if (warp == kProducerWarp && lane == 0) {
+      // a compile-time choice: the float kernel's code stays what it was without this path
+      if constexpr (kQuantized) {
+        switch (p.format) {
+          case kFmtInt8:
+            produce_quantized<kFmtInt8>(p, smem, rope_map, ring, full, empty, raw_full, b, len,
+                                        tile_begin, n_tiles);
+            break;
+          case kFmtInt4:
+            produce_quantized<kFmtInt4>(p, smem, rope_map, ring, full, empty, raw_full, b, len,
+                                        tile_begin, n_tiles);
+            break;
+          default:
+            produce_quantized<kFmtFp8>(p, smem, rope_map, ring, full, empty, raw_full, b, len,
+                                       tile_begin, n_tiles);
+        }
+      } else if (warp == kProducerWarp && lane == 0) {
         produce(p, lat_map, rope_map, ring, full, empty, b, len, tile_begin, n_tiles);
       }
     } else {
+      // the queries load while the first tiles do (their latency was the producer's to wait)
+      load_queries(p, smem, tid, row0, rows_here, q_row_base);
+      fence_proxy_async();
+      named_barrier(3, 128 * kConsumers);
       setmaxnreg_inc<kConsumerRegisters>();
       consume(p, smem, ring, full, empty, part, b, len, tile_begin, n_tiles, num_splits, row0,
               rows_here, q_row_base);
@@ -434,12 +585,12 @@ struct WarpSpecializedDecode {
   }
 };
 
-template <typename T, int kBlocks, int kRopeSteps>
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_warpspec_kernel(const __grid_constant__ MlaDecodeParams params,
                                const __grid_constant__ CUtensorMap lat_map,
                                const __grid_constant__ CUtensorMap rope_map) {
-  WarpSpecializedDecode<T, kBlocks, kRopeSteps>::run(params, &lat_map, &rope_map);
+  WarpSpecializedDecode<T, kBlocks, kRopeSteps, kQuantized>::run(params, &lat_map, &rope_map);
 }
 
 }  // namespace mla_ext::decode::warpspec

@@ -9,19 +9,19 @@
 
 namespace mla_ext::decode {
 
-template <typename T, int kBlocks, int kRopeSteps>
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 bool warpspec_decode_available() {
-  auto kernel = &warpspec::mla_decode_warpspec_kernel<T, kBlocks, kRopeSteps>;
+  auto kernel = &warpspec::mla_decode_warpspec_kernel<T, kBlocks, kRopeSteps, kQuantized>;
   cudaFuncAttributes attrs{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
   // the binary the driver picked for this device: the sm_90a one, or none of this kernel's code
   return attrs.binaryVersion == 90;
 }
 
-template <typename T, int kBlocks, int kRopeSteps>
+template <typename T, int kBlocks, int kRopeSteps, bool kQuantized>
 void launch_warpspec_decode(const MlaDecodeParams& params, const CUtensorMap& latent_map,
                             const CUtensorMap& rope_map, cudaStream_t stream) {
-  auto kernel = &warpspec::mla_decode_warpspec_kernel<T, kBlocks, kRopeSteps>;
+  auto kernel = &warpspec::mla_decode_warpspec_kernel<T, kBlocks, kRopeSteps, kQuantized>;
   allow_max_dynamic_smem(reinterpret_cast<const void*>(kernel));
   const int64_t grid = static_cast<int64_t>(params.max_parts) * params.row_chunks;
   kernel<<<static_cast<unsigned>(grid), warpspec::kThreads, params.smem.total, stream>>>(

@@ -33,6 +33,8 @@ constexpr int kMaxBlocks = 4;                        // D_c <= 256: O^T is 16 kB
 constexpr int kMinSlots = 3;                         // two tiles computed while one loads
 constexpr int kMaxSlots = 6;
 constexpr int kMaxRopeSteps = 8;                     // k16 steps of a group's RoPE window
+constexpr int kMaxRawSlots = 4;                      // quantized latents: tiles of stored bytes
+constexpr int kDequantBarrier = 4;                   // named barrier of the producer warpgroup
 
 inline int align_up(int x, int a) { return (x + a - 1) / a * a; }
 
@@ -40,9 +42,11 @@ inline int align_up(int x, int a) { return (x + a - 1) / a * a; }
 // 128-byte swizzle atoms of 64 elements per row.
 inline int rope_group_bytes(int rope_steps) { return align_up(16 * rope_steps, 64) / 64 * 1024; }
 
-// The layout for `slots` ring slots; offsets from a 1024-byte aligned base, total including the
-// 1 KB the kernel may skip to align the dynamic shared memory.
-inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps, int slots) {
+// The layout for `slots` ring slots (and, for a quantized latent, raw_slots slots of its stored
+// bytes); offsets from a 1024-byte aligned base, total including the 1 KB the kernel may skip to
+// align the dynamic shared memory.
+inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps, int slots,
+                                       int raw_slots) {
   SmemLayout s{};
   const int blocks = p.D_c / kChanBlock;
   s.rope_blocks = (p.H_kv * p.d_r + kChanBlock - 1) / kChanBlock;
@@ -65,7 +69,16 @@ inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps,
   // per consumer and warp, per row: the tile maximum; after the loop the row sums, and the
   // second consumer's maxima
   s.stats = take((kConsumers * 4 + 1) * kRows * 4, 16);
-  s.mbar = take(2 * kMaxSlots * 8, 8);
+  if (p.format != kFmtFloat) {
+    const int groups_bytes = align_up(kTileTokens * p.num_groups * 2, 16);
+    s.r_scale = align_up(kTileTokens * p.latent_row_bytes, 16);
+    s.r_zero = s.r_scale + groups_bytes;
+    s.raw_bytes = s.r_zero + (p.format == kFmtInt4 ? groups_bytes : 0);
+    s.raw_slots = raw_slots;
+    s.raw = take(raw_slots * s.raw_bytes, 128);
+  }
+  // full and empty barriers of the slots, then the raw slots' full barriers
+  s.mbar = take((2 * kMaxSlots + kMaxRawSlots) * 8, 8);
   s.total = align_up(off, 16) + 1024;
   return s;
 }
