@@ -166,13 +166,16 @@ def run(args):
         d_cs = (QUICK_D_C[name],) if args.quick or args.targets else m["D_c"]
         batch_seq = args.shapes or ([(1, 4096), (32, 16384)] if args.quick else BATCH_SEQ)
         for B, S in batch_seq:
-            sdpa_start = time.perf_counter()
-            sdpa_us = sdpa_decode_us(timer, B, S, H, H_kv, d_h) if args.baselines else None
-            if args.baselines and sdpa_us is None:
-                notes.append(f"{name} B={B} S={S}: SDPA K/V cache does not fit, skipped")
-            elif args.baselines:
-                print(f"{name:8s} B={B:3d} S={S:6d} torch SDPA on the original cache: "
-                      f"{sdpa_us:.1f} us ({time.perf_counter() - sdpa_start:.1f} s)", flush=True)
+            sdpa_us = None
+            if args.baselines:
+                sdpa_start = time.perf_counter()
+                sdpa_us = sdpa_decode_us(timer, B, S, H, H_kv, d_h)
+                if sdpa_us is None:
+                    notes.append(f"{name} B={B} S={S}: SDPA K/V cache does not fit, skipped")
+                else:
+                    print(f"{name:8s} B={B:3d} S={S:6d} torch SDPA on the original cache: "
+                          f"{sdpa_us:.1f} us ({time.perf_counter() - sdpa_start:.1f} s)",
+                          flush=True)
             torch.cuda.empty_cache()
             for D_c in d_cs:
                 scale = 1.0 / math.sqrt(d_h)
