@@ -223,10 +223,14 @@ def test_mla_decode_plan_cpu_covers_every_tile_once():
     for b, n in enumerate(lens):
         first, splits = info[b].tolist()
         rows = work[first:first + splits]
-        assert (rows[:, 0] == b).all() and rows[:, 3].tolist() == list(range(splits))
+        # each entry carries the length, so a decode CTA needs no second load to start
+        assert (rows[:, 0] == b).all() and (rows[:, 3] == n).all()
         tiles = (n + tile - 1) // tile
         assert rows[0, 1] == 0 and rows[-1, 2] == tiles
         assert (rows[1:, 1] == rows[:-1, 2]).all()
+        # what the kernels read as "not split": the entry covers the whole sequence
+        whole = (rows[:, 1] == 0) & (rows[:, 2] == tiles)
+        assert whole.tolist() == [splits == 1] * splits
     assert used <= torch.get_num_threads() + batch
 
 

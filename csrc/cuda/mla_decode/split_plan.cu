@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kPlanThreads)
     mla_decode_plan_kernel(const int32_t* seq_lens, int batch, int tile_tokens, int target_parts,
                            int capacity, int32_t* plan) {
   __shared__ unsigned long long total_s, parts_s;
-  __shared__ long long max_s, chunk_s;
+  __shared__ long long max_s;
   __shared__ int used_s;
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -66,12 +66,13 @@ __global__ void __launch_bounds__(kPlanThreads)
   }
   __syncthreads();
   for (int b = tid; b < batch; b += kPlanThreads) {
-    const int64_t tiles = tiles_of(seq_lens[b], tile_tokens);
+    const int32_t len = seq_lens[b];
+    const int64_t tiles = tiles_of(len, tile_tokens);
     int64_t splits, per_split;
     split_shape(tiles, chunk, &splits, &per_split);
     const int first = info[2 * b];
     for (int64_t s = 0; s < splits && first + s < capacity; ++s) {
-      write_split(work, b, static_cast<int>(first + s), s, per_split, tiles);
+      write_split(work, b, static_cast<int>(first + s), s, per_split, tiles, len);
     }
   }
   for (int part = used_s + tid; part < capacity; part += kPlanThreads) write_idle(work, part);

@@ -15,8 +15,11 @@ namespace mla_ext::decode {
 // Layout of the int32 plan tensor, [kPlanHeader + 4 * capacity + 2 * B] with
 // capacity = kPlanSlots + B (a size known from the shapes alone, so the fake op knows it too):
 //   header  {capacity, tile_tokens, num_parts_used, B}
-//   work    [capacity][4] {batch (-1 = idle), first tile, end tile, split index}
+//   work    [capacity][4] {batch (-1 = idle), first tile, end tile, the batch's length}
 //   batch   [B][2] {first part, number of splits}
+// A work entry holds all a decode CTA needs to start: read in one round trip to memory, not a
+// second dependent one for seq_lens[batch]. Whether the sequence is split follows from it: a
+// split covers tiles [0, tiles_of(length)) exactly when the sequence has one split.
 // The decode grid covers only target_parts + B parts (target_parts <= kPlanSlots).
 constexpr int kPlanHeader = 4;
 constexpr int kPlanSlots = 2048;  // mla_ext/ops.py repeats it for the fake of mla_decode_plan
@@ -62,13 +65,13 @@ C10_HOST_DEVICE inline void split_shape(int64_t tiles, int64_t chunk, int64_t* s
 }
 
 C10_HOST_DEVICE inline void write_split(int32_t* work, int b, int part, int64_t s,
-                                        int64_t per_split, int64_t tiles) {
+                                        int64_t per_split, int64_t tiles, int32_t len) {
   const int64_t first = s * per_split;
   const int64_t last = first + per_split < tiles ? first + per_split : tiles;
   work[4 * part] = b;
   work[4 * part + 1] = static_cast<int32_t>(first);
   work[4 * part + 2] = static_cast<int32_t>(last);
-  work[4 * part + 3] = static_cast<int32_t>(s);
+  work[4 * part + 3] = len;
 }
 
 C10_HOST_DEVICE inline void write_idle(int32_t* work, int part) {
@@ -109,7 +112,7 @@ inline void make_plan(const int32_t* seq_lens, int batch, int tile_tokens, int t
     info[2 * b] = part;
     info[2 * b + 1] = static_cast<int32_t>(splits);
     for (int64_t s = 0; s < splits && part < capacity; ++s, ++part) {
-      write_split(work, b, part, s, per_split, tiles);
+      write_split(work, b, part, s, per_split, tiles, seq_lens[b]);
     }
   }
   const int used = part;
