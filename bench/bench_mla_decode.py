@@ -2,7 +2,8 @@
 decode over the original bf16 K/V cache and the PyTorch absorbed decode (dense einsum).
 Every time is the median replay of a CUDA graph holding one call (a decode step is captured in
 a graph in serving; eager launches add host time), L2 flushed before each; eager_us is the op
-launched eagerly.
+launched eagerly. timer_floor_us in the JSON is what the same timing gives a graph of one
+one-element add: the part of a small time (B = 1) that is not the op's.
 
   python bench/bench_mla_decode.py [--quick] [--models llama3,llama2,smollm2] [--out DIR]
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (RESULTS, Timer, graphed, measure_peak_read_bandwidth,  # noqa: E402
-                          write_results)
+                          measure_timer_floor, write_results)
 from mla_ext import ops  # noqa: E402
 
 # ARCHITECTURE.md section 1: H, H_kv, d_h, d_r (default r) and D_c for each d_kv.
@@ -146,9 +147,10 @@ def kernel_does_not_apply(err: RuntimeError) -> bool:
     return "does not apply" in str(err)
 
 
-def save_results(args, rows, notes, peak, *, partial: bool):
+def save_results(args, rows, notes, peak, floor_us, *, partial: bool):
     return write_results("decode_h200", rows, extra={
-        "peak_read_GBps": round(peak / 1e9, 1), "notes": notes, "quick": args.quick,
+        "peak_read_GBps": round(peak / 1e9, 1), "timer_floor_us": round(floor_us, 2),
+        "notes": notes, "quick": args.quick,
         "targets": args.targets, "partial": partial, "l2_flush": args.flush,
         "kernel": args.kernel},
         out_dir=args.out)
@@ -158,6 +160,8 @@ def run(args):
     timer = Timer(warmup=3, repeat=args.repeat, flush=args.flush)
     peak = measure_peak_read_bandwidth(timer=timer)
     print(f"measured peak read bandwidth: {peak / 1e9:.0f} GB/s", flush=True)
+    floor_us = measure_timer_floor(timer)
+    print(f"timer floor (a graph of one one-element add, L2 flushed): {floor_us:.1f} us", flush=True)
     rows, notes = [], []
     models = args.models.split(",")
     for name in models:
@@ -247,7 +251,7 @@ def run(args):
                                    tile_tokens=int(plan[1]))
                         rows.append(row)
                         if args.out_partial:  # a run cut by a time limit keeps its rows
-                            save_results(args, rows, notes, peak, partial=True)
+                            save_results(args, rows, notes, peak, floor_us, partial=True)
                         print(f"{name:8s} D_c={D_c:5d} B={B:3d} S={S:6d} {lname:4s}/{rname:4s} "
                               f"{t:9.1f} us {nbytes / 2**20:9.1f} MiB {gbps:7.0f} GB/s "
                               f"{row['frac_peak']:5.2f} peak  x{row['speedup_vs_sdpa']} sdpa  "
@@ -255,7 +259,7 @@ def run(args):
                               f"({time.perf_counter() - row_start:.1f} s)", flush=True)
                         del cache, latent, ls, lz, kr, ks, call, plan
                         torch.cuda.empty_cache()
-    return rows, notes, peak
+    return rows, notes, peak, floor_us
 
 
 PROFILE_SHAPES = [  # (model, D_c, B, S, latent, rope)
@@ -361,8 +365,8 @@ def main():
     if args.profile:
         profile(args)
         return
-    rows, notes, peak = run(args)
-    path = save_results(args, rows, notes, peak, partial=False)
+    rows, notes, peak, floor_us = run(args)
+    path = save_results(args, rows, notes, peak, floor_us, partial=False)
     print(f"wrote {path}")
     try:
         from bench.plot import plot

@@ -75,6 +75,14 @@ def graphed(fn):
     return graph.replay
 
 
+def measure_timer_floor(timer: Timer) -> float:
+    """Microseconds the timer reports for a graph holding one kernel that does next to nothing
+    (a one-element add) after the same L2 flush: the part of every small time that is the
+    graph launch, the events and the flush's write-backs rather than the op."""
+    x = torch.zeros(1, device="cuda")
+    return timer(graphed(lambda: x.add_(1.0)))["median_us"]
+
+
 def measure_peak_read_bandwidth(nbytes: int = 4 * 2**30, timer: Timer | None = None) -> float:
     """Bytes per second of the fastest plain read the device sustains: a sum over a large
     buffer (reads only; the result is a few bytes). The ceiling used for '% of peak'."""
