@@ -142,17 +142,6 @@ bool sm90a_code_available(const at::Device& device, int kind, int variant, Probe
   return ok;
 }
 
-// k16 steps of the widest RoPE window an 8-row group needs: the keys of the KV heads its rows
-// use (rows are (query token, head) pairs, 8 consecutive heads of one token when 8 divides H).
-int warpspec_rope_steps(int H, int H_kv, int d_r) {
-  const int group = H / H_kv;
-  int widest = 0;
-  for (int h0 = 0; h0 < H; h0 += 8) widest = std::max(widest, ((h0 + 7) / group - h0 / group + 1) * d_r);
-  int steps = 1;
-  while (steps * 16 < widest) steps *= 2;
-  return steps;
-}
-
 // Why the warp-specialized kernel does not take these shapes on this device, or "" where it does
 // (and then p's shape part is filled for it).
 std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
@@ -169,7 +158,7 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   if (p.D_c % ws::kChanBlock != 0 || p.D_c > ws::kMaxBlocks * ws::kChanBlock) {
     return "it needs D_c to be a multiple of 64 up to 256";
   }
-  const int steps = warpspec_rope_steps(p.H, p.H_kv, p.d_r);
+  const int steps = ws::rope_steps_of(p.H, p.H_kv, p.d_r);
   if (steps > ws::kMaxRopeSteps) return "the KV heads of 8 query heads span more than 128 RoPE dims";
   const int blocks = p.D_c / ws::kChanBlock;
   const bool quant = p.format != decode::kFmtFloat;
@@ -187,19 +176,11 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
   p.rows_per_cta = std::min(ws::kRows, p.rows);
   p.tile_tokens = ws::kTileTokens;
-  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  // A float latent: as many slots as fit. A quantized one: three 16-bit slots (two computed,
-  // one being dequantized into) and as many slots of stored bytes in flight as fit, at least two.
-  for (int slots = quant ? ws::kMinSlots : ws::kMaxSlots; slots >= ws::kMinSlots; --slots) {
-    for (int raw = quant ? ws::kMaxRawSlots : 0; raw >= (quant ? 2 : 0); --raw) {
-      const decode::SmemLayout layout = ws::make_warpspec_layout(p, steps, slots, raw);
-      if (layout.total <= smem_limit) {
-        p.smem = layout;
-        *blocks_out = blocks;
-        *steps_out = steps;
-        return "";
-      }
-    }
+  if (ws::choose_warpspec_layout(p, steps, static_cast<int>(props->sharedMemPerBlockOptin),
+                                 &p.smem)) {
+    *blocks_out = blocks;
+    *steps_out = steps;
+    return "";
   }
   return quant ? "three 64-token slots of the latent and the RoPE keys and two of the stored "
                  "tiles do not fit in shared memory"

@@ -12,6 +12,8 @@
 //   output  O^T[channels x 32 rows]  += C^T (P_hi + P_lo)^T (m64n32k16, the latent tile M-major)
 #pragma once
 
+#include <vector>
+
 #include "cuda/mla_decode/config.h"
 #include "cuda/mla_decode/traits.h"
 
@@ -37,6 +39,20 @@ constexpr int kMaxRawSlots = 4;                      // quantized latents: tiles
 constexpr int kDequantBarrier = 4;                   // named barrier of the producer warpgroup
 
 inline int align_up(int x, int a) { return (x + a - 1) / a * a; }
+
+// k16 steps of the widest RoPE window an 8-row group needs: the keys of the KV heads its rows
+// use (rows are (query token, head) pairs, 8 consecutive heads of one token when 8 divides H).
+inline int rope_steps_of(int H, int H_kv, int d_r) {
+  const int group = H / H_kv;
+  int widest = 0;
+  for (int h0 = 0; h0 < H; h0 += 8) {
+    const int span = ((h0 + 7) / group - h0 / group + 1) * d_r;
+    widest = span > widest ? span : widest;
+  }
+  int steps = 1;
+  while (steps * 16 < widest) steps *= 2;
+  return steps;
+}
 
 // The block-diagonal RoPE queries of one 8-row group: 8 rows x 16 rope_steps elements, in
 // 128-byte swizzle atoms of 64 elements per row.
@@ -81,6 +97,48 @@ inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps,
   s.mbar = take((2 * kMaxSlots + kMaxRawSlots) * 8, 8);
   s.total = align_up(off, 16) + 1024;
   return s;
+}
+
+// The layout configure_warpspec takes, or false if none fits in smem_limit bytes. A float latent:
+// as many slots as fit. A quantized one: three 16-bit slots (two computed, one being dequantized
+// into) and as many slots of stored bytes in flight as fit, at least two.
+inline bool choose_warpspec_layout(const MlaDecodeParams& p, int rope_steps, int smem_limit,
+                                   SmemLayout* out) {
+  const bool quant = p.format != kFmtFloat;
+  for (int slots = quant ? kMinSlots : kMaxSlots; slots >= kMinSlots; --slots) {
+    for (int raw = quant ? kMaxRawSlots : 0; raw >= (quant ? 2 : 0); --raw) {
+      const SmemLayout layout = make_warpspec_layout(p, rope_steps, slots, raw);
+      if (layout.total <= smem_limit) {
+        *out = layout;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// A region of a layout: [begin, end) bytes from the aligned base, begin a multiple of align;
+// read_past: bytes past end its readers may read (the allocation must hold them).
+struct SmemRegion {
+  const char* name;
+  int begin, end, align, read_past;
+};
+
+// The regions a layout places (python_tests/test_warpspec_layout.py checks that they are
+// disjoint, aligned and inside the allocation for every shape the kernel takes).
+inline std::vector<SmemRegion> warpspec_regions(const MlaDecodeParams& p, const SmemLayout& s) {
+  const int blocks = p.D_c / kChanBlock;
+  std::vector<SmemRegion> r = {
+      {"ring", s.stages, s.stages + s.num_stages * s.stage_bytes, 1024, 0},
+      {"q", s.q, s.q + blocks * kRows * 128, 1024, 0},
+      {"rope_q", s.rope_q, s.rope_q + kRows / 8 * rope_group_bytes(s.rope_steps_max), 1024, 0},
+      {"pt", s.pt, s.pt + kConsumers * 2 * kRows * 128, 1024, 0},
+      {"stats", s.stats, s.stats + (kConsumers * 4 + 1) * kRows * 4, 16, 0},
+      {"mbar", s.mbar, s.mbar + (2 * kMaxSlots + kMaxRawSlots) * 8, 8, 0}};
+  if (p.format != kFmtFloat) {
+    r.push_back({"raw", s.raw, s.raw + s.raw_slots * s.raw_bytes, 128, 0});
+  }
+  return r;
 }
 
 }  // namespace mla_ext::decode::warpspec
