@@ -15,8 +15,10 @@ namespace {
 
 constexpr int kSmemLimit = 232448;  // an H100 / H200: 227 KB per CTA
 
-MlaDecodeParams shape(int D_c, int H, int H_kv, int d_r, int format, int group) {
+MlaDecodeParams shape(int D_c, int H, int H_kv, int d_r, int format, int group,
+                      int rope_path = kRopeLdmatrix) {
   MlaDecodeParams p{};
+  p.rope_path = rope_path;
   p.D_c = D_c;
   p.H = H;
   p.H_kv = H_kv;
@@ -69,26 +71,33 @@ void pick(const char* name, const MlaDecodeParams& p) {
 
 int main() {
   int checked = 0, fit = 0, bad = 0;
+  const auto consider = [&](const MlaDecodeParams& p, int steps) {
+    SmemLayout s{};
+    ++checked;
+    if (!ws::choose_warpspec_layout(p, steps, kSmemLimit, &s)) return;
+    ++fit;
+    if (s.total > kSmemLimit) {
+      std::printf("BAD total %d over the limit\n", s.total);
+      ++bad;
+    }
+    bad += check(p, s);
+  };
   for (int blocks = 1; blocks <= ws::kMaxBlocks; ++blocks) {
+    const int D_c = 64 * blocks;
     for (int H : {8, 16, 32, 64, 128}) {
       for (int H_kv = 1; H_kv <= H; ++H_kv) {
         if (H % H_kv != 0) continue;
         for (int d_r : {16, 32, 48, 64}) {
           const int steps = ws::rope_steps_of(H, H_kv, d_r);
           if (steps > ws::kMaxRopeSteps) continue;
-          for (int format : {kFmtFloat, kFmtInt8, kFmtInt4, kFmtFp8}) {
-            for (int group : {8, 64 * blocks}) {
-              if (format == kFmtFloat && group != 64 * blocks) continue;
-              const MlaDecodeParams p = shape(64 * blocks, H, H_kv, d_r, format, group);
-              SmemLayout s{};
-              ++checked;
-              if (!ws::choose_warpspec_layout(p, steps, kSmemLimit, &s)) continue;
-              ++fit;
-              if (s.total > kSmemLimit) {
-                std::printf("BAD total %d over the limit\n", s.total);
-                ++bad;
+          consider(shape(D_c, H, H_kv, d_r, kFmtFloat, D_c), steps);
+          // quantized latents: groups of 8 channels (the most scale bytes) or one group, with
+          // 16-bit or fp8 keys (whose stored bytes a layout may hold too)
+          for (int format : {kFmtInt8, kFmtInt4, kFmtFp8}) {
+            for (int group : {8, D_c}) {
+              for (int rope_path : {kRopeLdmatrix, kRopeFp8Keys}) {
+                consider(shape(D_c, H, H_kv, d_r, format, group, rope_path), steps);
               }
-              bad += check(p, s);
             }
           }
         }
