@@ -24,7 +24,8 @@ fill carry/sweep_a "$here/d/1_ws_rope_ring.patch" "$s11/a/1_ws_producer_warps.pa
 fill carry/sweep_l2 "$here/g/1_ws_rope_ring_d512_tile32.patch" "$here/h/1_all_s12.patch"
 fill carry/sweep_b "$here/e/1_ws_quant_one_term_p.patch" "$here/f/1_ws_rope_ring_one_term_p.patch" \
   "$s11/a/4_ws_dequant_batched.patch" "$s11/a/5_ws_dequant_batched4_regs.patch" \
-  "$s11/b/1_ws_fp8_keys.patch" "$s11/b/2_ws_dequant_batched_fp8_keys.patch"
+  "$s11/b/1_ws_fp8_keys.patch" "$s11/b/2_ws_dequant_batched_fp8_keys.patch" \
+  "$here/i/1_all_s12_fp8_keys.patch"
 ls carry/sweep_a carry/sweep_l2 carry/sweep_b
 
 common="--repeat 10 --no-baselines --shapes 32x16384,8x8192,1x4096"
