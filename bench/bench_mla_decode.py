@@ -147,6 +147,13 @@ def kernel_does_not_apply(err: RuntimeError) -> bool:
     return "does not apply" in str(err)
 
 
+def report_timer_floor(timer) -> float:
+    floor_us = measure_timer_floor(timer)
+    print(f"timer floor (a graph of one one-element add, L2 flushed): {floor_us:.1f} us",
+          flush=True)
+    return floor_us
+
+
 def save_results(args, rows, notes, peak, floor_us, *, partial: bool):
     return write_results("decode_h200", rows, extra={
         "peak_read_GBps": round(peak / 1e9, 1), "timer_floor_us": round(floor_us, 2),
@@ -160,8 +167,7 @@ def run(args):
     timer = Timer(warmup=3, repeat=args.repeat, flush=args.flush)
     peak = measure_peak_read_bandwidth(timer=timer)
     print(f"measured peak read bandwidth: {peak / 1e9:.0f} GB/s", flush=True)
-    floor_us = measure_timer_floor(timer)
-    print(f"timer floor (a graph of one one-element add, L2 flushed): {floor_us:.1f} us", flush=True)
+    floor_us = report_timer_floor(timer)
     rows, notes = [], []
     models = args.models.split(",")
     for name in models:
@@ -294,6 +300,8 @@ def profile(args):
     from torch.profiler import profile as torch_profile
 
     timer = Timer(warmup=3, repeat=args.repeat, flush=args.flush)
+    if not args.ncu:
+        report_timer_floor(timer)
     for shape in PROFILE_SHAPES:
         try:
             op, call, nbytes = profile_call(*shape)
