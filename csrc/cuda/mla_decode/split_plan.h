@@ -15,7 +15,7 @@ namespace mla_ext::decode {
 // Layout of the int32 plan tensor, [kPlanHeader + 4 * capacity + 2 * B] with
 // capacity = kPlanSlots + B (a size known from the shapes alone, so the fake op knows it too):
 //   header  {capacity, tile_tokens, num_parts_used, B}
-//   work    [capacity][4] {batch (-1 = idle), first tile, end tile, the batch's length}
+//   work    [capacity][4] {batch (-1 = idle), first tile, end tile, that sequence's length}
 //   batch   [B][2] {first part, number of splits}
 // A work entry holds all a decode CTA needs to start: read in one round trip to memory, not a
 // second dependent one for seq_lens[batch]. Whether the sequence is split follows from it: a
