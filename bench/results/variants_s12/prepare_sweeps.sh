@@ -19,8 +19,8 @@ fill() {  # directory, patches in build order
 }
 
 fill carry/sweep_a "$here/d/1_ws_rope_ring.patch" "$s11/a/1_ws_producer_warps.patch" \
-  "$here/c/1_ws_plan_len.patch" "$here/c/2_pdl_combine.patch" "$s11/a/3_combine_prefetch.patch" \
-  "$here/h/1_all_s12.patch"
+  "$here/j/1_ws_rope_ring_producer_warps.patch" "$here/c/1_ws_plan_len.patch" \
+  "$here/c/2_pdl_combine.patch" "$here/h/1_all_s12.patch"
 fill carry/sweep_l2 "$here/g/1_ws_rope_ring_d512_tile32.patch" "$here/h/1_all_s12.patch"
 fill carry/sweep_b "$here/e/1_ws_quant_one_term_p.patch" "$here/f/1_ws_rope_ring_one_term_p.patch" \
   "$s11/a/4_ws_dequant_batched.patch" "$s11/a/5_ws_dequant_batched4_regs.patch"
