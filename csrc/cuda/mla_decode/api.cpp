@@ -448,19 +448,17 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
     if (cfg.warpspec_blocks > 0) {
       const bool half = q_lat.scalar_type() == at::kHalf;
       const int64_t cache_rows = d.num_blocks * d.block_size;
-      // a quantized latent is copied as stored bytes (bulk copies), not through a tensor map
-      const CUtensorMap latent_map =
-          p.format == decode::kFmtFloat
-              ? decode::warpspec::cache_tensor_map(latent.data_ptr(), cache_rows, d.D_c, half,
-                                                   "latent")
-              : CUtensorMap{};
       const CUtensorMap rope_map = decode::warpspec::cache_tensor_map(
           k_rope_cache.data_ptr(), cache_rows, int64_t{d.H_kv} * d.d_r, half, "k_rope_cache");
       MLA_DECODE_WARPSPEC_SWITCH(cfg.warpspec_blocks, cfg.rope_steps, [&] {
         if (p.format == decode::kFmtFloat) {
+          const CUtensorMap latent_map = decode::warpspec::cache_tensor_map(
+              latent.data_ptr(), cache_rows, d.D_c, half, "latent");
           decode::launch_warpspec_decode<T, kBlocks, kSteps, false>(p, latent_map, rope_map, stream);
         } else {
-          decode::launch_warpspec_decode<T, kBlocks, kSteps, true>(p, latent_map, rope_map, stream);
+          // a quantized latent is copied as stored bytes (bulk copies), not through a tensor map
+          decode::launch_warpspec_decode<T, kBlocks, kSteps, true>(p, CUtensorMap{}, rope_map,
+                                                                  stream);
         }
       });
     } else if (cfg.hopper_blocks > 0) {

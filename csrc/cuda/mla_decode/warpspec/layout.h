@@ -58,11 +58,18 @@ inline int rope_steps_of(int H, int H_kv, int d_r) {
 // 128-byte swizzle atoms of 64 elements per row.
 inline int rope_group_bytes(int rope_steps) { return align_up(16 * rope_steps, 64) / 64 * 1024; }
 
+// A region of a layout: [begin, end) bytes from the aligned base, begin a multiple of align;
+// read_past: bytes past end its readers may read (the allocation must hold them).
+struct SmemRegion {
+  const char* name;
+  int begin, end, align, read_past;
+};
+
 // The layout for `slots` ring slots (and, for a quantized latent, raw_slots slots of its stored
 // bytes); offsets from a 1024-byte aligned base, total including the 1 KB the kernel may skip to
-// align the dynamic shared memory.
+// align the dynamic shared memory. `regions`, if given, receives each region as it is placed.
 inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps, int slots,
-                                       int raw_slots) {
+                                       int raw_slots, std::vector<SmemRegion>* regions = nullptr) {
   SmemLayout s{};
   const int blocks = p.D_c / kChanBlock;
   s.rope_blocks = (p.H_kv * p.d_r + kChanBlock - 1) / kChanBlock;
@@ -72,29 +79,30 @@ inline SmemLayout make_warpspec_layout(const MlaDecodeParams& p, int rope_steps,
   s.num_stages = slots;
   s.rope_steps_max = rope_steps;
   int off = 0;
-  auto take = [&](int bytes, int align) {
+  auto take = [&](const char* name, int bytes, int align) {
     off = align_up(off, align);
     const int at = off;
     off += bytes;
+    if (regions) regions->push_back({name, at, off, align, 0});
     return at;
   };
-  s.stages = take(slots * s.stage_bytes, 1024);
-  s.q = take(blocks * kRows * 128, 1024);
-  s.rope_q = take(kRows / 8 * rope_group_bytes(rope_steps), 1024);
-  s.pt = take(kConsumers * 2 * kRows * 128, 1024);  // per consumer: P_hi^T, P_lo^T
+  s.stages = take("ring", slots * s.stage_bytes, 1024);
+  s.q = take("q", blocks * kRows * 128, 1024);
+  s.rope_q = take("rope_q", kRows / 8 * rope_group_bytes(rope_steps), 1024);
+  s.pt = take("pt", kConsumers * 2 * kRows * 128, 1024);  // per consumer: P_hi^T, P_lo^T
   // per consumer and warp, per row: the tile maximum; after the loop the row sums, and the
   // second consumer's maxima
-  s.stats = take((kConsumers * 4 + 1) * kRows * 4, 16);
+  s.stats = take("stats", (kConsumers * 4 + 1) * kRows * 4, 16);
   if (p.format != kFmtFloat) {
     const int groups_bytes = align_up(kTileTokens * p.num_groups * 2, 16);
     s.r_scale = align_up(kTileTokens * p.latent_row_bytes, 16);
     s.r_zero = s.r_scale + groups_bytes;
     s.raw_bytes = s.r_zero + (p.format == kFmtInt4 ? groups_bytes : 0);
     s.raw_slots = raw_slots;
-    s.raw = take(raw_slots * s.raw_bytes, 128);
+    s.raw = take("raw", raw_slots * s.raw_bytes, 128);
   }
   // full and empty barriers of the slots, then the raw slots' full barriers
-  s.mbar = take((2 * kMaxSlots + kMaxRawSlots) * 8, 8);
+  s.mbar = take("mbar", (2 * kMaxSlots + kMaxRawSlots) * 8, 8);
   s.total = align_up(off, 16) + 1024;
   return s;
 }
@@ -117,28 +125,13 @@ inline bool choose_warpspec_layout(const MlaDecodeParams& p, int rope_steps, int
   return false;
 }
 
-// A region of a layout: [begin, end) bytes from the aligned base, begin a multiple of align;
-// read_past: bytes past end its readers may read (the allocation must hold them).
-struct SmemRegion {
-  const char* name;
-  int begin, end, align, read_past;
-};
-
-// The regions a layout places (python_tests/test_warpspec_layout.py checks that they are
-// disjoint, aligned and inside the allocation for every shape the kernel takes).
+// The regions layout s places, as make_warpspec_layout placed them
+// (python_tests/test_warpspec_layout.py checks that they are aligned and, with what their
+// readers read past their ends, inside the allocation for every shape the kernel takes).
 inline std::vector<SmemRegion> warpspec_regions(const MlaDecodeParams& p, const SmemLayout& s) {
-  const int blocks = p.D_c / kChanBlock;
-  std::vector<SmemRegion> r = {
-      {"ring", s.stages, s.stages + s.num_stages * s.stage_bytes, 1024, 0},
-      {"q", s.q, s.q + blocks * kRows * 128, 1024, 0},
-      {"rope_q", s.rope_q, s.rope_q + kRows / 8 * rope_group_bytes(s.rope_steps_max), 1024, 0},
-      {"pt", s.pt, s.pt + kConsumers * 2 * kRows * 128, 1024, 0},
-      {"stats", s.stats, s.stats + (kConsumers * 4 + 1) * kRows * 4, 16, 0},
-      {"mbar", s.mbar, s.mbar + (2 * kMaxSlots + kMaxRawSlots) * 8, 8, 0}};
-  if (p.format != kFmtFloat) {
-    r.push_back({"raw", s.raw, s.raw + s.raw_slots * s.raw_bytes, 128, 0});
-  }
-  return r;
+  std::vector<SmemRegion> regions;
+  make_warpspec_layout(p, s.rope_steps_max, s.num_stages, s.raw_slots, &regions);
+  return regions;
 }
 
 }  // namespace mla_ext::decode::warpspec
