@@ -7,8 +7,6 @@ so a failure never leaves a half-written checkpoint at ``path``.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ..staging import staged_directory
 from .cache import mla_layers
 from .patch import CONFIG_KEY, build_mla_structure
 
@@ -42,26 +41,13 @@ def save_pretrained(model, path, tokenizer=None, overwrite: bool = False) -> Pat
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as tmp:
         config = model.config.to_dict()
         config[CONFIG_KEY] = {**settings, "format_version": FORMAT_VERSION}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mla_ext": "1"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

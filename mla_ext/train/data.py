@@ -19,8 +19,6 @@ import codecs
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from ..data import TEXT_SUFFIXES, default_calibration_text
+from ..staging import staged_directory
 
 INDEX = "index.json"
 FORMAT = "mla_ext.packed"
@@ -244,9 +243,7 @@ def pack(data, tokenizer, out_dir, seq_len: int, *, max_sequences: int | None = 
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
     per_shard = max(1, shard_tokens // seq_len)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as tmp:
         writer = _ShardWriter(tmp, seq_len, dtype, per_shard, max_sequences)
         bar = _bar(progress, max_sequences, f"packing {source.description}")
         for ids in _token_stream(source, tokenizer, eos):
@@ -276,12 +273,6 @@ def pack(data, tokenizer, out_dir, seq_len: int, *, max_sequences: int | None = 
             "shards": writer.shards,
         }
         (tmp / INDEX).write_text(json.dumps(index, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return PackedDataset(out_dir)
 
 

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..modeling.checkpoint import CheckpointError
+from ..staging import staged_directory
 from . import checkpoint as ckpt
 from .data import (DataError, GlobalOrder, PackedDataset, TextSource, is_packed, pack,
                    resolve_source, tokenizer_hash)
@@ -662,19 +662,11 @@ def _write_final(model, tokenizer, path: Path) -> Path:
         return save_pretrained(model, path, tokenizer=tokenizer, overwrite=True)
     # An unconverted model (the paper's baseline: the original fine-tuned on the same tokens)
     # is stored in the Hugging Face format, written aside and renamed like save_pretrained.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as tmp:
         with _dense_gguf_as_plain(model):
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

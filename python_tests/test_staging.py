@@ -1,0 +1,41 @@
+"""mla_ext.staging.staged_directory: the directory a checkpoint, a packed dataset or a
+fine-tune's final model is written through appears whole or not at all."""
+import pytest
+
+from mla_ext.staging import staged_directory
+
+
+def hidden(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_appears_when_the_block_ends_and_creates_parents(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    with staged_directory(out) as tmp:
+        (tmp / "weights").write_text("new")
+        assert not out.exists()  # nothing at the final place while writing
+    assert (out / "weights").read_text() == "new"
+    assert hidden(out.parent) == []
+
+
+def test_replaces_an_existing_directory_whole(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale").write_text("old")
+    with staged_directory(out) as tmp:
+        (tmp / "weights").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["weights"]
+    assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failure_leaves_the_old_directory_and_no_leftovers(tmp_path, error):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    with pytest.raises(type(error)):
+        with staged_directory(out) as tmp:
+            (tmp / "weights").write_text("half")
+            raise error
+    assert (out / "weights").read_text() == "old"
+    assert hidden(tmp_path) == []
