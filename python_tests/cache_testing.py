@@ -24,6 +24,16 @@ QUANTIZED = (torch.int8, torch.uint8, torch.float8_e4m3fn)
 MAX_TIE_FRACTION = 1e-3
 
 
+def replace_arg(i, value):
+    """A bad-argument case: the op's positional arguments with argument i replaced by value, or
+    by value(old) where value is callable."""
+    def f(args):
+        args = list(args)
+        args[i] = value(args[i]) if callable(value) else value
+        return args
+    return f
+
+
 @dataclass
 class CacheConfig:
     num_blocks: int

@@ -9,7 +9,7 @@ from torch.library import opcheck
 from cache_testing import (FLOAT_DTYPES, LATENT_DTYPES, ROPE_DTYPES, CacheConfig,
                            assert_cache_matches, clone_cache, dequant_error_bound, isclose_report,
                            make_cache, paged_layout, random_cache_config, random_slots,
-                           random_values)
+                           random_values, replace_arg)
 from mla_ext import ops, reference
 
 N_CHOICES = [0, 1, 2, 3, 7, 17, 33, 64]
@@ -183,35 +183,29 @@ def opcheck_utils(cache):
 
 
 def _bad_write_cases():
-    def replace(i, value):
-        def f(args):
-            args = list(args)
-            args[i] = value(args[i]) if callable(value) else value
-            return args
-        return f
     C, K, SLOTS, LAT, SC, ZR, KR, KS = range(8)
     return [
-        (replace(C, lambda t: t.int()), "c must have dtype"),
-        (replace(C, lambda t: t[:, :40]), "c's last dim must be the cache's D_c = 48"),
-        (replace(C, lambda t: t[0]), "c must have 2 dims"),
-        (replace(K, lambda t: t[:, :2]), "k_rope must have shape"),
-        (replace(K, lambda t: t.double()), "k_rope must have dtype"),
-        (replace(SLOTS, lambda t: t.int()), "slot_mapping must have dtype Long"),
-        (replace(SLOTS, lambda t: t[:3]), "slot_mapping must have shape"),
-        (replace(SLOTS, lambda t: torch.tensor([3, -1, 17, 64, 5])), r"slot_mapping\[3\] = 64"),
-        (replace(SLOTS, lambda t: torch.tensor([3, -2, 17, 6, 5])), r"slot_mapping\[1\] = -2"),
-        (replace(SC, None), "latent_scale is required for a int8 latent cache"),
-        (replace(SC, lambda t: t.float()), "latent_scale must have dtype Half"),
-        (replace(SC, torch.zeros(4, 16, 5, dtype=torch.float16)), "must divide D_c = 48"),
-        (replace(SC, lambda t: t[:2]), "latent_scale must have shape"),
-        (replace(ZR, lambda t: torch.zeros_like(t) if t is not None else
+        (replace_arg(C, lambda t: t.int()), "c must have dtype"),
+        (replace_arg(C, lambda t: t[:, :40]), "c's last dim must be the cache's D_c = 48"),
+        (replace_arg(C, lambda t: t[0]), "c must have 2 dims"),
+        (replace_arg(K, lambda t: t[:, :2]), "k_rope must have shape"),
+        (replace_arg(K, lambda t: t.double()), "k_rope must have dtype"),
+        (replace_arg(SLOTS, lambda t: t.int()), "slot_mapping must have dtype Long"),
+        (replace_arg(SLOTS, lambda t: t[:3]), "slot_mapping must have shape"),
+        (replace_arg(SLOTS, lambda t: torch.tensor([3, -1, 17, 64, 5])), r"slot_mapping\[3\] = 64"),
+        (replace_arg(SLOTS, lambda t: torch.tensor([3, -2, 17, 6, 5])), r"slot_mapping\[1\] = -2"),
+        (replace_arg(SC, None), "latent_scale is required for a int8 latent cache"),
+        (replace_arg(SC, lambda t: t.float()), "latent_scale must have dtype Half"),
+        (replace_arg(SC, torch.zeros(4, 16, 5, dtype=torch.float16)), "must divide D_c = 48"),
+        (replace_arg(SC, lambda t: t[:2]), "latent_scale must have shape"),
+        (replace_arg(ZR, lambda t: torch.zeros_like(t) if t is not None else
                  torch.zeros(4, 16, 3, dtype=torch.float16)), "latent_zero must be None"),
-        (replace(LAT, lambda t: t.int()), "latent must have dtype"),
-        (replace(LAT, lambda t: t.transpose(0, 1)), "latent must be contiguous"),
-        (replace(KR, lambda t: t[:3]), "k_rope_cache must have latent's"),
-        (replace(KR, lambda t: t[..., :7].contiguous()), "d_r"),
-        (replace(KR, lambda t: t.to(torch.float8_e4m3fn)), "k_rope_scale is required"),
-        (replace(KS, torch.zeros(4, 16, 3, dtype=torch.float16)), "k_rope_scale must be None"),
+        (replace_arg(LAT, lambda t: t.int()), "latent must have dtype"),
+        (replace_arg(LAT, lambda t: t.transpose(0, 1)), "latent must be contiguous"),
+        (replace_arg(KR, lambda t: t[:3]), "k_rope_cache must have latent's"),
+        (replace_arg(KR, lambda t: t[..., :7].contiguous()), "d_r"),
+        (replace_arg(KR, lambda t: t.to(torch.float8_e4m3fn)), "k_rope_scale is required"),
+        (replace_arg(KS, torch.zeros(4, 16, 3, dtype=torch.float16)), "k_rope_scale must be None"),
     ]
 
 

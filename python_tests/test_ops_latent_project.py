@@ -15,7 +15,7 @@ from torch.library import opcheck
 from cache_testing import (FLOAT_DTYPES, LATENT_DTYPES, ROPE_DTYPES, CacheConfig,
                            assert_cache_matches, assert_untouched, clone_cache,
                            dequant_error_bound, isclose_report, make_cache, random_cache_config,
-                           random_slots, written_mask)
+                           random_slots, replace_arg, written_mask)
 from mla_ext import ops, reference
 
 D_CHOICES = [8, 37, 64, 100, 256, 576, 1024, 4096]
@@ -182,35 +182,28 @@ def test_latent_project_without_tokens_and_all_skipped():
 
 def _bad_project_cases():
     X, WD, WK, B, COS, SIN, SLOTS, LAT, SC, ZR, KR, KS = range(12)
-
-    def replace(i, value):
-        def f(args):
-            args = list(args)
-            args[i] = value(args[i]) if callable(value) else value
-            return args
-        return f
     return [
-        (replace(X, lambda t: t.int()), "x must have dtype"),
-        (replace(X, lambda t: t[0]), "x must have 2 dims"),
-        (replace(WD, lambda t: t[:40]), r"w_down must have shape \(D_c, d\) = \(48, 40\)"),
-        (replace(WD, lambda t: t[:, :39].contiguous()), "w_down must have shape"),
-        (replace(WD, lambda t: t.float()), "w_down must have x's dtype"),
-        (replace(WK, lambda t: t[:16]), r"w_kr must have shape \(H_kv \* d_r, d\) = \(24, 40\)"),
-        (replace(WK, lambda t: t.half()), "w_kr must have x's dtype"),
-        (replace(WD, lambda t: t.t().contiguous().t()), "w_down must be contiguous"),
-        (replace(B, lambda t: t[:20]), "b_kr must have shape"),
-        (replace(B, lambda t: t.float()), "b_kr must have x's dtype"),
-        (replace(COS, lambda t: t[:, :, :3].contiguous()), "cos must have shape"),
-        (replace(SIN, lambda t: t[:4].contiguous()), "sin must have shape"),
-        (replace(SIN, lambda t: t.half()), "cos and sin must have the same dtype"),
-        (replace(SLOTS, lambda t: t.int()), "slot_mapping must have dtype Long"),
-        (replace(SLOTS, lambda t: torch.tensor([3, -1, 17, 40, 64])), r"slot_mapping\[4\] = 64"),
-        (replace(SC, None), "latent_scale is required"),
-        (replace(ZR, None), "latent_zero is required for a int4"),
-        (replace(KS, None), "k_rope_scale is required"),
-        (replace(KR, lambda t: t[..., :6].contiguous()), "w_kr must have shape"),
-        (replace(KR, lambda t: t[:, :, :2].contiguous()), "k_rope_scale must have shape"),
-        (replace(LAT, lambda t: t[..., :12].contiguous()), "w_down must have shape"),
+        (replace_arg(X, lambda t: t.int()), "x must have dtype"),
+        (replace_arg(X, lambda t: t[0]), "x must have 2 dims"),
+        (replace_arg(WD, lambda t: t[:40]), r"w_down must have shape \(D_c, d\) = \(48, 40\)"),
+        (replace_arg(WD, lambda t: t[:, :39].contiguous()), "w_down must have shape"),
+        (replace_arg(WD, lambda t: t.float()), "w_down must have x's dtype"),
+        (replace_arg(WK, lambda t: t[:16]), r"w_kr must have shape \(H_kv \* d_r, d\) = \(24, 40\)"),
+        (replace_arg(WK, lambda t: t.half()), "w_kr must have x's dtype"),
+        (replace_arg(WD, lambda t: t.t().contiguous().t()), "w_down must be contiguous"),
+        (replace_arg(B, lambda t: t[:20]), "b_kr must have shape"),
+        (replace_arg(B, lambda t: t.float()), "b_kr must have x's dtype"),
+        (replace_arg(COS, lambda t: t[:, :, :3].contiguous()), "cos must have shape"),
+        (replace_arg(SIN, lambda t: t[:4].contiguous()), "sin must have shape"),
+        (replace_arg(SIN, lambda t: t.half()), "cos and sin must have the same dtype"),
+        (replace_arg(SLOTS, lambda t: t.int()), "slot_mapping must have dtype Long"),
+        (replace_arg(SLOTS, lambda t: torch.tensor([3, -1, 17, 40, 64])), r"slot_mapping\[4\] = 64"),
+        (replace_arg(SC, None), "latent_scale is required"),
+        (replace_arg(ZR, None), "latent_zero is required for a int4"),
+        (replace_arg(KS, None), "k_rope_scale is required"),
+        (replace_arg(KR, lambda t: t[..., :6].contiguous()), "w_kr must have shape"),
+        (replace_arg(KR, lambda t: t[:, :, :2].contiguous()), "k_rope_scale must have shape"),
+        (replace_arg(LAT, lambda t: t[..., :12].contiguous()), "w_down must have shape"),
     ]
 
 
