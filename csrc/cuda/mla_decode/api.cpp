@@ -149,7 +149,8 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   namespace ws = decode::warpspec;
   const auto* props = at::cuda::getDeviceProperties(device.index());
   if (props->major != 9) return "it needs a compute capability 9.0 GPU";
-  if (p.format != decode::kFmtFloat && p.group_size % 8 != 0) {
+  const bool quant = p.format != decode::kFmtFloat;
+  if (quant && p.group_size % 8 != 0) {
     return "it needs quantization groups of a multiple of 8 channels";
   }
   if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
@@ -161,7 +162,6 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
   const int steps = ws::rope_steps_of(p.H, p.H_kv, p.d_r);
   if (steps > ws::kMaxRopeSteps) return "the KV heads of 8 query heads span more than 128 RoPE dims";
   const int blocks = p.D_c / ws::kChanBlock;
-  const bool quant = p.format != decode::kFmtFloat;
   const int variant = 2 * (blocks * 16 + steps) + quant;
   const bool ok = sm90a_code_available(device, 1 + static_cast<int>(dtype), variant, [&] {
     bool found = false;
