@@ -23,7 +23,11 @@ def staged_directory(path):
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # the old directory back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)

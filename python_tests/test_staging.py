@@ -1,5 +1,7 @@
 """mla_ext.staging.staged_directory: the directory a checkpoint, a packed dataset or a
 fine-tune's final model is written through appears whole or not at all."""
+from pathlib import Path
+
 import pytest
 
 from mla_ext.staging import staged_directory
@@ -37,5 +39,24 @@ def test_a_failure_leaves_the_old_directory_and_no_leftovers(tmp_path, error):
         with staged_directory(out) as tmp:
             (tmp / "weights").write_text("half")
             raise error
+    assert (out / "weights").read_text() == "old"
+    assert hidden(tmp_path) == []
+
+
+def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if Path(target) == out and self.name != ".run.old":
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with staged_directory(out) as tmp:
+            (tmp / "weights").write_text("new")
     assert (out / "weights").read_text() == "old"
     assert hidden(tmp_path) == []
