@@ -8,6 +8,7 @@ Argument errors come from the C++ entry points and name the argument.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 
@@ -51,8 +52,32 @@ def _op(name):
     return getattr(torch.ops.mla_ext, name).default
 
 
-def _capturing() -> bool:
+def is_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (no host reads allowed)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+_debug_checks = threading.local()
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True):
+    """Within this block the model's cache writes and decode calls range-check their slots and
+    block tables on the host (one sync per call), as direct calls of the ops do; off by default
+    (the cache builds its tables in range) or with the environment's MLA_EXT_DEBUG_CHECKS=1."""
+    previous = getattr(_debug_checks, "on", None)
+    _debug_checks.on = enabled
+    try:
+        yield
+    finally:
+        _debug_checks.on = previous
+
+
+def debug_checks_enabled() -> bool:
+    on = getattr(_debug_checks, "on", None)
+    if on is None:
+        return os.environ.get("MLA_EXT_DEBUG_CHECKS", "0") not in ("", "0")
+    return on
 
 
 def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,7 +103,7 @@ def partial_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 def _check_slots(slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
     # Device kernels cannot raise a message; check the range here unless a CUDA graph is being
     # captured (the capturing caller built slot_mapping itself, from the cache's own tables).
-    if slot_mapping.numel() == 0 or _capturing() or torch.compiler.is_compiling():
+    if slot_mapping.numel() == 0 or is_capturing() or torch.compiler.is_compiling():
         return
     capacity = latent.shape[0] * latent.shape[1]
     lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
@@ -89,7 +114,7 @@ def _check_slots(slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
 
 
 def latent_cache_write(c, k_rope, slot_mapping, latent, latent_scale, latent_zero,
-                       k_rope_cache, k_rope_scale) -> None:
+                       k_rope_cache, k_rope_scale, *, check_ranges: bool = True) -> None:
     """Quantize and write N tokens into the paged latent cache, in place.
 
     c: (N, D_c) float; k_rope: (N, H_kv, d_r) float, already rotated;
@@ -98,8 +123,11 @@ def latent_cache_write(c, k_rope, slot_mapping, latent, latent_scale, latent_zer
     latent_scale, latent_zero: (num_blocks, block_size, D_c/g) fp16 or None (format of
     reference.py); k_rope_cache: (num_blocks, block_size, H_kv, d_r); k_rope_scale:
     (num_blocks, block_size, H_kv) fp16 for an fp8 k_rope_cache, else None.
+    check_ranges: check slot_mapping against the cache on the host first (one sync); callers
+    that built the slots from their own tables pass False.
     """
-    _check_slots(slot_mapping, latent)
+    if check_ranges:
+        _check_slots(slot_mapping, latent)
     args = (c, k_rope, slot_mapping, latent, latent_scale, latent_zero, k_rope_cache,
             k_rope_scale)
     if not has_kernel("latent_cache_write", c.device):
@@ -108,13 +136,14 @@ def latent_cache_write(c, k_rope, slot_mapping, latent, latent_scale, latent_zer
 
 
 def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent_scale,
-                   latent_zero, k_rope_cache, k_rope_scale) -> None:
+                   latent_zero, k_rope_cache, k_rope_scale, *, check_ranges: bool = True) -> None:
     """Fused ``c = x W_down^T``, ``k_r = rope(x W_kr^T + b_kr)``, quantize, write to the cache.
 
     x: (N, d); w_down: (D_c, d); w_kr: (H_kv d_r, d); b_kr: (H_kv d_r,) or None;
-    cos, sin: (N, H_kv, r); the cache arguments as in latent_cache_write.
+    cos, sin: (N, H_kv, r); the cache arguments and check_ranges as in latent_cache_write.
     """
-    _check_slots(slot_mapping, latent)
+    if check_ranges:
+        _check_slots(slot_mapping, latent)
     args = (x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent_scale, latent_zero,
             k_rope_cache, k_rope_scale)
     if not has_kernel("latent_project", x.device):
@@ -154,7 +183,8 @@ def _warn_reference_fallback(reason: str) -> None:
 
 
 def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
-               block_table, seq_lens, softmax_scale: float, sched_meta=None):
+               block_table, seq_lens, softmax_scale: float, sched_meta=None, *,
+               check_ranges: bool = True):
     """Absorbed MLA attention over the paged latent cache.
 
     q_lat: (B, s_q, H, D_c); q_rope: (B, s_q, H, d_r), rotated; cache tensors as in
@@ -162,6 +192,8 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     length including the s_q new tokens (causal among them).
     sched_meta: optional int32 split plan from ``mla_decode_plan`` for these inputs' shapes and
     seq_lens; make it once per decode step and pass it to every layer (None: planned per call).
+    check_ranges: check seq_lens and the used block-table entries on the host first (one sync,
+    CUDA only; the CPU kernel checks them itself); a cache that built its tables passes False.
     Returns (o_lat (B, s_q, H, D_c) in q_lat's dtype, lse (B, s_q, H) fp32).
     """
     args = (q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k_rope_scale,
@@ -172,7 +204,7 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     if unsupported is not None:
         _warn_reference_fallback(unsupported)
         return reference.mla_decode(*args)
-    if seq_lens.is_cuda:  # the CPU kernel checks these itself
+    if check_ranges and seq_lens.is_cuda:  # the CPU kernel checks these itself
         _check_block_table("mla_decode", block_table, seq_lens, latent,
                            block_table.shape[1] * latent.shape[1] if latent.dim() == 3 else 0)
     if sched_meta is not None:
@@ -209,6 +241,16 @@ def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
     return _op("mla_decode_plan")(q_lat, latent, latent_scale, k_rope_cache, seq_lens)
 
 
+def mla_decode_plan_if_supported(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
+    """``mla_decode_plan`` where mla_decode will run the CUDA kernel on these inputs, else None
+    (the CPU kernel and the reference plan nothing)."""
+    if (not q_lat.is_cuda or not has_kernel("mla_decode", q_lat.device)
+            or not has_kernel("mla_decode_plan", q_lat.device)
+            or _cuda_decode_unsupported(q_lat, latent, k_rope_cache) is not None):
+        return None
+    return _op("mla_decode_plan")(q_lat, latent, latent_scale, k_rope_cache, seq_lens)
+
+
 class CacheIndexError(ValueError, RuntimeError):
     """A block table or sequence length outside the cache. A ValueError, and a RuntimeError
     like the C++ checks' errors, so callers may catch either."""
@@ -221,7 +263,7 @@ def _check_block_table(op: str, block_table: torch.Tensor, seq_lens: torch.Tenso
     # torch.compile traces. Malformed arguments are left to the C++ checks, which name them.
     if (block_table.dim() != 2 or seq_lens.dim() != 1 or latent.dim() != 3
             or block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32
-            or seq_lens.numel() == 0 or _capturing() or torch.compiler.is_compiling()):
+            or seq_lens.numel() == 0 or is_capturing() or torch.compiler.is_compiling()):
         return
     lens = seq_lens.long()
     lo, hi = int(lens.min()), int(lens.max())

@@ -77,7 +77,7 @@ def test_absorbed_path_is_used_for_decode(monkeypatch):
     mla = converted(tiny_model(), rope_strategy="high", rope_pairs=2, d_kv=4)
     calls = []
     real = mla_ext.ops.mla_decode
-    monkeypatch.setattr(mla_ext.ops, "mla_decode", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(mla_ext.ops, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = mla_ext.LatentCache(mla, cache_dtype="bf16")
     mla.generate(torch.randint(0, VOCAB, (1, 5)), past_key_values=cache, max_new_tokens=3,
                  do_sample=False)

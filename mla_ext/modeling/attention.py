@@ -117,19 +117,18 @@ class MLAAttention(nn.Module):
         k_rope = self.kr_proj(hidden_states).view(b, t, self.num_kv_heads, self.rope_dim)
         return _rope(k_rope, cos, sin), self.kv_down(hidden_states)
 
-    def write_new_tokens(self, layer, hidden_states, cos, sin) -> None:
-        """Project the new tokens' latents and RoPE keys into the cache; one fused kernel
-        (ops.latent_project) where the extension has it, else the separate torch ops."""
+    def write_new_tokens(self, layer, step, hidden_states, cos, sin) -> None:
+        """Project the new tokens' latents and RoPE keys into the cache slots of ``step``: one
+        fused kernel (ops.latent_project) where the extension has it, else the separate ops."""
         b, t, d = hidden_states.shape
         if not ops.has_kernel("latent_project", hidden_states.device):
             k_rope, latent = self.key_latent(hidden_states, cos, sin)
-            layer.append(latent, k_rope)
+            layer.write(latent, k_rope, step.slots)
             return
-        slots = layer.reserve(b, t, hidden_states.device)
         ops.latent_project(hidden_states.reshape(b * t, d).contiguous(), self.kv_down.weight,
                            self.kr_proj.weight, self.kr_proj.bias,
                            _per_token(cos, b, t).contiguous(), _per_token(sin, b, t).contiguous(),
-                           slots, *layer.tensors())
+                           step.slots, *layer.tensors(), check_ranges=ops.debug_checks_enabled())
 
     def reconstruct_kv(self, latent, k_rope):
         """Keys (B, H_kv, T, d_h) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h)."""
@@ -169,21 +168,14 @@ class MLAAttention(nn.Module):
         q = self.query(hidden_states, cos, sin)
 
         if isinstance(past_key_values, LatentCache):
+            step = past_key_values.begin_step(self.layer_idx, hidden_states, attention_mask)
             layer = past_key_values.layers[self.layer_idx]
-            past_len = layer.get_seq_length()
-            if self._use_absorbed(t, past_len, attention_mask):
+            if self._use_absorbed(t, step):
                 with torch.no_grad():
-                    self.write_new_tokens(layer, hidden_states, cos, sin)
-                return self._absorbed(q, layer), None
-            k_rope, latent = self.key_latent(hidden_states, cos, sin)
-            if past_len:
-                past_c, past_kr = layer.gather()
-                latent_all = torch.cat([past_c.to(latent.dtype), latent], dim=1)
-                k_rope_all = torch.cat([past_kr.to(k_rope.dtype), k_rope], dim=1)
-            else:
-                latent_all, k_rope_all = latent, k_rope
-            layer.append(latent.detach(), k_rope.detach())
-            keys, values = self.reconstruct_kv(latent_all, k_rope_all)
+                    self.write_new_tokens(layer, step, hidden_states, cos, sin)
+                return self._absorbed(q, layer, step), None
+            keys, values, attention_mask = self._reconstruct_with_cache(
+                layer, step, hidden_states, cos, sin, attention_mask, q.dtype)
         else:
             k_rope, latent = self.key_latent(hidden_states, cos, sin)
             keys, values = self.reconstruct_kv(latent, k_rope)
@@ -200,39 +192,69 @@ class MLAAttention(nn.Module):
             scaling=self.scaling, **kwargs)
         return self.o_proj(out.reshape(b, t, -1).contiguous()), weights
 
-    def _use_absorbed(self, t, past_len, attention_mask) -> bool:
+    def _use_absorbed(self, t: int, step) -> bool:
+        """Decided from the cache's host bookkeeping alone (no device read): decode steps of at
+        most MAX_ABSORBED_QUERIES new tokens over existing context take the absorbed kernel."""
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
         if self.decode_mode == "reconstruct":
             return False
         if self.decode_mode == "absorbed":
-            if not _is_plain_causal(attention_mask, t, past_len):
-                raise ValueError("decode_mode='absorbed' needs a plain causal mask (no padding); "
-                                 "use 'auto' or 'reconstruct' for padded batches")
+            if step.padded:
+                raise ValueError("decode_mode='absorbed' cannot prefill a padded batch (the "
+                                 "kernel's new tokens are each sequence's last); use 'auto'")
             return True
-        return (t <= MAX_ABSORBED_QUERIES and past_len > 0 and not self.training
-                and _is_plain_causal(attention_mask, t, past_len))
+        return t <= MAX_ABSORBED_QUERIES and step.has_context and not self.training
 
-    def _absorbed(self, q, layer):
+    def _reconstruct_with_cache(self, layer, step, hidden_states, cos, sin, attention_mask,
+                                dtype):
+        """Store the new tokens, then rebuild K/V of the context and the new tokens. A prefill
+        uses the model's mask; a continuation of sequences of unequal lengths (padding skipped
+        at the prefill) gets a mask of its own from the cache's lengths."""
+        k_rope, latent = self.key_latent(hidden_states, cos, sin)
+        layer.write(latent.detach(), k_rope.detach(), step.slots)
+        if not step.has_context:
+            keys, values = self.reconstruct_kv(latent, k_rope)
+            return keys, values, attention_mask
+        past_c, past_kr = ops.latent_gather(*layer.tensors(), layer.block_table, step.past_lens,
+                                            step.past_length)
+        keys, values = self.reconstruct_kv(torch.cat([past_c.to(latent.dtype), latent], dim=1),
+                                           torch.cat([past_kr.to(k_rope.dtype), k_rope], dim=1))
+        if not step.uniform:
+            attention_mask = _context_mask(step.past_lens, step.past_length, latent.shape[1],
+                                           dtype)
+        return keys, values, attention_mask
+
+    def _absorbed(self, q, layer, step):
         q_rope, q_nope = q[..., :self.rope_dim], q[..., self.rope_dim:]
-        q_lat = self.absorb_query(q_nope)
-        o_lat, _ = ops.mla_decode(q_lat.contiguous(), q_rope.contiguous(), *layer.tensors(),
-                                  layer.block_table, layer.seq_lens, self.scaling)
+        q_lat = self.absorb_query(q_nope).contiguous()
+        cache = layer.tensors()
+        plan = _step_plan(step, q_lat, cache)
+        o_lat, _ = ops.mla_decode(q_lat, q_rope.contiguous(), *cache, layer.block_table,
+                                  layer.seq_lens, self.scaling, plan,
+                                  check_ranges=ops.debug_checks_enabled())
         return self.o_proj(self.expand_output(o_lat.to(q.dtype)))
 
 
-def _is_plain_causal(attention_mask, t: int, past_len: int) -> bool:
-    """Whether the mask lets query i see exactly positions 0..past_len+i (no padding): the only
-    mask the absorbed kernel implements."""
-    if attention_mask is None:
-        return True
-    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 4:
-        return False
-    kv_len = past_len + t
-    mask = attention_mask[..., -t:, :kv_len]
-    if mask.shape[-1] != kv_len:
-        return False
-    visible = mask if mask.dtype == torch.bool else mask == 0
-    pos_q = past_len + torch.arange(t, device=mask.device)
-    causal = torch.arange(kv_len, device=mask.device)[None, :] <= pos_q[:, None]
-    return bool((visible == causal).all())
+def _step_plan(step, q_lat, cache):
+    """The decode kernel's split plan for this layer's shapes, made once per step and shared by
+    every layer of the same shapes (None where the CUDA kernel does not run)."""
+    latent, latent_scale, _, k_rope_cache, _ = cache
+    key = (tuple(q_lat.shape), q_lat.dtype, latent.dtype, tuple(latent.shape[1:]),
+           None if latent_scale is None else tuple(latent_scale.shape[1:]),
+           k_rope_cache.dtype, tuple(k_rope_cache.shape[1:]))
+    if key not in step.plans:
+        step.plans[key] = ops.mla_decode_plan_if_supported(q_lat, latent, latent_scale,
+                                                           k_rope_cache, step.seq_lens)
+    return step.plans[key]
+
+
+def _context_mask(past_lens, past_length: int, t: int, dtype) -> torch.Tensor:
+    """Additive (B, 1, t, past_length + t) mask: sequence b's query i sees its first
+    past_lens[b] cached tokens and the new tokens 0..i."""
+    device = past_lens.device
+    past = torch.arange(past_length, device=device).view(1, 1, -1) < past_lens.view(-1, 1, 1)
+    new = torch.ones(t, t, dtype=torch.bool, device=device).tril().unsqueeze(0)
+    visible = torch.cat([past.expand(-1, t, -1), new.expand(past.shape[0], -1, -1)], dim=-1)
+    blocked = torch.zeros(visible.shape, dtype=dtype, device=device)
+    return blocked.masked_fill_(~visible, torch.finfo(dtype).min).unsqueeze(1)

@@ -3,10 +3,18 @@
 It is a transformers ``Cache`` (pass it as ``past_key_values`` to ``model(...)`` or
 ``model.generate(...)``) with one ``LatentCacheLayer`` per MLA layer. Each layer stores, per
 token, the latent ``c`` (D_c values, shared by all heads) and the rotated RoPE keys (H_kv x d_r)
-in blocks of ``block_size`` tokens addressed by a block table (ARCHITECTURE 3.3). The formats
-are those of ``mla_ext/reference.py``.
+in blocks of ``block_size`` tokens. The formats are those of ``mla_ext/reference.py``.
+
+One ``SequenceTable`` per cache, shared by its layers, holds what every layer would otherwise
+repeat (ARCHITECTURE 3.6): the block table, each sequence's length on the device, and on the
+host an upper bound of the lengths, so that deciding how to attend never reads the device.
+A forward pass is one *step*: its first MLA layer computes the write slots (and, on a GPU, the
+split plan of the decode kernel) once, and the other layers reuse them.
 """
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -64,17 +72,212 @@ def latent_bytes_per_token(latent_dim: int, num_kv_heads: int, rope_dim: int,
     return n
 
 
+def _eager() -> bool:
+    """Whether Python runs along with the device work. Under CUDA-graph capture or torch.compile
+    the host counters are not advanced by the captured code: its driver advances them
+    (``LatentCache.advance``), so that a replayed or compiled step reads no changing host value."""
+    return not (torch.compiler.is_compiling() or ops.is_capturing())
+
+
+def valid_tokens(attention_mask: torch.Tensor, batch: int, t: int) -> torch.Tensor:
+    """(B, t) bool: which of a prefill's t tokens are real (not padding), read on the device from
+    the model's 4D mask (bool, True = attend, or additive float): the keys that the last query
+    row may see. Holds for left and right padding alike."""
+    last = attention_mask[:, 0, -1, -t:]
+    visible = last if last.dtype == torch.bool else last == 0
+    return visible.expand(batch, t)
+
+
+@dataclass
+class WriteStep:
+    """One forward pass's cache write, shared by every layer of the step.
+
+    slots: (B * t,) int64 cache slots of the new tokens (-1: padding, not stored);
+    past_lens: (B,) int32 device lengths before the write; seq_lens: the table's lengths
+    after it (the tensor the kernels read); past_length: host bound of past_lens;
+    has_context: whether any sequence had tokens before; uniform: whether every sequence had
+    exactly past_length tokens (both host-known); padded: whether the write skips tokens;
+    plans: the decode kernel's split plans of this step, one per layer shape."""
+    slots: torch.Tensor
+    past_lens: torch.Tensor
+    seq_lens: torch.Tensor
+    past_length: int
+    has_context: bool
+    uniform: bool
+    padded: bool
+    plans: dict = field(default_factory=dict)
+
+
+class SequenceTable:
+    """The sequences of a paged cache, shared by its layers: ``block_table`` (B, max_blocks)
+    int32 and ``seq_lens`` (B,) int32 on the device, and on the host one upper bound of each
+    sequence's length (exact until a write skips padding tokens). Block ids are handed out by
+    construction, in range: the ops' per-call range checks are left to ``ops.debug_checks``."""
+
+    def __init__(self, block_size: int, max_length: int | None = None):
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.block_size, self.max_length = block_size, max_length
+        self.batch_size = None
+        self.device = None
+        self.block_table = None
+        self.seq_lens = None
+        self.num_blocks = 0          # blocks every layer's storage holds
+        self.exact = True            # host lengths are exact (no padding skipped)
+        self.has_context = False
+        self._lengths: list[int] = []
+        self._root, self._row = None, None
+
+    # ---------------------------------------------------------------- host bookkeeping
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per-sequence host bound of the length (exact while ``exact``)."""
+        return [self._root._lengths[self._row]] if self._root else list(self._lengths)
+
+    def _set_lengths(self, values: list[int]) -> None:
+        if self._root:
+            self._root._lengths[self._row] = values[0]
+            self._root.has_context = self._root.has_context or values[0] > 0
+        else:
+            self._lengths = list(values)
+        self.has_context = max(values, default=0) > 0
+
+    @property
+    def length(self) -> int:
+        return max(self.lengths, default=0)
+
+    @property
+    def uniform(self) -> bool:
+        """Every sequence holds exactly ``length`` tokens (host-known)."""
+        return self.exact and len(set(self.lengths)) <= 1
+
+    @property
+    def initialized(self) -> bool:
+        return self.block_table is not None
+
+    def initialize(self, batch_size: int, device) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self._set_lengths([0] * batch_size)
+        if self.max_length:
+            self.ensure(self.max_length)
+
+    def ensure(self, length: int) -> None:
+        """Room for ``length`` tokens per sequence, growing the table geometrically (a cache
+        with ``max_length`` allocates it all at once and never grows, as graph capture needs)."""
+        if self.max_length and length > self.max_length:
+            raise ValueError(f"the cache was created with max_length={self.max_length}, cannot "
+                             f"hold {length} tokens")
+        have = self.block_table.shape[1]
+        need = -(-length // self.block_size)
+        if need <= have:
+            return
+        if self._root is not None:
+            raise ValueError("a row of a cache cannot grow: create the cache with max_length")
+        want = max(need, 2 * have)
+        if self.max_length:
+            want = max(need, min(want, -(-self.max_length // self.block_size)))
+        extra = want - have
+        new_ids = self.num_blocks + torch.arange(self.batch_size * extra, dtype=torch.int32,
+                                                 device=self.device)
+        self.block_table = torch.cat(
+            [self.block_table, new_ids.view(extra, self.batch_size).t()], 1)
+        self.num_blocks += self.batch_size * extra
+
+    def advance(self, num_tokens: int) -> None:
+        """Host side of ``num_tokens`` steps run by a captured graph or a compiled step."""
+        self.ensure(self.length + num_tokens)
+        self._set_lengths([n + num_tokens for n in self.lengths])
+
+    # ---------------------------------------------------------------- device side
+
+    def begin_write(self, batch: int, t: int, device, valid: torch.Tensor | None) -> WriteStep:
+        """Claim the next t positions of every sequence (only the ``valid`` tokens' when given)
+        and return their slots; ``seq_lens`` advances in place, so a captured step replays."""
+        if not self.initialized:
+            self.initialize(batch, device)
+        elif batch != self.batch_size:
+            raise ValueError(f"the cache holds {self.batch_size} sequences, got a batch of {batch}")
+        past_length, has_context, uniform = self.length, self.has_context, self.uniform
+        if _eager():
+            self.advance(t)
+            if valid is not None:
+                self.exact = False
+        past = self.seq_lens.clone()
+        if valid is None:
+            offsets = torch.arange(t, device=self.device).view(1, t)
+        else:
+            offsets = valid.long().cumsum(1) - 1
+        pos = past.long().view(-1, 1) + offsets                                    # (B, t)
+        col = (pos // self.block_size).clamp_(0, max(self.block_table.shape[1] - 1, 0))
+        slots = self.block_table.gather(1, col).long() * self.block_size + pos % self.block_size
+        if valid is None:
+            self.seq_lens.add_(t)
+        else:
+            slots = slots.masked_fill(~valid, -1)
+            self.seq_lens.add_(valid.sum(1, dtype=torch.int32))
+        return WriteStep(slots.reshape(-1), past, self.seq_lens, past_length, has_context,
+                         uniform, valid is not None)
+
+    def select(self, index: torch.Tensor) -> torch.Tensor:
+        """Sequence i becomes old sequence index[i]; returns the old block of each new block,
+        by which every layer reorders its storage."""
+        index = index.to(self.device).long()
+        per_seq = self.block_table.shape[1]
+        order = self.block_table.long()[index].flatten()
+        host = self.lengths
+        self.batch_size = index.numel()
+        self.block_table = torch.arange(self.batch_size * per_seq, dtype=torch.int32,
+                                        device=self.device).view(self.batch_size, per_seq)
+        self.seq_lens = self.seq_lens[index].contiguous()
+        self.num_blocks = self.batch_size * per_seq
+        self._set_lengths([host[i] for i in index.tolist()])
+        return order
+
+    def crop(self, keep: int) -> None:
+        keep = max(0, keep)
+        self._set_lengths([min(n, keep) for n in self.lengths])
+        if self.seq_lens is not None:
+            self.seq_lens.clamp_(max=keep)
+
+    def reset(self) -> None:
+        if self.seq_lens is not None:
+            self.seq_lens.zero_()
+        self._set_lengths([0] * len(self.lengths))
+        self.exact = True
+
+    def row(self, b: int) -> "SequenceTable":
+        """Sequence b alone, as a table of one sequence over the same blocks and lengths."""
+        if not self.initialized or self.max_length is None:
+            raise ValueError("rows exist in a cache created with batch_size and max_length")
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"row {b} of a cache of {self.batch_size} sequences")
+        view = copy.copy(self)
+        view._root, view._row = (self._root or self), b if self._root is None else self._row
+        view.block_table = self.block_table[b:b + 1]
+        view.seq_lens = self.seq_lens[b:b + 1]
+        view.batch_size = 1
+        view.has_context = view.length > 0
+        return view
+
+
 class LatentCacheLayer(CacheLayerMixin):
-    """One MLA layer's paged latent cache. All sequences of the batch advance together (the way
-    ``generate`` uses a cache); ``seq_lens`` is still a per-sequence tensor, as the kernels take."""
+    """One MLA layer's paged latent storage; its sequences are those of ``table``, shared with
+    the cache's other layers (a layer made alone has a table of its own)."""
 
     is_sliding = False
-    is_compileable = False
     is_croppable = True
 
     def __init__(self, latent_dim: int, num_kv_heads: int, rope_dim: int,
                  latent_dtype: torch.dtype, rope_dtype: torch.dtype, *, block_size: int,
-                 group_size: int, max_length: int | None = None):
+                 group_size: int, max_length: int | None = None,
+                 table: SequenceTable | None = None):
         super().__init__()
         if latent_dim % group_size:
             raise ValueError(f"group_size {group_size} must divide the latent width {latent_dim}")
@@ -82,20 +285,37 @@ class LatentCacheLayer(CacheLayerMixin):
             raise ValueError(f"int4 caches need an even group_size, got {group_size}")
         self.latent_dim, self.num_kv_heads, self.rope_dim = latent_dim, num_kv_heads, rope_dim
         self.latent_dtype, self.rope_dtype = latent_dtype, rope_dtype
-        self.block_size, self.group_size, self.max_length = block_size, group_size, max_length
-        self.length = 0
-        self._batch = None
+        self.group_size = group_size
+        self.table = table if table is not None else SequenceTable(block_size, max_length)
         self.storage: dict[str, torch.Tensor | None] = {}
-        self.block_table = None
-        self.seq_lens = None
 
-    # ---------------------------------------------------------------- storage
+    @property
+    def is_compileable(self) -> bool:
+        return self.table.max_length is not None
+
+    @property
+    def block_size(self) -> int:
+        return self.table.block_size
+
+    @property
+    def max_length(self) -> int | None:
+        return self.table.max_length
+
+    @property
+    def block_table(self):
+        return self.table.block_table
+
+    @property
+    def seq_lens(self):
+        return self.table.seq_lens
 
     @property
     def batch_size(self) -> int:
-        if self._batch is None:
+        if self.table.batch_size is None:
             raise AttributeError("batch_size is known after the first write")
-        return self._batch
+        return self.table.batch_size
+
+    # ---------------------------------------------------------------- storage
 
     def _new_blocks(self, n: int, device) -> dict:
         quantized = self.latent_dtype not in _FLOAT_NAMES
@@ -116,77 +336,74 @@ class LatentCacheLayer(CacheLayerMixin):
             if self.rope_dtype == torch.float8_e4m3fn else None,
         }
 
-    def lazy_initialization(self, batch_size: int, device) -> None:
-        self._batch = batch_size
-        self.device = torch.device(device)
-        self.storage = self._new_blocks(0, device)
-        self.block_table = torch.zeros(batch_size, 0, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+    def fit_storage(self) -> None:
+        """Grow the storage to the table's block count (new blocks are appended)."""
+        want = self.table.num_blocks
+        if not self.storage:
+            self.storage = self._new_blocks(want, self.table.device)
+        have = self.storage["latent"].shape[0]
+        if have < want:
+            fresh = self._new_blocks(want - have, self.table.device)
+            for name, old in self.storage.items():
+                if old is not None:
+                    self.storage[name] = torch.cat([old, fresh[name]])
         self.is_initialized = True
-        if self.max_length:
-            self._reserve(self.max_length)
 
-    def _reserve(self, length: int) -> None:
-        """Make room for ``length`` tokens per sequence, growing geometrically."""
-        if self.max_length and length > self.max_length:
-            raise ValueError(f"the cache was created with max_length={self.max_length}, "
-                             f"cannot hold {length} tokens")
-        have = self.block_table.shape[1]
-        need = -(-length // self.block_size)
-        if need <= have:
-            return
-        want = max(need, 2 * have)
-        if self.max_length:
-            want = max(need, min(want, -(-self.max_length // self.block_size)))
-        extra = want - have
-        first = self.storage["latent"].shape[0]
-        fresh = self._new_blocks(self._batch * extra, self.device)
-        for name, old in self.storage.items():
-            if old is not None:
-                self.storage[name] = torch.cat([old, fresh[name]])
-        new_ids = first + torch.arange(self._batch * extra, dtype=torch.int32, device=self.device)
-        self.block_table = torch.cat([self.block_table, new_ids.view(extra, self._batch).t()], 1)
+    def lazy_initialization(self, batch_size: int, device) -> None:
+        if not self.table.initialized:
+            self.table.initialize(batch_size, device)
+        self.fit_storage()
 
     def reserve(self, batch_size: int, num_tokens: int, device) -> torch.Tensor:
-        """Claim the next ``num_tokens`` positions of every sequence and return their slots,
-        (B * T,) int64 in batch-major order, for a cache write (ops.latent_cache_write or the
-        fused ops.latent_project)."""
-        if not self.is_initialized:
-            self.lazy_initialization(batch_size, device)
-        elif batch_size != self._batch:
-            raise ValueError(f"the cache holds {self._batch} sequences, got a batch of {batch_size}")
-        self._reserve(self.length + num_tokens)
-        pos = self.length + torch.arange(num_tokens, device=self.device)
-        blocks = self.block_table[:, pos // self.block_size].long()              # (B, T)
-        self.length += num_tokens
-        self.seq_lens.fill_(self.length)
-        return (blocks * self.block_size + pos % self.block_size).reshape(-1)
+        """Claim the next ``num_tokens`` positions of every sequence of a layer that owns its
+        table and return their slots, (B * T,) int64 in batch-major order."""
+        step = self.table.begin_write(batch_size, num_tokens, device, None)
+        self.fit_storage()
+        return step.slots
 
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """Write T new tokens of every sequence. latent: (B, T, D_c); k_rope: (B, T, H_kv, d_r),
-        already rotated."""
+    def _check_tokens(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         b, t, d_c = latent.shape
         if d_c != self.latent_dim or k_rope.shape != (b, t, self.num_kv_heads, self.rope_dim):
             raise ValueError(
                 f"expected latent (B, T, {self.latent_dim}) and k_rope (B, T, "
                 f"{self.num_kv_heads}, {self.rope_dim}), got {tuple(latent.shape)} and "
                 f"{tuple(k_rope.shape)}")
-        slots = self.reserve(b, t, latent.device)
+
+    def write(self, latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store latent (B, T, D_c) and rotated k_rope (B, T, H_kv, d_r) at ``slots``."""
+        self._check_tokens(latent, k_rope)
+        b, t, d_c = latent.shape
         ops.latent_cache_write(latent.reshape(b * t, d_c).contiguous(),
                                k_rope.reshape(b * t, self.num_kv_heads, self.rope_dim).contiguous(),
-                               slots, *self.tensors())
+                               slots, *self.tensors(), check_ranges=ops.debug_checks_enabled())
+
+    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Write T new tokens of every sequence (a layer that owns its table)."""
+        self._check_tokens(latent, k_rope)
+        b, t, _ = latent.shape
+        self.write(latent, k_rope, self.reserve(b, t, latent.device))
 
     def tensors(self):
         """(latent, latent_scale, latent_zero, k_rope, k_rope_scale), the ops' cache arguments."""
+        if self.storage.get("latent") is None or self.storage["latent"].shape[0] < self.table.num_blocks:
+            self.fit_storage()
         s = self.storage
         return s["latent"], s["latent_scale"], s["latent_zero"], s["k_rope"], s["k_rope_scale"]
 
-    def gather(self):
-        """Dequantized context: latent (B, L, D_c) and k_rope (B, L, H_kv, d_r), fp32."""
-        return ops.latent_gather(*self.tensors(), self.block_table, self.seq_lens, self.length)
+    def gather(self, max_len: int | None = None):
+        """Dequantized context: latent (B, L, D_c) and k_rope (B, L, H_kv, d_r), fp32, zero past
+        each sequence's length (L: the host bound of the lengths)."""
+        length = self.table.length if max_len is None else max_len
+        return ops.latent_gather(*self.tensors(), self.block_table, self.seq_lens, length)
+
+    def permute_storage(self, order: torch.Tensor) -> None:
+        """Block i of the storage becomes old block order[i] (after SequenceTable.select)."""
+        for name, t in self.storage.items():
+            if t is not None:
+                self.storage[name] = t[order].contiguous()
 
     def nbytes(self) -> int:
-        """Bytes allocated by this layer (storage + tables)."""
+        """Bytes allocated by this layer's storage (its share of the tables included)."""
         total = sum(t.numel() * t.element_size() for t in self.storage.values() if t is not None)
         if self.block_table is not None:
             total += self.block_table.numel() * 4 + self.seq_lens.numel() * 4
@@ -203,41 +420,26 @@ class LatentCacheLayer(CacheLayerMixin):
                         "converted by mla_ext.convert_to_mla")
 
     def get_seq_length(self) -> int:
-        return self.length
+        return self.table.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        return self.table.length + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.max_length or -1
+        return self.table.max_length or -1
 
     def reset(self) -> None:
-        self.length = 0
-        if self.seq_lens is not None:
-            self.seq_lens.zero_()
+        self.table.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         # transformers passes a negative max_length or a count to drop, depending on the caller
-        keep = self.length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
-        self.length = max(0, min(self.length, keep))
-        if self.seq_lens is not None:
-            self.seq_lens.fill_(self.length)
+        length = self.table.length
+        self.table.crop(length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
 
     def _select(self, index: torch.Tensor) -> None:
-        """Rebuild the storage so that sequence i holds old sequence index[i]."""
-        if not self.is_initialized:
-            return
-        index = index.to(self.device).long()
-        table = self.block_table.long()
-        per_seq = table.shape[1]
-        for name, t in self.storage.items():
-            if t is not None:
-                self.storage[name] = t[table[index]].flatten(0, 1).contiguous()
-        self._batch = index.numel()
-        self.block_table = torch.arange(self._batch * per_seq, dtype=torch.int32,
-                                        device=self.device).view(self._batch, per_seq)
-        self.seq_lens = torch.full((self._batch,), self.length, dtype=torch.int32,
-                                   device=self.device)
+        if self.table.initialized:
+            self.fit_storage()
+            self.permute_storage(self.table.select(index))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -246,8 +448,9 @@ class LatentCacheLayer(CacheLayerMixin):
         self._select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select(torch.arange(self._batch, device=self.device).repeat_interleave(repeats))
+        if self.table.initialized:
+            self._select(torch.arange(self.table.batch_size,
+                                      device=self.table.device).repeat_interleave(repeats))
 
     def offload(self):
         raise NotImplementedError("LatentCache does not offload; it is already compressed")
@@ -272,6 +475,11 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
 class LatentCache(Cache):
     """Paged latent cache for a converted model; use as ``past_key_values``.
 
@@ -282,26 +490,116 @@ class LatentCache(Cache):
             float dtype, or the model's dtype for quantized latents.
         block_size: tokens per cache block (default 64).
         group_size: latent channels per quantization group; None picks ``default_group_size``.
-        max_length: if given, every layer allocates room for this many tokens per sequence at
-            its first write and never reallocates (needed for CUDA-graph capture).
+        max_length: if given, room for this many tokens per sequence is allocated at once and
+            never reallocated (a static cache, as CUDA-graph capture and torch.compile need).
+        batch_size: with ``max_length``, allocate everything now, on the model's device, for this
+            many sequences (else at the first write).
+
+    Sequences keep their own lengths: a prefill whose attention mask marks padding stores only
+    the real tokens, and decode steps attend to each sequence's own tokens through the absorbed
+    kernel (``mla_decode`` with per-sequence ``seq_lens``).
     """
 
     def __init__(self, model, cache_dtype: str = "bf16", rope_dtype: str | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, group_size: int | None = None,
-                 max_length: int | None = None):
-        if block_size < 1:
-            raise ValueError(f"block_size must be positive, got {block_size}")
+                 max_length: int | None = None, batch_size: int | None = None):
         latent_dtype, rope = _resolve_dtypes(cache_dtype, rope_dtype, _model_dtype(model))
+        for name, value in (("group_size", group_size), ("max_length", max_length),
+                            ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if batch_size is not None and max_length is None:
+            raise ValueError("batch_size allocates a static cache: give max_length too")
+        modules = mla_layers(model)
+        self.table = SequenceTable(block_size, max_length)
         layers = [LatentCacheLayer(
-            m.latent_dim, m.num_kv_heads, m.rope_dim, latent_dtype, rope,
-            block_size=block_size, group_size=group_size or default_group_size(m.latent_dim),
-            max_length=max_length) for m in mla_layers(model)]
+            m.latent_dim, m.num_kv_heads, m.rope_dim, latent_dtype, rope, block_size=block_size,
+            group_size=group_size or default_group_size(m.latent_dim), table=self.table)
+            for m in modules]
         super().__init__(layers=layers)
-        self.cache_dtype = cache_dtype
+        self.first_layer = modules[0].layer_idx
+        self.step: WriteStep | None = None
+        if batch_size is not None:
+            self.table.initialize(batch_size, _model_device(model))
+            for layer in self.layers:
+                layer.fit_storage()
+
+    # ---------------------------------------------------------------- steps
+
+    def begin_step(self, layer_idx: int, hidden_states: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> WriteStep:
+        """The write of this forward pass: made by its first MLA layer, reused by the others.
+        A prefill (no context yet) with a 4D mask stores only the tokens the mask shows as real."""
+        if layer_idx == self.first_layer or self.step is None:
+            b, t = hidden_states.shape[:2]
+            valid = None
+            if (attention_mask is not None and torch.is_tensor(attention_mask)
+                    and attention_mask.dim() == 4 and not self.table.has_context):
+                valid = valid_tokens(attention_mask, b, t)
+            self.step = self.table.begin_write(b, t, hidden_states.device, valid)
+            for layer in self.layers:
+                layer.fit_storage()
+        return self.step
+
+    def advance(self, num_tokens: int) -> None:
+        """Host bookkeeping of ``num_tokens`` tokens per sequence written by replayed graphs or
+        compiled steps (which advance only the device lengths)."""
+        self.table.advance(num_tokens)
+
+    def row(self, b: int) -> "LatentCache":
+        """Sequence b of a static cache as a cache of one sequence sharing its storage: a prompt
+        is prefilled into its row alone, without padding."""
+        view = copy.copy(self)
+        view.table = self.table.row(b)
+        view.layers = []
+        for layer in self.layers:
+            part = copy.copy(layer)
+            part.table = view.table
+            view.layers.append(part)
+        view.step = None
+        return view
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """(B,) int32 lengths of the sequences, on the device."""
+        return self.table.seq_lens
+
+    # ---------------------------------------------------------------- Cache protocol
+
+    def reset(self):
+        self.table.reset()
+        self.step = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.layers[0].crop(tokens_to_remove)
+
+    def _select(self, index: torch.Tensor) -> None:
+        if not self.table.initialized:
+            return
+        for layer in self.layers:
+            layer.fit_storage()
+        order = self.table.select(index)
+        for layer in self.layers:
+            layer.permute_storage(order)
+        self.step = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._select(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.table.initialized:
+            self._select(torch.arange(self.table.batch_size,
+                                      device=self.table.device).repeat_interleave(repeats))
 
     def nbytes(self) -> int:
-        """Bytes allocated by all layers."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes allocated by all layers (the shared tables counted once)."""
+        tables = (self.table.block_table.numel() + self.table.seq_lens.numel()) * 4 \
+            if self.table.initialized else 0
+        return sum(layer.nbytes() for layer in self.layers) - (len(self.layers) - 1) * tables
 
     def bytes_per_token(self) -> int:
         """Bytes one token occupies over all layers, scales and zeros included."""
