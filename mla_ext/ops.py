@@ -38,10 +38,16 @@ def reference_only():
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
-    """Whether torch.ops.mla_ext.<op> has a compiled kernel for ``device`` (and is used)."""
+    """Whether torch.ops.mla_ext.<op> has a compiled kernel for ``device`` (and is used).
+    torch.compile takes the answer as a constant of the traced code."""
+    return _has_kernel(op, torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(op: str, device_type: str) -> bool:
     if getattr(_reference_only, "on", False):
         return False
-    key = "CUDA" if torch.device(device).type == "cuda" else "CPU"
+    key = "CUDA" if device_type == "cuda" else "CPU"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_LIB}::{op}", key)
     except RuntimeError:

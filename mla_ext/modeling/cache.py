@@ -204,8 +204,12 @@ class SequenceTable:
             self.initialize(batch, device)
         elif batch != self.batch_size:
             raise ValueError(f"the cache holds {self.batch_size} sequences, got a batch of {batch}")
-        past_length, has_context, uniform = self.length, self.has_context, self.uniform
+        has_context = self.has_context
+        # the host lengths are read and advanced by eager code only: captured or compiled steps
+        # must not depend on them (their driver advances them), and take the absorbed path
+        past_length, uniform = -1, False
         if _eager():
+            past_length, uniform = self.length, self.uniform
             self.advance(t)
             if valid is not None:
                 self.exact = False
