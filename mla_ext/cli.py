@@ -150,20 +150,29 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
-    from .eval import chat
-    from .modeling import LatentCache
-    from .modeling.attention import MLAAttention
+    from .generation import generate, is_converted
 
     model, tokenizer = _load(args)
-    converted = any(isinstance(m, MLAAttention) for m in model.modules())
-    cache = LatentCache(model, cache_dtype=args.cache_dtype) if converted else None
+    device = next(model.parameters()).device
     if args.raw:
-        enc = tokenizer(args.prompt, return_tensors="pt").to(next(model.parameters()).device)
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=args.max_new_tokens,
-                             do_sample=False)
-        print(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+        enc = tokenizer(args.prompt, return_tensors="pt")
     else:
-        print(chat(model, tokenizer, args.prompt, args.max_new_tokens, cache=cache))
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                            add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    ids = enc["input_ids"].to(device)
+    converted = is_converted(model)
+    out, stats = generate(model, ids, enc["attention_mask"].to(device), args.max_new_tokens,
+                          cache_dtype=args.cache_dtype if converted else None,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          eos_token_id=tokenizer.eos_token_id,
+                          cuda_graph=False if args.no_cuda_graph else None, return_stats=True)
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    cache = f"{args.cache_dtype} latent cache" if converted else "K/V cache"
+    print(f"[{ids.shape[1]} prompt tokens: prefill {stats.prefill_s:.3f} s; "
+          f"{stats.decode_steps + 1} new tokens: {stats.tokens_per_s:.1f} tokens/s "
+          f"({stats.ms_per_step:.2f} ms per step, {cache}, "
+          f"{'CUDA graph' if stats.cuda_graph else 'eager'} on {device})]", file=sys.stderr)
 
 
 def cmd_demo(args):
@@ -200,14 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="truncate the text (quick runs)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="greedy generation (chat template by default)",
-                       description="Generate with the latent cache when the model is converted.")
+    p = sub.add_parser("generate", help="generate text (chat template by default)",
+                       description="Prefill, then decode one token per step over a static cache "
+                                   "(the latent cache when the model is converted), each step "
+                                   "replayed from a CUDA graph on a GPU; prints the answer, then "
+                                   "prefill time and decode tokens/s.")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
                    help="latent cache format of a converted model (default bf16)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default) is greedy; above 0 samples at this temperature")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches this "
+                        "(default 1: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run every decode step eagerly (default: replay a CUDA graph on a GPU)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="convert the default model and compare it with the original",

@@ -14,7 +14,7 @@ from .config import MLAConfig
 from .convert import calibrate
 from .data import default_calibration_text, default_evaluation_text
 from .eval import chat, perplexity
-from .modeling import LatentCache, convert_to_mla, kv_cache_bytes_per_token
+from .modeling import convert_to_mla, kv_cache_bytes_per_token
 from .models import DEFAULT_MODEL_NAME, load_default_model
 
 # The paper's defaults for a d_h = 64 model: 2-norm, r = d_h/16 = 4, joint SVD, d_kv = d_h/4.
@@ -84,9 +84,13 @@ class _Setup:
              "bytes": kv_cache_bytes_per_token(model, cache_dtype, rope) / self.layers,
              "ppl": self.ppl(model, cache_dtype if through_cache else None, rope)}
         if answer:
-            cache = (LatentCache(model, cache_dtype=CHAT_CACHE, rope_dtype=CHAT_ROPE)
-                     if model is not self.original else None)
-            r["answer"] = chat(model, self.tokenizer, PROMPT, cache=cache)
+            converted = model is not self.original
+            r["answer"], stats = chat(model, self.tokenizer, PROMPT,
+                                      cache_dtype=CHAT_CACHE if converted else None,
+                                      rope_dtype=CHAT_ROPE if converted else None,
+                                      return_stats=True)
+            r["speed"] = (f"{stats.tokens_per_s:.0f} tokens/s"
+                          f"{', CUDA graph' if stats.cuda_graph else ''}")
         return r
 
 
@@ -218,7 +222,8 @@ def _print_table(rows: list[dict], eval_tokens, context, recovered: bool = False
         print(f"chat, greedy: {PROMPT!r}")
     for r in answered:
         print(textwrap.fill(r["answer"] or "(empty)", width=100,
-                            initial_indent=f"  {r['name']}: ", subsequent_indent="      "))
+                            initial_indent=f"  {r['name']} [{r['speed']}]: ",
+                            subsequent_indent="      "))
     if recovered:
         print("Steps 1-3 are training-free; step 4 adds a short recovery fine-tune of step 3's "
               "model (mla-ext finetune runs longer ones).")

@@ -120,14 +120,31 @@ def _window_logits(model, window, cache_dtype, chunk_size, rope_dtype=None):
 
 
 @torch.no_grad()
-def chat(model, tokenizer, prompt: str, max_new_tokens: int = 48, cache=None) -> str:
-    """Greedy answer of a chat model to one user message (``cache`` e.g. a LatentCache)."""
+def chat(model, tokenizer, prompt: str, max_new_tokens: int = 48, cache=None,
+         cache_dtype: str | None = None, rope_dtype: str | None = None,
+         return_stats: bool = False):
+    """Greedy answer of a chat model to one user message.
+
+    Through ``mla_ext.generate`` (a static cache of ``cache_dtype`` / ``rope_dtype`` for a
+    converted model, CUDA-graph decode steps where they can be captured); with ``cache`` (e.g. a
+    LatentCache) through Hugging Face's ``generate`` instead. return_stats: also return the
+    GenerationStats (None with ``cache``)."""
+    from .generation import generate
+
     messages = [{"role": "user", "content": prompt}]
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)
     device = next(model.parameters()).device
     ids = enc["input_ids"].to(device)
-    out = model.generate(ids, attention_mask=enc["attention_mask"].to(device),
-                         past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    stats = None
+    if cache is not None:
+        out = model.generate(ids, attention_mask=enc["attention_mask"].to(device),
+                             past_key_values=cache, max_new_tokens=max_new_tokens,
+                             do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    else:
+        out, stats = generate(model, ids, enc["attention_mask"].to(device), max_new_tokens,
+                              cache_dtype=cache_dtype, rope_dtype=rope_dtype,
+                              eos_token_id=tokenizer.eos_token_id, return_stats=True)
+    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return (answer, stats) if return_stats else answer

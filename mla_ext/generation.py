@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import ops
 from .modeling.attention import MLAAttention
 from .modeling.cache import LatentCache
 from .modeling.kv_cache import StaticKVCache
@@ -140,6 +141,23 @@ def _check_options(max_new_tokens, temperature, top_p, prefill_chunk):
         raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
 
 
+def graph_capturable(model) -> str | None:
+    """Why the model's decode step cannot be captured in a CUDA graph (None: it can). A
+    converted model decodes through the CUDA kernels in bf16 or fp16 only; other dtypes (and
+    builds without the kernels) take the PyTorch reference, which reads lengths on the host."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return f"the model is on {param.device}, not on a CUDA device"
+    if is_converted(model):
+        if param.dtype not in (torch.bfloat16, torch.float16):
+            return (f"the converted model is in {param.dtype}; the CUDA decode kernel computes in "
+                    "bf16 or fp16 (the reference path it falls back to cannot be captured)")
+        if not (ops.has_kernel("mla_decode", param.device)
+                and ops.has_kernel("latent_project", param.device)):
+            return "this build of mla_ext has no CUDA kernels (built without nvcc)"
+    return None
+
+
 def make_cache(model, batch_size: int, max_length: int, cache_dtype: str | None = None,
                rope_dtype: str | None = None, block_size: int = 64):
     """The static cache generate() uses: a LatentCache for a converted model, else a
@@ -192,7 +210,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
     smallest set of tokens whose probability reaches ``top_p``.
     eos_token_id: an int or a list; a sequence that makes one is finished and padded with
     ``pad_token_id`` (default: the first EOS id, else 0).
-    cuda_graph: replay one captured decode step per token (default: on for CUDA models).
+    cuda_graph: replay one captured decode step per token (default: wherever the step can be
+    captured, see ``graph_capturable``).
     prefill_chunk: prompt tokens per prefill forward pass. seed: seeds torch's generators.
     Returns (B, P + n) int64: input_ids followed by the n generated tokens (n <= max_new_tokens);
     with return_stats, (sequences, GenerationStats).
@@ -200,9 +219,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
     _check_options(max_new_tokens, temperature, top_p, prefill_chunk)
     prompts = _prompts(input_ids, attention_mask)
     device = next(model.parameters()).device
-    cuda_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
+    capturable = graph_capturable(model)
+    if cuda_graph is None:
+        cuda_graph = capturable is None
+    elif cuda_graph and capturable is not None:
+        raise ValueError(f"cuda_graph=True: {capturable}")
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)

@@ -60,3 +60,9 @@ def test_convert_eval_generate_on_a_tiny_model(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     assert main(["generate", "--model", str(ckpt), "--prompt", "Hello", "--max-new-tokens", "3",
                  "--cache-dtype", "int4"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "--prompt", "", "--raw"]) == 2
+    assert "no prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "Hi", "--raw",
+                 "--max-new-tokens", "2", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert "K/V cache" in capsys.readouterr().err

@@ -217,7 +217,7 @@ def test_bad_input_is_named(models):
         (dict(prefill_chunk=0), "prefill_chunk"),
         (dict(attention_mask=torch.ones(2, 3)), "attention_mask"),
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])), "prompt 1"),
-        (dict(cuda_graph=True), "cuda_graph"),
+        (dict(cuda_graph=True), "cuda_graph=True: the model is on cpu"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
