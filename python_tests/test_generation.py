@@ -119,7 +119,7 @@ def test_static_latent_cache_bookkeeping(models):
     cache = mla_ext.LatentCache(mla, cache_dtype="int8", block_size=4, max_length=10,
                                 batch_size=3)
     blocks = cache.layers[0].storage["latent"].shape[0]
-    assert blocks == 3 * 3 and cache.is_compileable and cache.nbytes() > 0
+    assert blocks == 3 * 3 and cache.nbytes() > 0
     assert cache.table.block_table.unique().numel() == 9
     row = cache.row(1)
     mla(torch.randint(1, VOCAB, (1, 7)), past_key_values=row)

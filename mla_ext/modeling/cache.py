@@ -293,9 +293,10 @@ class LatentCacheLayer(CacheLayerMixin):
         self.table = table if table is not None else SequenceTable(block_size, max_length)
         self.storage: dict[str, torch.Tensor | None] = {}
 
-    @property
-    def is_compileable(self) -> bool:
-        return self.table.max_length is not None
+    # Hugging Face's generate() would compile its whole forward for a compileable cache, whose
+    # mask building reads the host length every step (a recompilation per token): the captured
+    # decode step is mla_ext.generate's, which builds no mask.
+    is_compileable = False
 
     @property
     def block_size(self) -> int:
