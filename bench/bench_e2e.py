@@ -5,9 +5,11 @@
     python bench/bench_e2e.py --models llama2-7b --quick
 
 Models: Llama-2-7B-shaped (32 layers, 32 heads x 128, MHA) and Llama-3-8B-shaped (8 KV heads)
-with random bf16 weights, converted weight-only at -81.25 % cache (r = 8 RoPE pairs, d_kv = 32,
-joint SVD: speed depends on shapes, not on weights), and the default SmolLM2 model converted with
-MLAConfig() where it is installed. Sides: the original through Hugging Face's default path
+with random bf16 weights; their converted side has the MLA layers that the weight-only
+conversion at -81.25 % cache makes (r = 8 RoPE pairs, d_kv = 32: D_c = 1024 and 256), with
+random weights too (speed depends on shapes, not on weights; the conversion's SVDs run in float64
+on the CPU, minutes for 32 layers of 4096). The default SmolLM2 model, where it is installed, is
+converted for real with MLAConfig(). Sides: the original through Hugging Face's default path
 (eager forward per token over a DynamicCache, SDPA), the original through mla_ext.generate's
 harness (StaticKVCache, one CUDA-graph replay per token), and the converted model through the
 same harness over bf16 / int8 / int4 latent caches (bf16 RoPE keys) and int4 with fp8 keys.
@@ -76,6 +78,28 @@ def random_model(name: str, layers: int):
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
+
+
+def to_mla_shapes(model) -> None:
+    """Swap every attention for the MLAAttention that convert_to_mla makes at CONVERSION's
+    sizes, with random weights (the kept RoPE pairs: the first r, as the 'high' strategy)."""
+    from mla_ext.modeling.attention import MLAAttention
+    from mla_ext.modeling.patch import plan_layers
+    sizes = plan_layers(model, mla_ext.MLAConfig(**CONVERSION))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            for i, (layer, size) in enumerate(zip(model.model.layers, sizes)):
+                layer.self_attn = None
+                mla = MLAAttention(model.config, i, size["rope_pairs"], size["latent_dim"])
+                for p in mla.parameters():
+                    p.data.normal_(0.0, 0.02)
+                r = size["rope_pairs"]
+                mla.rope_pairs.copy_(torch.arange(r).expand(mla.num_kv_heads, r))
+                layer.self_attn = mla.eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def weight_bytes(model) -> int:
@@ -236,7 +260,7 @@ def run_model(name: str, args, hbm: float, rows: list, max_batch: dict) -> None:
                                           **cfg.calibration_options())
                 mla_ext.convert_to_mla(model, cfg, calibration=calib, progress=False)
             else:
-                mla_ext.convert_to_mla(model, mla_ext.MLAConfig(**CONVERSION), progress=False)
+                to_mla_shapes(model)
             torch.cuda.empty_cache()
         sides = [s for s in args.sides if SIDES[s][0] == (phase == "converted")]
         for side in sides:

@@ -241,8 +241,9 @@ CUDA_FORMATS = [("bf16", None), ("int8", None), ("int4", None), ("fp8", None),
 @pytest.fixture(scope="module")
 def cuda_models():
     torch.manual_seed(0)
-    model = tiny_model().to("cuda", torch.bfloat16)
-    return model, converted(model, **LOSSY)
+    model = tiny_model()
+    mla = converted(model, **LOSSY)   # converted on the CPU in float64, as users do
+    return model.to("cuda", torch.bfloat16), mla.to("cuda", torch.bfloat16)
 
 
 @pytest.mark.gpu
