@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -233,12 +234,13 @@ def measure(model, name: str, side: str, b: int, s: int, hbm: float, real: bool)
 
 
 def largest_batch(model, side: str, s: int) -> int:
-    """Most sequences of S tokens whose cache fits beside the weights and a step's work."""
+    """Most sequences of S tokens whose cache fits beside the weights and a step's work (the
+    caller lowers it until a step runs)."""
     free, _ = torch.cuda.mem_get_info()
     per_seq = kv_bytes(model, side, 1, s + SPARE_TOKENS)
-    if side == "original-eager":
-        per_seq *= 2   # DynamicCache grows by concatenation: old and new copies at once
-    return max(1, int(free * 0.9 // per_seq))
+    if side == "original-eager":   # DynamicCache grows a layer by concatenation: two copies
+        per_seq += per_seq // model.config.num_hidden_layers
+    return max(1, int(free * 0.88 // per_seq))
 
 
 def run_model(name: str, args, hbm: float, rows: list, max_batch: dict) -> None:
@@ -305,6 +307,11 @@ def parse_args(argv=None):
     p.add_argument("--rows", default=",".join(f"{b}x{s}" for b, s in ROWS),
                    help="comma-separated BxS rows, e.g. 1x4096,8x8192")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON and PNG")
+    p.add_argument("--name", default=None,
+                   help="file name without suffix (default e2e_<gpu>, e.g. e2e_h200)")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no measurement: combine the rows of these JSONs (runs of the same GPU, "
+                        "e.g. one model each) into --out/--name .json and .png")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.sides = [s for s in args.sides.split(",") if s]
@@ -353,19 +360,43 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def gpu_tag(name: str | None) -> str:
+    """'NVIDIA H200' -> 'h200'."""
+    word = name.split()[-1].lower() if name else "gpu"
+    return "".join(ch for ch in word if ch.isalnum()) or "gpu"
+
+
+def merge(paths: list[Path], out: Path, name: str | None) -> Path:
+    """One JSON (and PNG) from several runs on the same GPU: rows and largest batches joined,
+    the metadata of each run kept under metadata.runs."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    gpus = {p["metadata"]["gpu"] for p in payloads}
+    if len(gpus) != 1:
+        raise SystemExit(f"--merge: runs of different GPUs {sorted(gpus)} are not comparable")
+    meta = dict(payloads[0]["metadata"])
+    meta["runs"] = [p["metadata"] for p in payloads]
+    merged = {"metadata": meta, "rows": [r for p in payloads for r in p["rows"]],
+              "max_batch_32k": {k: v for p in payloads for k, v in p["max_batch_32k"].items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name or 'e2e_' + gpu_tag(meta['gpu'])}.json"
+    path.write_text(json.dumps(merged, indent=1))
+    plot(merged, path.with_suffix(".png"))
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        print(f"wrote {merge(args.merge, args.out, args.name)}")
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_e2e needs a CUDA device")
     hbm = measure_peak_read_bandwidth()
     meta = {**metadata(), "command": "python bench/bench_e2e.py " + " ".join(argv or sys.argv[1:]),
             "hbm_read_GBps": round(hbm / 1e9, 1)}
     rows, max_batch = [], {}
-    gpu = meta["gpu"].split()[-1].lower() if meta["gpu"] else "gpu"
-    gpu = "".join(ch for ch in gpu if ch.isalnum()) or "gpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"e2e_{gpu}.json"
-    import json
+    path = args.out / f"{args.name or 'e2e_' + gpu_tag(meta['gpu'])}.json"
     for name in args.models:
         run_model(name, args, hbm, rows, max_batch)
         payload = {"metadata": meta, "rows": rows, "max_batch_32k": max_batch}
