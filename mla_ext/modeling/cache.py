@@ -81,8 +81,11 @@ def _eager() -> bool:
 
 def valid_tokens(attention_mask: torch.Tensor, batch: int, t: int) -> torch.Tensor:
     """(B, t) bool: which of a prefill's t tokens are real (not padding), read on the device from
-    the model's 4D mask (bool, True = attend, or additive float): the keys that the last query
-    row may see. Holds for left and right padding alike."""
+    the mask the attention layers get: 4D (bool, True = attend, or additive float: the keys that
+    the last query row may see; holds for left and right padding alike) or the 2D padding mask
+    that flash-attention implementations get."""
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -t:].bool().expand(batch, t)
     last = attention_mask[:, 0, -1, -t:]
     visible = last if last.dtype == torch.bool else last == 0
     return visible.expand(batch, t)
@@ -535,12 +538,12 @@ class LatentCache(Cache):
     def begin_step(self, layer_idx: int, hidden_states: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> WriteStep:
         """The write of this forward pass: made by its first MLA layer, reused by the others.
-        A prefill (no context yet) with a 4D mask stores only the tokens the mask shows as real."""
+        A prefill (no context yet) with a mask stores only the tokens the mask shows as real."""
         if layer_idx == self.first_layer or self.step is None:
             b, t = hidden_states.shape[:2]
             valid = None
-            if (attention_mask is not None and torch.is_tensor(attention_mask)
-                    and attention_mask.dim() == 4 and not self.table.has_context):
+            if (torch.is_tensor(attention_mask) and attention_mask.dim() in (2, 4)
+                    and not self.table.has_context):
                 valid = valid_tokens(attention_mask, b, t)
             self.step = self.table.begin_write(b, t, hidden_states.device, valid)
             for layer in self.layers:
