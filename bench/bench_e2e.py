@@ -243,14 +243,13 @@ def largest_batch(model, side: str, s: int) -> int:
     return max(1, int(free * 0.88 // per_seq))
 
 
-def run_model(name: str, args, hbm: float, rows: list, max_batch: dict) -> None:
+def run_model(name: str, args, hbm: float, rows: "Rows", max_batch: dict) -> None:
     if name == "smollm2":
         try:
             model, tok = mla_ext.load_default_model(dtype=torch.bfloat16, device="cuda")
         except FileNotFoundError as exc:
             print(f"smollm2: skipped ({exc})")
             return
-        original = None
     else:
         model = random_model(name, args.layers)
     for phase in ("original", "converted"):
@@ -282,11 +281,12 @@ def run_model(name: str, args, hbm: float, rows: list, max_batch: dict) -> None:
             rows.append(row)
             print(row, flush=True)
             max_batch[f"{name}/{side}"] = best if "error" not in row else 0
-        if phase == "original" and not args.quick:
-            b_o = max_batch.get(f"{name}/original-graph", 0)
-            args.b_o = b_o
-        if phase == "converted" and not args.quick and getattr(args, "b_o", 0):
+        if phase == "original":
+            args.b_o = 0 if args.quick else max_batch.get(f"{name}/original-graph", 0)
+        if args.b_o:
             for side in sides:
+                if side == "original-graph":
+                    continue   # its largest-batch row is this row
                 row = measure(model, name, side, args.b_o, LONG, hbm, real=False)
                 row["at_original_max_batch"] = True
                 rows.append(row)
@@ -360,6 +360,25 @@ def plot(payload: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+class Rows(list):
+    """The rows measured so far, written out after each one (a run cut short keeps them)."""
+
+    def __init__(self, path: Path, meta: dict, max_batch: dict):
+        super().__init__()
+        self.path, self.meta, self.max_batch = path, meta, max_batch
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.write()
+
+    def write(self) -> dict:
+        payload = {"metadata": self.meta, "rows": list(self), "max_batch_32k": self.max_batch}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(self.path)
+        return payload
+
+
 def gpu_tag(name: str | None) -> str:
     """'NVIDIA H200' -> 'h200'."""
     word = name.split()[-1].lower() if name else "gpu"
@@ -394,13 +413,13 @@ def main(argv=None):
     hbm = measure_peak_read_bandwidth()
     meta = {**metadata(), "command": "python bench/bench_e2e.py " + " ".join(argv or sys.argv[1:]),
             "hbm_read_GBps": round(hbm / 1e9, 1)}
-    rows, max_batch = [], {}
+    max_batch = {}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{args.name or 'e2e_' + gpu_tag(meta['gpu'])}.json"
+    rows = Rows(path, meta, max_batch)
     for name in args.models:
         run_model(name, args, hbm, rows, max_batch)
-        payload = {"metadata": meta, "rows": rows, "max_batch_32k": max_batch}
-        path.write_text(json.dumps(payload, indent=1))
+    payload = rows.write()
     try:
         plot(payload, path.with_suffix(".png"))
     except ImportError:
