@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -312,6 +313,8 @@ def parse_args(argv=None):
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="no measurement: combine the rows of these JSONs (runs of the same GPU, "
                         "e.g. one model each) into --out/--name .json and .png")
+    p.add_argument("--table", type=Path, default=None, metavar="JSON",
+                   help="no measurement: print this JSON's rows as a markdown table")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.sides = [s for s in args.sides.split(",") if s]
@@ -380,9 +383,9 @@ class Rows(list):
 
 
 def gpu_tag(name: str | None) -> str:
-    """'NVIDIA H200' -> 'h200'."""
-    word = name.split()[-1].lower() if name else "gpu"
-    return "".join(ch for ch in word if ch.isalnum()) or "gpu"
+    """The GPU's model in a file name: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    match = re.search(r"\b([A-Za-z]{1,2}\d{2,4}[A-Za-z]?)\b", name or "")
+    return match.group(1).lower() if match else "gpu"
 
 
 def merge(paths: list[Path], out: Path, name: str | None) -> Path:
@@ -403,8 +406,35 @@ def merge(paths: list[Path], out: Path, name: str | None) -> Path:
     return path
 
 
+def table(payload: dict) -> str:
+    """The rows as a markdown table, the original's best path and each side's speed-up over it
+    at the same (model, B, S)."""
+    rows = payload["rows"]
+    base = {(r["model"], r["B"], r["S"]): r for r in rows
+            if r["side"] == "original-graph" and "error" not in r}
+    lines = ["| model | side | B | S | ms/step | tokens/s | x original-graph | prefill s | "
+             "peak GB | KV GB | roofline |", "|" + "---|" * 11]
+    for r in rows:
+        tag = " (largest B)" if r.get("max_batch") else ""
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['side']}{tag} | {r['B']} | {r['S']} | "
+                         f"{r['error']} | | | | | | |")
+            continue
+        ref = base.get((r["model"], r["B"], r["S"]))
+        speedup = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
+        prefill = "" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}"
+        lines.append(f"| {r['model']} | {r['side']}{tag} | {r['B']} | {r['S']} | "
+                     f"{r['ms_per_step']:.2f} | {r['tokens_per_s']:,.0f} | {speedup} | {prefill} | "
+                     f"{r['peak_GB']:.1f} | {r['kv_bytes'] / 1e9:.2f} | "
+                     f"{100 * r['roofline_frac']:.0f} % |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if args.merge:
         print(f"wrote {merge(args.merge, args.out, args.name)}")
         return
