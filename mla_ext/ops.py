@@ -91,8 +91,10 @@ def partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     x: (N, heads, d_r), [x1 | x2] per head; cos, sin: (N, H_kv, r) with d_r = 2 r; head h uses
     KV head h // (heads // H_kv). Returns a new (N, heads, d_r) tensor in x's dtype.
+    The compiled op has no autograd formula: where gradients flow, the differentiable reference
+    computes it.
     """
-    if not has_kernel("partial_rope", x.device):
+    if not has_kernel("partial_rope", x.device) or (torch.is_grad_enabled() and x.requires_grad):
         return reference.partial_rope(x, cos, sin)
     return _op("partial_rope")(x, cos, sin)
 

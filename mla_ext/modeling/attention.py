@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .. import ops, reference
+from .. import ops
 from .cache import LatentCache
 
 # Decode steps with at most this many new tokens per sequence use the absorbed kernel.
@@ -35,17 +35,11 @@ def _per_token(angles: torch.Tensor, b: int, t: int) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Partial RoPE on x (B, T, heads, d_r) with cos/sin (B, T, H_kv, r).
-
-    The compiled op has no autograd formula, so anything that needs gradients takes the
-    differentiable PyTorch math."""
+    """Partial RoPE on x (B, T, heads, d_r) with cos/sin (B, T, H_kv, r)."""
     b, t, heads, d_r = x.shape
-    flat = x.reshape(b * t, heads, d_r)
-    c, s = _per_token(cos, b, t), _per_token(sin, b, t)
-    if torch.is_grad_enabled() and x.requires_grad:
-        out = reference.partial_rope(flat, c, s)
-    else:
-        out = ops.partial_rope(flat.contiguous(), c.contiguous(), s.contiguous())
+    flat = x.reshape(b * t, heads, d_r).contiguous()
+    out = ops.partial_rope(flat, _per_token(cos, b, t).contiguous(),
+                           _per_token(sin, b, t).contiguous())
     return out.view(b, t, heads, d_r)
 
 
@@ -118,13 +112,9 @@ class MLAAttention(nn.Module):
         return _rope(k_rope, cos, sin), self.kv_down(hidden_states)
 
     def write_new_tokens(self, layer, step, hidden_states, cos, sin) -> None:
-        """Project the new tokens' latents and RoPE keys into the cache slots of ``step``: one
-        fused kernel (ops.latent_project) where the extension has it, else the separate ops."""
+        """Project the new tokens' latents and RoPE keys into the cache slots of ``step`` (the
+        fused ops.latent_project)."""
         b, t, d = hidden_states.shape
-        if not ops.has_kernel("latent_project", hidden_states.device):
-            k_rope, latent = self.key_latent(hidden_states, cos, sin)
-            layer.write(latent, k_rope, step.slots)
-            return
         ops.latent_project(hidden_states.reshape(b * t, d).contiguous(), self.kv_down.weight,
                            self.kr_proj.weight, self.kr_proj.bias,
                            _per_token(cos, b, t).contiguous(), _per_token(sin, b, t).contiguous(),
