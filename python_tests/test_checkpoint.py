@@ -80,3 +80,39 @@ def test_corrupt_or_mismatched_weights(mla, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError):
         mla_ext.load_pretrained(path)
+
+
+def test_tied_embeddings_roundtrip(tmp_path):
+    mla = converted(tiny_model(tie_word_embeddings=True), rope_strategy="high", rope_pairs=2,
+                    d_kv=6)
+    assert mla.lm_head.weight is mla.model.embed_tokens.weight
+    loaded = mla_ext.load_pretrained(mla_ext.save_pretrained(mla, tmp_path / "ckpt"))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, mla.lm_head.weight)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert torch.equal(mla(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.slow
+def test_default_model_roundtrip(tmp_path):
+    """The default model ties its embeddings: a weight-only conversion saves and loads back."""
+    try:
+        model, tok = mla_ext.load_default_model(dtype=torch.float32)
+    except FileNotFoundError as exc:  # pragma: no cover - make test installs it
+        pytest.skip(str(exc))
+    assert model.config.tie_word_embeddings
+    mla_ext.convert_to_mla(model, mla_ext.MLAConfig(rope_strategy="high", rope_pairs=8, d_kv=16,
+                                                    svd="joint", rope_correction="none"),
+                           progress=False)
+    path = mla_ext.save_pretrained(model, tmp_path / "ckpt", tokenizer=tok)
+    loaded, loaded_tok = mla_ext.load_pretrained(path, return_tokenizer=True)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert torch.equal(loaded_tok("The capital of France is", return_tensors="pt")["input_ids"],
+                       ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    expected = model.generate(ids, past_key_values=mla_ext.LatentCache(model, cache_dtype="fp32"),
+                              max_new_tokens=8, do_sample=False)
+    got = loaded.generate(ids, past_key_values=mla_ext.LatentCache(loaded, cache_dtype="fp32"),
+                          max_new_tokens=8, do_sample=False)
+    assert torch.equal(got, expected)

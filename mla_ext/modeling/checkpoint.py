@@ -94,17 +94,18 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None,
         model = LlamaForCausalLM(config)
     build_mla_structure(model, settings["layers"])
     model.to_empty(device=device or "cpu")
+    # to_empty gives every name its own tensor: tie them again before loading, so that a tensor
+    # the file stores once (under either of its names) fills all of them.
+    if config.tie_word_embeddings:
+        model.tie_weights()
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from exc
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
+        missing, unexpected = sorted(missing), sorted(unexpected)
         raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
     # Non-persistent buffers (the rotary inv_freq) are not in the file: build them afresh.
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device or "cpu")
     if dtype is not None:
