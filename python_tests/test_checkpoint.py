@@ -1,4 +1,10 @@
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,10 @@ from tiny import VOCAB, converted, tiny_model
 def mla():
     return converted(tiny_model(bias=True), rope_strategy="uniform", rope_pairs=2, d_kv=6,
                      svd="split")
+
+
+def hidden(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
 
 
 def test_roundtrip_is_exact(mla, tmp_path):
@@ -116,3 +126,49 @@ def test_default_model_roundtrip(tmp_path):
     got = loaded.generate(ids, past_key_values=mla_ext.LatentCache(loaded, cache_dtype="fp32"),
                           max_new_tokens=8, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_checkpoint_directory_follows_the_umask(mla, tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+SLOW_SAVE = """
+import sys, time
+import mla_ext
+import mla_ext.modeling.checkpoint as ckpt
+from tiny import converted, tiny_model
+
+def slow_writer(model, filename, metadata=None):
+    open(filename, "wb").write(b"half a file")
+    print("writing", flush=True)
+    time.sleep(120)
+
+ckpt.save_model = slow_writer
+mla = converted(tiny_model(), rope_strategy="high", rope_pairs=2, d_kv=6)
+mla_ext.save_pretrained(mla, sys.argv[1], overwrite=True)
+"""
+
+
+def test_sigterm_during_a_save_leaves_the_old_checkpoint_and_no_leftovers(mla, tmp_path):
+    path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(path)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        assert hidden(tmp_path)  # the save is under way beside the checkpoint
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) != 0
+    finally:
+        child.kill()
+        child.stdout.close()
+    assert hidden(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
