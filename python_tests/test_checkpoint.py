@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -126,6 +127,53 @@ def test_default_model_roundtrip(tmp_path):
     got = loaded.generate(ids, past_key_values=mla_ext.LatentCache(loaded, cache_dtype="fp32"),
                           max_new_tokens=8, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_overwrite_replaces_only_a_checkpoint_or_an_empty_directory(mla, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an mla_ext checkpoint"):
+        mla_ext.save_pretrained(mla, other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    file = tmp_path / "file"
+    file.write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        mla_ext.save_pretrained(mla, file, overwrite=True)
+    assert file.read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        mla_ext.save_pretrained(mla, tmp_path / "empty")
+    assert mla_ext.load_pretrained(mla_ext.save_pretrained(mla, tmp_path / "empty",
+                                                           overwrite=True)) is not None
+    assert hidden(tmp_path) == []
+
+
+def read_only(directory, monkeypatch):
+    """Make ``directory`` refuse new entries, for root too (whom its mode does not stop)."""
+    directory.chmod(0o555)
+    mkdir = os.mkdir
+
+    def refusing(path, *args, **kwargs):
+        if Path(path).parent == directory:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refusing)
+
+
+def test_unwritable_parent_is_named_not_the_staging_directory(mla, tmp_path, monkeypatch):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    read_only(parent, monkeypatch)
+    try:
+        with pytest.raises(PermissionError) as exc:
+            mla_ext.save_pretrained(mla, parent / "ckpt")
+    finally:
+        parent.chmod(0o755)
+    assert str(parent / "ckpt") in str(exc.value)
+    assert ".ckpt." not in str(exc.value)
+    assert list(parent.iterdir()) == []
 
 
 def test_checkpoint_directory_follows_the_umask(mla, tmp_path):
