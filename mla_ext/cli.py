@@ -95,9 +95,12 @@ def _rope_pairs(text: str):
 
 
 def _load(args):
-    from .models import load_model
+    from .models import ModelError, load_model
 
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    try:
+        return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    except ModelError as exc:
+        raise ModelError(f"--model {exc}") from None
 
 
 def _mla_config(args):

@@ -32,6 +32,30 @@ def test_bad_arguments_are_reported(capsys):
     assert "no model at" in capsys.readouterr().err
 
 
+def test_bad_model_paths_are_one_line_errors(tmp_path, capsys):
+    import mla_ext
+    from tiny import converted, tiny_model
+
+    empty = tmp_path / "empty"
+    empty.touch()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a model")
+    ckpt = mla_ext.save_pretrained(converted(tiny_model(), rope_pairs=2, d_kv=6,
+                                             rope_strategy="high"), tmp_path / "ckpt")
+    (ckpt / "config.json").unlink()
+    cases = [("eval", empty, "is a file, not a model directory"),
+             ("generate", other, "has no config.json"),
+             ("convert", ckpt, "has no config.json")]
+    for command, path, reason in cases:
+        args = [command, "--model", str(path)] + {"eval": [], "generate": ["--prompt", "Hi"],
+                                                  "convert": ["--out", str(tmp_path / "o")]}[command]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mla-ext {command}: error: --model {path} {reason}")
+        assert err.count("\n") == 1
+
+
 @pytest.mark.slow
 def test_convert_eval_generate_on_a_tiny_model(tmp_path, capsys):
     """The three commands end to end on a tiny random Llama that uses the default tokenizer."""
