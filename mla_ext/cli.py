@@ -95,9 +95,12 @@ def _rope_pairs(text: str):
 
 
 def _load(args):
-    from .models import load_model
+    from .models import ModelError, load_model
 
-    return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    try:
+        return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
+    except ModelError as exc:
+        raise ModelError(f"--model {exc}") from None
 
 
 def _mla_config(args):
@@ -128,8 +131,11 @@ def _eval_text(path):
 
 def cmd_convert(args):
     from .modeling import convert_to_mla, kv_cache_bytes_per_token, save_pretrained
+    from .modeling.checkpoint import check_destination
 
     cfg = _mla_config(args)
+    # --out is checked before the minutes of loading and converting, not after
+    check_destination(args.out, args.overwrite, name="--out", overwrite_flag="--overwrite")
     model, tokenizer = _load(args)
     original = kv_cache_bytes_per_token(model, "bf16")
     calib = _calibration(args, model, tokenizer, cfg)
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_mla_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is an mla_ext checkpoint or an empty directory")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="perplexity of a model on held-out text",
@@ -260,7 +267,8 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            PermissionError) as exc:
         print(f"mla-ext {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(f"[{args.command} took {time.time() - start:.1f} s]", file=sys.stderr)

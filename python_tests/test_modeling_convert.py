@@ -151,6 +151,14 @@ def test_mla_config_validation():
         mla_ext.MLAConfig(svd="qr")
     with pytest.raises(ValueError, match="d_kv"):
         mla_ext.MLAConfig(d_kv=0)
+    not_numbers = [("cache_ratio", dict(rope_pairs=4, svd="joint", cache_ratio="0.5")),
+                   ("cache_ratio", dict(cache_ratio=True)), ("rope_pairs", dict(rope_pairs="4")),
+                   ("d_kv", dict(rope_pairs=4, d_kv=16.0)),
+                   ("rope_pair_step", dict(rope_pair_step="2")),
+                   ("svd_key_weight", dict(svd_key_weight="1.5"))]
+    for name, cfg in not_numbers:
+        with pytest.raises(ValueError, match=name):
+            mla_ext.MLAConfig(**cfg)
 
 
 def test_converting_twice_or_non_llama_is_rejected():

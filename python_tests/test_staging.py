@@ -1,5 +1,7 @@
 """mla_ext.staging.staged_directory: the directory a checkpoint, a packed dataset or a
 fine-tune's final model is written through appears whole or not at all."""
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,23 @@ def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
             (tmp / "weights").write_text("new")
     assert (out / "weights").read_text() == "old"
     assert hidden(tmp_path) == []
+
+
+def test_refuses_to_replace_a_file(tmp_path):
+    out = tmp_path / "run"
+    out.write_text("not a directory")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        with staged_directory(out) as tmp:
+            (tmp / "weights").write_text("new")
+    assert out.read_text() == "not a directory"
+    assert hidden(tmp_path) == []
+
+
+def test_the_directory_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with staged_directory(tmp_path / "run") as tmp:
+            (tmp / "weights").write_text("new")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755

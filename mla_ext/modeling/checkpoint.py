@@ -7,6 +7,8 @@ so a failure never leaves a half-written checkpoint at ``path``.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,16 +33,15 @@ class CheckpointError(ValueError):
 def save_pretrained(model, path, tokenizer=None, overwrite: bool = False) -> Path:
     """Write a converted model (and optionally its tokenizer) to the directory ``path``.
 
-    Refuses to replace an existing directory unless ``overwrite``; the replacement is atomic.
+    Refuses to replace an existing directory unless ``overwrite``, and even then replaces only
+    an mla_ext checkpoint or an empty directory; the replacement is atomic.
     """
     mla_layers(model)  # ValueError for an unconverted model
     settings = getattr(model.config, CONFIG_KEY, None)
     if not settings:
         raise ValueError(f"model.config has no {CONFIG_KEY!r} settings: convert it with "
                          "mla_ext.convert_to_mla or load it with mla_ext.load_pretrained")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path = check_destination(path, overwrite)
     with staged_directory(path) as tmp:
         config = model.config.to_dict()
         config[CONFIG_KEY] = {**settings, "format_version": FORMAT_VERSION}
@@ -48,6 +49,38 @@ def save_pretrained(model, path, tokenizer=None, overwrite: bool = False) -> Pat
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "mla_ext": "1"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return path
+
+
+def check_destination(path, overwrite: bool = False, name: str | None = None,
+                      overwrite_flag: str = "overwrite=True") -> Path:
+    """Check, before any work, that a checkpoint can be written to ``path``: nothing there, or
+    (with ``overwrite``) an mla_ext checkpoint or an empty directory, in a directory this
+    process can write in. The errors name ``path`` as ``name`` (a command's option, say) and
+    the flag that allows replacing it as ``overwrite_flag``."""
+    path = Path(path)
+    label = f"{name} {path}" if name else str(path)
+    if path.is_symlink() or path.exists():
+        if path.is_symlink() or not path.is_dir():
+            raise FileExistsError(f"{label} exists and is not a directory; not replacing it")
+        if any(path.iterdir()):
+            try:
+                read_config(path)
+            except CheckpointError:
+                raise FileExistsError(f"{label} is a directory but not an mla_ext checkpoint; "
+                                      f"not replacing it ({overwrite_flag} replaces only a "
+                                      "checkpoint or an empty directory)") from None
+        if not overwrite:
+            raise FileExistsError(f"{label} exists; pass {overwrite_flag} to replace it")
+    parent = path.parent
+    while not parent.exists():  # the missing ones are created in the nearest existing one
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{label}: {parent} is not a directory")
+    try:  # the one sure test of writing there (permissions, ACLs, read-only file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".mla_ext-write-test.", dir=parent))
+    except OSError as exc:
+        raise PermissionError(f"{label}: cannot write in {parent} ({exc.strerror})") from None
     return path
 
 
@@ -94,17 +127,18 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None,
         model = LlamaForCausalLM(config)
     build_mla_structure(model, settings["layers"])
     model.to_empty(device=device or "cpu")
+    # to_empty gives every name its own tensor: tie them again before loading, so that a tensor
+    # the file stores once (under either of its names) fills all of them.
+    if config.tie_word_embeddings:
+        model.tie_weights()
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from exc
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
+        missing, unexpected = sorted(missing), sorted(unexpected)
         raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
     # Non-persistent buffers (the rotary inv_freq) are not in the file: build them afresh.
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device or "cpu")
     if dtype is not None:
