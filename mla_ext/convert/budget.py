@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import families
 from .calibration import decoder_layers
 from .lowrank import JOINT_METHODS, max_rank, nested_joint_factors, score_row_grams
 from .rope_correction import layer_query_transform
@@ -104,7 +105,7 @@ def layer_row_grams(attn, stats, svd: str, kn_rows: torch.Tensor,
         raise ValueError("svd='activation-score' needs the queries' second moments: calibrate "
                          "with collect_query_gram=True")
     cfg = attn.config
-    return score_row_grams(gram, attn.o_proj.weight, kn_rows, cfg.num_key_value_heads,
+    return score_row_grams(gram, families.projections(attn).o[0], kn_rows, cfg.num_key_value_heads,
                            attn.head_dim, transform=transform, rope_scaling=rope_scaling)
 
 
@@ -187,11 +188,12 @@ class _LayerSplitScorer:
         self.residual_energy = 0.0
         self.residual = None
         h_kv, d_h = self.num_kv_heads, self.head_dim
-        w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
-        w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
+        self.proj = proj = families.projections(attn)
+        w_k = proj.k[0].detach().to("cpu", torch.float64)
+        w_v = proj.v[0].detach().to("cpu", torch.float64)
         xtx = getattr(stats, "xtx", None) if svd.startswith("activation") else None
-        device, dtype = attn.q_proj.weight.device, attn.q_proj.weight.dtype
-        b_v = attn.v_proj.bias
+        device, dtype = proj.q[0].device, proj.q[0].dtype
+        b_v = proj.v[1]
         self.value_bias = (None if b_v is None
                            else b_v.detach().view(h_kv, 1, d_h).to(device, dtype))
         self.per_r = {}
@@ -243,8 +245,8 @@ class _LayerSplitScorer:
         self.residual_energy += float(self.residual[:, queries].double().pow(2).sum())
         reference = reference[:, queries]
         cos, sin = position_embeddings
-        q_heads = attn.q_proj(x).view(b, t, h, d_h).transpose(1, 2)[:, :, queries]
-        k = attn.k_proj(x).view(b, t, h_kv, d_h).transpose(1, 2)
+        q_heads = families.project(self.proj.q, x).view(b, t, h, d_h).transpose(1, 2)[:, :, queries]
+        k = families.project(self.proj.k, x).view(b, t, h_kv, d_h).transpose(1, 2)
         q_rot, _ = apply_rotary_pos_emb(q_heads, q_heads, cos[:, queries], sin[:, queries])
         _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
         # the query heads of a KV head side by side: (b, H_kv, group * Q, d_h)
@@ -272,7 +274,8 @@ class _LayerSplitScorer:
                 if self.value_bias is not None:
                     out = out + self.value_bias
                 out = out.reshape(b, h, n_q, d_h).transpose(1, 2).reshape(b, n_q, h * d_h)
-                self.errors[i] += float((attn.o_proj(out) - reference).double().pow(2).sum())
+                self.errors[i] += float((families.project(self.proj.o, out) - reference)
+                                        .double().pow(2).sum())
         self.residual = None
 
 

@@ -13,18 +13,21 @@ Per decoder layer (ARCHITECTURE section 2):
 - optionally the normal equations of the fitted correction of each dropped RoPE pair
   (``convert/rope_correction.py``: 4x4 + 4 numbers per query head, pair and weighting).
 
-Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` fold each batch into float64
-accumulators and drop it, so memory does not grow with the number of calibration tokens.
+Forward hooks on ``self_attn.q_proj`` and ``self_attn.k_proj`` (on a fused ``qkv_proj``, one hook
+that splits its output: mla_ext/families.py) fold each batch into float64 accumulators and drop
+it, so memory does not grow with the number of calibration tokens.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import families
 from .rope_correction import PairFitSums, pair_fit_sums
 
 MIN_SEQUENCE_TOKENS = 16  # a shorter tail carries too little context to be worth a forward pass
@@ -206,10 +209,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _projections(layers: nn.ModuleList) -> list[tuple[nn.Module, nn.Module]]:
+def _projections(layers: nn.ModuleList) -> list[tuple]:
+    """Per layer, the modules to hook: (q_proj, k_proj), or (qkv_proj, split sizes) for a family
+    with a fused projection."""
     out = []
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
+        family = families.family_of(attn)
+        if family is not None and family.fused_qkv is not None:
+            out.append((getattr(attn, family.fused_qkv), families.qkv_sizes(attn.config)))
+            continue
         q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
         if not isinstance(q, nn.Module) or not isinstance(k, nn.Module):
             raise ValueError(f"model layer {i} has no self_attn.q_proj / self_attn.k_proj; "
@@ -287,6 +296,12 @@ class _Accumulator:
             self._add_attention_stats(self.last_q, output.detach())
             self.last_q = None
 
+    def fused_hook(self, sizes, module, args, kwargs, output):
+        """A fused q/k/v projection: its query and key rows, in the order of the q and k hooks."""
+        q, k, _ = output.split(sizes, dim=-1)
+        self.q_hook(module, args, q)
+        self.k_hook(module, args, kwargs, k)
+
     def sample_pre_hook(self, module, args, kwargs):
         """Keep the attention inputs of the first ``sample_sequences`` sequences. The
         projections are recomputed from the weights (calling the modules would run the q/k
@@ -303,11 +318,13 @@ class _Accumulator:
         b, t = x.shape[0], x.shape[1]
         queries = torch.arange(SAMPLE_QUERY_STRIDE - 1, t, SAMPLE_QUERY_STRIDE, device=x.device)
 
-        def heads(lin, n):
-            y = linear(x, lin.weight, lin.bias).view(b, t, n, d_h).transpose(1, 2)
+        proj = families.projections(module)
+
+        def heads(p, n):
+            y = linear(x, p[0], p[1]).view(b, t, n, d_h).transpose(1, 2)
             return y.to("cpu", torch.float32)
 
-        q, k, v = heads(module.q_proj, h), heads(module.k_proj, h_kv), heads(module.v_proj, h_kv)
+        q, k, v = heads(proj.q, h), heads(proj.k, h_kv), heads(proj.v, h_kv)
         for i in range(b):
             self.sample["q"].append(q[i][:, queries.cpu()].contiguous())
             self.sample["query_pos"].append(queries.cpu())
@@ -322,7 +339,7 @@ class _Accumulator:
             return None
         attn = self.sample_attn
         h, d_h = self.shape_q[0], 2 * self.shape_q[2]
-        w_o = attn.o_proj.weight.detach().to("cpu", torch.float64)
+        w_o = families.projections(attn).o[0].detach().to("cpu", torch.float64)
         blocks = w_o.view(w_o.shape[0], h, d_h).transpose(0, 1)              # (H, d, d_h)
         scaling = float(getattr(attn, "scaling", d_h ** -0.5))
         return AttentionSample(**self.sample, out_gram=blocks.transpose(1, 2) @ blocks,
@@ -411,7 +428,8 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
               collect_query_gram: bool = False, progress: bool = True) -> Calibration:
     """Run ``model`` over ``texts`` and collect the per-layer statistics of the conversion.
 
-    model: a Llama-style model with ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
+    model: a model of a supported family (mla_ext/families.py), or another Llama-style model with
+        ``self_attn.q_proj``/``k_proj`` in every decoder layer, any
         dtype and device (a ``device_map``-split model works: each layer accumulates where it runs).
     tokenizer: a transformers tokenizer; ``texts``: a str or an iterable of str (read lazily).
     max_length / max_sequences: see :func:`token_sequences`.
@@ -454,9 +472,13 @@ def calibrate(model: nn.Module, tokenizer, texts: str | Iterable[str], *, max_le
     handles = []
     was_training = model.training
     try:
-        for acc, (q_proj, k_proj) in zip(accs, projections):
-            handles.append(q_proj.register_forward_hook(acc.q_hook))
-            handles.append(k_proj.register_forward_hook(acc.k_hook, with_kwargs=True))
+        for acc, (first, second) in zip(accs, projections):
+            if isinstance(second, nn.Module):
+                handles.append(first.register_forward_hook(acc.q_hook))
+                handles.append(second.register_forward_hook(acc.k_hook, with_kwargs=True))
+            else:
+                handles.append(first.register_forward_hook(partial(acc.fused_hook, second),
+                                                            with_kwargs=True))
         if collect_distances or collect_rope_fit:
             for acc, layer in zip(accs, layers):
                 handles.append(layer.self_attn.register_forward_pre_hook(

@@ -1,4 +1,5 @@
-"""MLAAttention: the converted attention layer, a drop-in for transformers' LlamaAttention.
+"""MLAAttention: the converted attention layer, a drop-in for the attention of every supported
+family (LlamaAttention, MistralAttention, Qwen2Attention, GemmaAttention, Phi3Attention).
 
 Per head, queries and keys are laid out ``[x1 (r) | x2 (r) | nope (d_h - d_r)]`` (ARCHITECTURE
 2.1): the first ``d_r`` dims carry partial RoPE, the rest are position-free. Keys' NoPE part and
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .. import ops
+from .. import families, ops
 from .cache import LatentCache
 
 # Decode steps with at most this many new tokens per sequence use the absorbed kernel.
@@ -44,14 +45,19 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class MLAAttention(nn.Module):
-    """Multi-head latent attention converted from a LlamaAttention (MHA2MLA).
+    """Multi-head latent attention converted from a family's attention module (MHA2MLA).
 
     Weights (the checkpoint contract, ARCHITECTURE 2.3): q_proj [H d_h, d], kr_proj [H_kv d_r, d],
     kv_down [D_c, d], k_up [H_kv (d_h - d_r), D_c], v_up [H_kv d_h, D_c], o_proj [d, H d_h],
     buffer rope_pairs [H_kv, r] int64 (the kept frequency pairs, ascending).
+
+    biases: which original projections (q, k, v, o) carry a bias; the query's goes to q_proj,
+    the key's to kr_proj and k_up, the value's to v_up, the output's to o_proj. Default: the
+    family of ``config`` (mla_ext/families.py), else ``config.attention_bias`` for all four.
     """
 
-    def __init__(self, config, layer_idx: int, rope_pairs: int, latent_dim: int):
+    def __init__(self, config, layer_idx: int, rope_pairs: int, latent_dim: int,
+                 biases: dict | None = None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -65,25 +71,29 @@ class MLAAttention(nn.Module):
         self.nope_dim = self.head_dim - self.rope_dim
         self.latent_dim = latent_dim
         self.scaling = self.head_dim ** -0.5
-        self.attention_dropout = config.attention_dropout
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
         self.decode_mode = "auto"
 
-        d, bias = config.hidden_size, config.attention_bias
+        if biases is None:
+            family = families.family_for_config(config)
+            biases = (family.biases(config) if family is not None else
+                      dict.fromkeys(families.PROJECTIONS, bool(getattr(config, "attention_bias",
+                                                                        False))))
         with warnings.catch_warnings():
             # full RoPE leaves k_up with no rows; torch warns that it cannot initialise them
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
-            self._make_projections(d, latent_dim, bias)
+            self._make_projections(config.hidden_size, latent_dim, biases)
         self.register_buffer(
             "rope_pairs", torch.zeros(self.num_kv_heads, rope_pairs, dtype=torch.long))
 
-    def _make_projections(self, d, latent_dim, bias):
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
-        self.kr_proj = nn.Linear(d, self.num_kv_heads * self.rope_dim, bias=bias)
+    def _make_projections(self, d, latent_dim, biases):
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=biases["q"])
+        self.kr_proj = nn.Linear(d, self.num_kv_heads * self.rope_dim, bias=biases["k"])
         self.kv_down = nn.Linear(d, latent_dim, bias=False)
-        self.k_up = nn.Linear(latent_dim, self.num_kv_heads * self.nope_dim, bias=bias)
-        self.v_up = nn.Linear(latent_dim, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.k_up = nn.Linear(latent_dim, self.num_kv_heads * self.nope_dim, bias=biases["k"])
+        self.v_up = nn.Linear(latent_dim, self.num_kv_heads * self.head_dim, bias=biases["v"])
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=biases["o"])
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, "

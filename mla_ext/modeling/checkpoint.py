@@ -1,5 +1,6 @@
 """Self-contained checkpoints of converted models: config.json (with the MLA settings),
-model.safetensors (rope_pairs included) and the tokenizer.
+model.safetensors (rope_pairs included) and the tokenizer. Loading rebuilds the causal-LM class
+of the config's family (its ``model_type``, mla_ext/families.py).
 
 Writing goes to a temporary sibling directory that is renamed into place only when complete,
 so a failure never leaves a half-written checkpoint at ``path``.
@@ -12,11 +13,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from safetensors.torch import load_file, save_model
+from transformers import AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .. import families
 from ..staging import staged_directory
 from .cache import mla_layers
 from .patch import CONFIG_KEY, build_mla_structure
@@ -24,6 +27,18 @@ from .patch import CONFIG_KEY, build_mla_structure
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+
+
+def _tied_names(model) -> dict[str, str]:
+    """{input embedding weight name: output embedding weight name} and the reverse (the file
+    of a model with tied embeddings holds one of the two)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None:
+        return {}
+    params = list(model.named_parameters(remove_duplicate=False))
+    a = next(n for n, p in params if p is inp.weight)
+    b = next(n for n, p in params if p is out.weight)
+    return {a: b, b: a} if a != b else {}
 
 
 class CheckpointError(ValueError):
@@ -119,28 +134,40 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None,
     weights = path / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS}")
+    # Checkpoints name their family by the config's model_type (those before it: Llama).
+    model_type = config_dict.get("model_type") or "llama"
+    family = families.family_for_config({"model_type": model_type})
+    if family is None:
+        raise CheckpointError(f"{path / CONFIG} has model_type {model_type!r}; mla_ext loads "
+                              f"{', '.join(t for f in families.FAMILIES for t in f.model_types)}")
     try:
-        config = LlamaConfig.from_dict(config_dict)
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path / CONFIG} is not a Llama config: {exc}") from exc
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    build_mla_structure(model, settings["layers"])
-    model.to_empty(device=device or "cpu")
-    # to_empty gives every name its own tensor: tie them again before loading, so that a tensor
-    # the file stores once (under either of its names) fills all of them.
-    if config.tie_word_embeddings:
-        model.tie_weights()
+        raise CheckpointError(f"{path / CONFIG} is not a {model_type} config: {exc}") from exc
+    # Parameters on the meta device, buffers real: the non-persistent ones (the rotary
+    # inv_freq, Gemma's embedding scale) are not in the file and keep their constructed values.
+    with init_empty_weights(include_buffers=False):
+        model = family.causal_lm_class(config)
+        build_mla_structure(model, settings["layers"])
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        state = load_file(str(weights), device=str(device or "cpu"))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from exc
+    tied = _tied_names(model) if config.tie_word_embeddings else {}
+    for name, partner in tied.items():
+        if name not in state and partner in state:
+            state[name] = state[partner]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match its config: {exc}") from exc
     if missing or unexpected:
         missing, unexpected = sorted(missing), sorted(unexpected)
         raise CheckpointError(f"{weights} does not match its config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    # Non-persistent buffers (the rotary inv_freq) are not in the file: build them afresh.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device or "cpu")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(device or "cpu")
     if dtype is not None:
         model.to(dtype)
     setattr(model.config, CONFIG_KEY, settings)

@@ -1,4 +1,7 @@
-"""convert_to_mla: swap every LlamaAttention of a model for an MLAAttention, in one call.
+"""convert_to_mla: swap every attention layer of a model for an MLAAttention, in one call.
+
+The attention weights are read through the model family's adapter (mla_ext/families.py), so
+Llama, Mistral, Qwen2, Gemma and Phi-3 share this one code path.
 
 Everything that can be wrong with the request (model type, RoPE variant, sizes, calibration) is
 checked before the first module is touched, so a failed conversion leaves the model as it was.
@@ -7,8 +10,8 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformers.models.llama.modeling_llama import LlamaAttention
 
+from .. import families
 from ..config import MLAConfig
 from ..convert import factorize_kv, max_rank, select_rope_pairs
 from ..convert.rope_selection import converted_layout
@@ -30,7 +33,8 @@ def _decoder_layers(model):
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no decoder layers at model.model.layers; "
-                         "mla_ext converts Llama-architecture models (LlamaForCausalLM)")
+                         "mla_ext converts decoder-only causal LMs of the families "
+                         f"{', '.join(f.causal_lm for f in families.FAMILIES)}")
     return layers
 
 
@@ -46,19 +50,22 @@ def _head_dim(config) -> int:
 def _check_model(model) -> None:
     layers = _decoder_layers(model)
     for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, MLAAttention):
+        if isinstance(getattr(layer, "self_attn", None), MLAAttention):
             raise ValueError(f"layer {i} is already converted to MLA")
-        if not isinstance(attn, LlamaAttention):
-            raise ValueError(f"layer {i}'s attention is {type(attn).__name__}, not LlamaAttention: "
-                             "mla_ext converts Llama-architecture attention only")
+    reason = families.unsupported_reason(model, layers)
+    if reason is not None:
+        raise ValueError(reason)
+    supported = families.supported_attention_names()
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if families.family_of(attn) is None:
+            raise ValueError(f"layer {i}'s attention is {type(attn).__name__}, not one of "
+                             f"{', '.join(supported)}: mla_ext converts the attention of these "
+                             "families only")
     rope = _rope_parameters(model.config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("models whose RoPE covers only part of each head "
-                         "(partial_rotary_factor != 1) cannot be converted")
     if _head_dim(model.config) % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {_head_dim(model.config)}")
 
@@ -122,8 +129,9 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
         attn = layer.self_attn
         pairs = _select_pairs(attn, config, r, layer_stats)
         kn_rows = converted_layout(pairs, d_h, h)[2]
-        w_k = attn.k_proj.weight.detach().to("cpu", torch.float64)
-        w_v = attn.v_proj.weight.detach().to("cpu", torch.float64)
+        proj = families.projections(attn)
+        w_k = proj.k[0].detach().to("cpu", torch.float64)
+        w_v = proj.v[0].detach().to("cpu", torch.float64)
         xtx = getattr(layer_stats, "xtx", None) if config.svd.startswith("activation") else None
         transform = layer_query_transform(layer_stats, config.rope_correction, pairs, h, d_h)
         grams = layer_row_grams(attn, layer_stats, config.svd, kn_rows, transform, rope_scaling)
@@ -135,21 +143,24 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     return [{"rope_pairs": r, "latent_dim": w} for w in widths]
 
 
-def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: MLAConfig,
+def _convert_layer(attn, layer_idx: int, sizes: dict, config: MLAConfig,
                    stats, rope_scaling: float) -> MLAAttention:
     cfg = attn.config
     d_h, h = _head_dim(cfg), cfg.num_attention_heads
     pairs = _select_pairs(attn, config, sizes["rope_pairs"], stats)
     q_rows, kr_rows, kn_rows, q_nope_rows = converted_layout(pairs, d_h, h)
 
-    def weight(lin):
-        return lin.weight.detach().to("cpu", torch.float64)
+    family = families.family_of(attn)
+    proj = family.projections(attn)
 
-    def bias(lin):
-        return None if lin.bias is None else lin.bias.detach().to("cpu", torch.float64)
+    def weight(p):
+        return p[0].detach().to("cpu", torch.float64)
 
-    w_q, w_k, w_v = weight(attn.q_proj), weight(attn.k_proj), weight(attn.v_proj)
-    b_q, b_k, b_v = bias(attn.q_proj), bias(attn.k_proj), bias(attn.v_proj)
+    def bias(p):
+        return None if p[1] is None else p[1].detach().to("cpu", torch.float64)
+
+    w_q, w_k, w_v = weight(proj.q), weight(proj.k), weight(proj.v)
+    b_q, b_k, b_v = bias(proj.q), bias(proj.k), bias(proj.v)
     transform = layer_query_transform(stats, config.rope_correction, pairs, h, d_h)
     if transform is not None:
         # the fitted M of each dropped pair: the query's pair becomes M^T q[j]
@@ -169,20 +180,25 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
         if new_q_b is not None:
             new_q_b[q_nope_rows] *= rope_scaling ** 2
 
-    param = attn.q_proj.weight
-    mla = MLAAttention(cfg, layer_idx, sizes["rope_pairs"], sizes["latent_dim"])
+    param = proj.q[0]
+    biases = {p: getattr(proj, p)[1] is not None for p in families.PROJECTIONS}
+    mla = MLAAttention(cfg, layer_idx, sizes["rope_pairs"], sizes["latent_dim"], biases=biases)
     with torch.no_grad():
         mla.q_proj.weight.copy_(new_q_w)
         mla.kr_proj.weight.copy_(w_k[kr_rows])
         mla.kv_down.weight.copy_(low.w_down)
         mla.k_up.weight.copy_(low.w_uk)
         mla.v_up.weight.copy_(low.w_uv)
-        mla.o_proj.load_state_dict(attn.o_proj.state_dict())
+        mla.o_proj.weight.copy_(proj.o[0])
         if b_q is not None:
             mla.q_proj.bias.copy_(new_q_b)
+        if b_k is not None:
             mla.kr_proj.bias.copy_(b_k[kr_rows])
             mla.k_up.bias.copy_(b_k[kn_rows])
+        if b_v is not None:
             mla.v_up.bias.copy_(b_v)
+        if proj.o[1] is not None:
+            mla.o_proj.bias.copy_(proj.o[1])
         mla.rope_pairs.copy_(pairs)
     mla.train(attn.training)
     return mla.to(device=param.device, dtype=param.dtype)
@@ -190,7 +206,9 @@ def _convert_layer(attn: LlamaAttention, layer_idx: int, sizes: dict, config: ML
 
 def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
                    progress: bool = True):
-    """Convert ``model`` (a transformers LlamaForCausalLM) to MLA in place and return it.
+    """Convert ``model`` to MLA in place and return it: a transformers LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM, GemmaForCausalLM or Phi3ForCausalLM (mla_ext/families.py;
+    anything else, or attention these cannot express, is a ValueError before any change).
 
     config: the MLAConfig (default ``MLAConfig()``: rotation-aware RoPE and activation-aware SVD,
         the RoPE pairs and latent width of each layer chosen under a -81.25 % cache budget).
@@ -242,13 +260,13 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
 
 
 def build_mla_structure(model, layer_sizes: list[dict]) -> None:
-    """Replace each LlamaAttention by an MLAAttention of the given sizes with uninitialised
-    weights (loading a checkpoint fills them)."""
+    """Replace each attention layer by an MLAAttention of the given sizes with uninitialised
+    weights (loading a checkpoint fills them); the biases follow the model family's attention."""
     layers = _decoder_layers(model)
     if len(layer_sizes) != len(layers):
         raise ValueError(f"{len(layer_sizes)} layer sizes for a model of {len(layers)} layers")
     for i, (layer, sizes) in enumerate(zip(layers, layer_sizes)):
-        old = layer.self_attn.q_proj.weight
+        old = next(layer.self_attn.parameters())
         mla = MLAAttention(model.config, i, int(sizes["rope_pairs"]), int(sizes["latent_dim"]))
         mla.train(layer.self_attn.training)
         layer.self_attn = mla.to(device=old.device, dtype=old.dtype)
