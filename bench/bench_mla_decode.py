@@ -34,9 +34,9 @@ MODELS = {
     "llama2": dict(H=32, H_kv=32, d_h=128, d_r=16, D_c=(512, 1024, 2048)),
     "llama3": dict(H=32, H_kv=8, d_h=128, d_r=16, D_c=(128, 256, 512)),
 }
-# --quick: the latent widths of the targets (Llama-2 d_kv = 16, Llama-3 d_kv = 32).
+# --quick: the latent widths of the target shapes (Llama-2 d_kv = 16, Llama-3 d_kv = 32).
 QUICK_D_C = {"smollm2": 48, "llama2": 512, "llama3": 256}
-# --targets: the target shapes (every (B, S)) in the formats its targets name.
+# --targets: the target shapes (every (B, S) of the Llama-2 and Llama-3 shapes) in their formats.
 TARGET_DTYPES = {("bf16", "bf16"), ("int8", "bf16"), ("int4", "bf16"), ("int4", "fp8")}
 BATCH_SEQ = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (32, 16384), (64, 4096)]
 LATENT = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8,

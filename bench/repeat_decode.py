@@ -1,7 +1,8 @@
 """One benchmark shape of mla_decode called many times, the L2 flushed before each call as the
 benchmark does, every output compared bitwise with the first (the kernels are deterministic):
 the workload for compute-sanitizer at a benchmark shape, or for a failure that shows only after
-repeated calls (session 10's page-box variant failed on the second call at B = 1, S = 131072).
+repeated calls (a kernel variant that reads a tile as one page box failed on the second call at
+B = 1, S = 131072).
 
   python bench/repeat_decode.py --model llama3 --B 1 --S 131072 --calls 20
   MLA_EXT_DECODE_KERNEL=ws compute-sanitizer --tool memcheck python bench/repeat_decode.py ...

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything one H200 session runs, in order: build, GPU tests, benchmarks, quality study
+# Everything a run on an H200 machine does, in order: build, GPU tests, benchmarks, quality study
 # (and compute-sanitizer on request). Logs and JSON go to $OUT (default bench/results).
 # Usage, from the repository root:
 #   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|e2e|quality|all]...
@@ -35,7 +35,7 @@ for what in "${@:-all}"; do
                 python_tests -m gpu -q -rfE -n 8 -p no:cacheprovider ;;&
     sanitize) step sanitize $PY bench/sanitize_decode.py ;;&
     # which compilers and C++ runtimes the build and the process use (the error-path crash)
-    toolchain) step toolchain bash bench/toolchain_report.sh ;;&
+    toolchain) step toolchain bash tools/toolchain_report.sh ;;&
     ncu) step ncu ncu --clock-control none --set full -k regex:mla_decode_kernel -c 5 \
            $PY bench/bench_mla_decode.py --profile --ncu ;;&
     bench|all) step bench_decode $PY bench/bench_mla_decode.py --out "$OUT" ;;&
@@ -43,8 +43,8 @@ for what in "${@:-all}"; do
     # the end-to-end decode benchmark, one model per run (merge them with bench_e2e.py --merge)
     e2e|all) for m in llama2-7b llama3-8b; do
                step e2e_$m $PY bench/bench_e2e.py --models $m --name e2e_$m --out "$OUT"; done ;;&
-    # --resume: a second call continues a run its time limit cut (with the JSON carried back)
-    quality|all) step quality timeout 540 $PY bench/quality_study.py \
+    # --resume: a second run continues one that its time limit cut (with the JSON copied back)
+    quality|all) step quality timeout 540 $PY studies/quality_study.py \
                    --out "$OUT/quality_smollm2.json" --resume --quiet ;;&
     build|test|sanitize|toolchain|ncu|bench|e2e|quality|all) ;;
     *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, e2e, quality, all)"

@@ -50,7 +50,7 @@ def _generate(model, ids, cache_dtype, n):
 # part. Both run the bf16 model, in a different order of summation (fused projections, split-KV
 # attention), so about one bf16 ulp per layer; quantized caches add codes that fall on the other
 # side of a rounding boundary (both paths quantize latents computed in a different order), one
-# int4 step each. Measured on the H200 (session 5, both conversions): bf16 0.75 / 0.87, int8
+# int4 step each. Measured on an H200 (both conversions; bench/results/decode_h200.md): bf16 0.75 / 0.87, int8
 # 0.56 / 0.93, int4 2.06 / 2.77 logits; the bounds leave about 1.5x of headroom.
 LOGIT_TOLERANCE = {"bf16": 1.5, "int8": 2.0, "int4": 4.0}
 

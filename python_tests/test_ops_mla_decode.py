@@ -147,7 +147,7 @@ def check_format_error(p: DecodeParam, out, args, raw):
 
 
 def random_params(n: int, seed: int, *, cpu: bool) -> list[DecodeParam]:
-    """Seeded draws over the coverage of the issue (smaller sizes for the CPU suite)."""
+    """Seeded draws over the shapes and formats the kernel takes (smaller sizes for the CPU suite)."""
     rng = random.Random(seed)
     out = []
     heads = [1, 2, 3, 8, 9, 16, 32, 40, 64, 128] if not cpu else [1, 2, 3, 8, 9, 16, 32]

@@ -5,7 +5,7 @@ instructions by how often they ran (once per tile and warp, twice, ...).
   ncu --clock-control none --section SourceCounters --section InstructionStats --page source \\
       --csv --print-source sass -k regex:mla_decode_kernel -c 1 --launch-skip 3 \\
       python3 bench/bench_mla_decode.py --profile --ncu > ncu_source.csv
-  python bench/ncu_sass_summary.py ncu_source.csv [--kernel N]
+  python tools/ncu_sass_summary.py ncu_source.csv [--kernel N]
 """
 from __future__ import annotations
 

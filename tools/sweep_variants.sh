@@ -7,14 +7,14 @@
 # JSON of each goes to $OUT/variants/<patch name>/decode_h200.json (the unpatched tree:
 # .../base/). A patch that does not apply or build is reported and skipped.
 # Usage, from the repository root:
-#   bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
-# e.g. bash bench/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
+#   bash tools/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]
+# e.g. bash tools/sweep_variants.sh carry/variants --targets --models llama2,llama3 --repeat 5
 # SWEEP_PACK=1 packs $OUT/variants into $OUT/variants.tar.gz at the end. The snapshots stay in
 # $SWEEP_DIR (default /tmp/mla_ext_variants) for tests: cd there and run pytest. At the end the tree
 # is rebuilt as it was (SWEEP_RESTORE=0: not).
 set -uo pipefail
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
-  echo "usage: bash bench/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]" >&2
+  echo "usage: bash tools/sweep_variants.sh PATCH_DIR [bench_mla_decode.py arguments]" >&2
   exit 2
 fi
 patch_dir=$(cd "$1" && pwd); shift
@@ -66,7 +66,7 @@ run_bench() {  # name, tree
 }
 run_bench base "$work/base" "$@"
 for name in "${names[@]}"; do run_bench "$name" "$work/$name" "$@"; done
-# The device tool brings back only a few files per call: everything in one archive.
+# Everything in one archive (a remote machine may return only a few files per command).
 if [ -n "${SWEEP_PACK:-}" ]; then
   tar -C "$OUT" -czf "$OUT/variants.tar.gz" variants && rm -rf "$OUT/variants"
   echo "packed $OUT/variants.tar.gz"

@@ -5,7 +5,7 @@ Prints, per shape and variant, the largest |o - o_ref| and |lse - lse_ref| of th
 and of the Hopper kernels (MLA_EXT_DECODE_KERNEL=wgmma and ws; an error line where one does not
 apply), and whether any output is NaN. The inputs are those of the GPU tests (paged, poisoned pages).
 Also the workload of the Hopper kernel's compute-sanitizer run:
-  compute-sanitizer --tool memcheck python3 bench/compare_decode_kernels.py
+  compute-sanitizer --tool memcheck python3 tools/compare_decode_kernels.py
 """
 import argparse
 import os

@@ -1,4 +1,4 @@
-"""bench/finetune_fsdp.py on CPU: a tiny shape under torchrun with 1 and 2 gloo processes (the
+"""studies/finetune_fsdp.py on CPU: a tiny shape under torchrun with 1 and 2 gloo processes (the
 same global batch, so the same loss curve), checkpoint, restart and exact resume."""
 import json
 import os
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "finetune_fsdp.py"
+SCRIPT = ROOT / "studies" / "finetune_fsdp.py"
 sys.path.insert(0, str(ROOT))
 
-from bench import finetune_fsdp  # noqa: E402
+from studies import finetune_fsdp  # noqa: E402
 
 TINY = ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
         "--intermediate", "128", "--d-kv", "4", "--rope-pairs", "2", "--seq-len", "32",

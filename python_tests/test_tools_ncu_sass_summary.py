@@ -1,10 +1,10 @@
-"""bench/ncu_sass_summary.py on a small hand-written ncu --page source CSV."""
+"""tools/ncu_sass_summary.py on a small hand-written ncu --page source CSV."""
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "ncu_sass_summary.py"
+SCRIPT = ROOT / "tools" / "ncu_sass_summary.py"
 
 HEADER = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n')
 # a loop body (3 lines run 100 times) between two lines run once

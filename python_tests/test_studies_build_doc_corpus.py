@@ -1,4 +1,4 @@
-"""bench/build_doc_corpus.py on small hand-made .debs (dpkg-deb builds them; skipped without)."""
+"""studies/build_doc_corpus.py on small hand-made .debs (dpkg-deb builds them; skipped without)."""
 import shutil
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import build_doc_corpus  # noqa: E402
+from studies import build_doc_corpus  # noqa: E402
 from mla_ext.train.data import default_corpus_files, resolve_source  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")

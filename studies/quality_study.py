@@ -7,16 +7,16 @@ are laid out (its Tables 1, 3, 5), with perplexity in place of benchmark suites:
      SVD (ours) at d_kv = 8, 16, 32, with the 2-norm and the rotation-aware selection;
   3. the cache formats on the best d_kv = 16 configuration, read back through the LatentCache.
 
-    python bench/quality_study.py                     # writes bench/results/quality_smollm2.json
-    python bench/quality_study.py --render            # JSON -> markdown tables (stdout)
-    python bench/quality_study.py --resume            # measure only the rows --out lacks
+    python studies/quality_study.py                     # writes studies/results/quality_smollm2.json
+    python studies/quality_study.py --render            # JSON -> markdown tables (stdout)
+    python studies/quality_study.py --resume            # measure only the rows --out lacks
 
 `--study rope` measures instead the RoPE selections at -81.25 % (partial RoPE alone at r = 4,
 then under the cache budget, per-layer splits), the rows of docs/results.md's "Greedy RoPE
 selection" section; on a CPU with its protocol:
 
-    OMP_NUM_THREADS=1 python bench/quality_study.py --study rope --max-tokens 8192 \
-        --shakespeare-tokens 8192 --calib-sequences 16 --out bench/results/quality_rope_cpu.json
+    OMP_NUM_THREADS=1 python studies/quality_study.py --study rope --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 --out studies/results/quality_rope_cpu.json
 
 `--study formats` measures the cache formats (bf16, int8, fp8, int4, read back through the
 LatentCache) on the default conversion, ``MLAConfig()``.
@@ -26,18 +26,18 @@ LatentCache) on the default conversion, ``MLAConfig()``.
 r = 4) and on the default conversion ``MLAConfig()``; its calibration also collects the fit's
 sums (``collect_rope_fit=True``). The CPU protocol:
 
-    OMP_NUM_THREADS=1 python bench/quality_study.py --study correction --max-tokens 8192 \
+    OMP_NUM_THREADS=1 python studies/quality_study.py --study correction --max-tokens 8192 \
         --shakespeare-tokens 8192 --calib-sequences 16 \
-        --out bench/results/quality_correction_cpu.json
+        --out studies/results/quality_correction_cpu.json
 
 `--study score_svd` measures the score/output-weighted joint SVD (``svd="activation-score"``:
 the NoPE key rows weighted by the queries' second moment, the value rows by ``W_o^T W_o``)
 against the activation-aware one, in the default conversion ``MLAConfig()`` (budget -81.25 %,
 fitted RoPE correction); the CPU protocol:
 
-    OMP_NUM_THREADS=1 python bench/quality_study.py --study score_svd --max-tokens 8192 \
+    OMP_NUM_THREADS=1 python studies/quality_study.py --study score_svd --max-tokens 8192 \
         --shakespeare-tokens 8192 --calib-sequences 16 \
-        --out bench/results/quality_score_svd_cpu.json
+        --out studies/results/quality_score_svd_cpu.json
 
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
@@ -60,8 +60,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import earlier_results, eval_batch_size, metadata  # noqa: E402
 
-DEFAULT_JSON = ROOT / "bench" / "results" / "quality_smollm2.json"
-# ../shared/data here; carry/p2 on a GPU lease (bench/prepare_h200_carry.sh puts it there)
+from studies import RESULTS  # noqa: E402
+
+DEFAULT_JSON = RESULTS / "quality_smollm2.json"
+# ../shared/data beside the checkout; carry/p2 on a GPU machine (tools/prepare_h200_carry.sh puts it there)
 SHAKESPEARE_CANDIDATES = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt",
                           ROOT / "carry" / "p2" / "tinyshakespeare.txt"]
 STRATEGIES = ("high", "low", "uniform", "2-norm", "rotation")
@@ -189,7 +191,7 @@ def run(args, save=None, argv=None) -> dict:
                                "pydoc_data.topics",
                 "texts": {k: ("all held-out tokens" if limits[k] is None
                               else f"first {limits[k]} tokens") for k in texts},
-                "command": " ".join(["python bench/quality_study.py", *(argv or [])])}
+                "command": " ".join(["python studies/quality_study.py", *(argv or [])])}
 
     def result():
         return {"metadata": {**metadata(), "device": device, "seconds": round(time.time() - t0, 1)},
@@ -310,7 +312,7 @@ def render(data: dict) -> str:
            f"calibration: {proto['calibration']}.\n",
            f"Produced by `{proto['command']}` on {data['metadata'].get('gpu') or 'CPU'} "
            f"({data['metadata']['timestamp']}, commit {data['metadata']['git_commit']}); "
-           "rendered by `python bench/quality_study.py --render`.\n\n"]
+           "rendered by `python studies/quality_study.py --render`.\n\n"]
     titles = {"original": "Original model", "partial_rope": "1. Partial RoPE only (full-rank latent)",
               "low_rank": "2. Partial RoPE r = 4 + low-rank keys/values",
               "budget": "2b. A cache budget of -81.25 % spread over the layers (ours)",

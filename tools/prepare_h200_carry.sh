@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Prepares what an H200 lease needs beside the working tree (all git-ignored):
-#   carry/p1, carry/p2  the default model's GGUF (98 MB) in two parts (one call carries 64 MiB at
-#                       most), and tinyshakespeare.txt in p2 when ../shared/data has it;
+# Prepares what a remote H200 machine needs beside the working tree, in transfers of at most
+# 64 MiB each (all git-ignored):
+#   carry/p1, carry/p2  the default model's GGUF (98 MB) in two parts, and tinyshakespeare.txt in
+#                       p2 when ../shared/data has it;
 #   .whl                the gguf package (pure Python; the H200 image lacks it);
-#   corpus parts        with CORPUS=1: the training corpus of bench/build_doc_corpus.py packed
+#   corpus parts        with CORPUS=1: the training corpus of studies/build_doc_corpus.py packed
 #                       for --seq-len 2048, as one .tar.gz cut into parts of at most 14 MB, the
 #                       first in carry/p1, the second in carry/p2, the rest in carry/p3, p4, ...
-#                       (each call carries one pN). Each call on the machine runs
+#                       (one pN per transfer). With each pN on the machine:
 #                       mkdir -p /root/parts && cp carry/pN/corpus.tgz.part.* /root/parts/
 #                       and, once all parts are there,
 #                       mkdir -p /root/corpus && cat /root/parts/corpus.tgz.part.* | tar xzf - -C /root/corpus
-# On the machine: call 1 carries carry/p1 and runs `mkdir -p /root/gguf && cp carry/p1/gguf* /root/gguf/`;
-# call 2, within 30 s (before the machine is given back), carries carry/p2 and .whl and runs
+# On the machine, with carry/p1 there: `mkdir -p /root/gguf && cp carry/p1/gguf* /root/gguf/`;
+# then, with carry/p2 and .whl there:
 #   cat /root/gguf/gguf.part.aa carry/p2/gguf.part.ab > /root/gguf/model.gguf
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site MLA_EXT_DEFAULT_GGUF=/root/gguf/model.gguf
@@ -27,7 +28,7 @@ if [ -f ../shared/data/tinyshakespeare.txt ]; then cp ../shared/data/tinyshakesp
 $PY -m pip download -q --no-deps --only-binary=:all: -d .whl gguf
 if [ "${CORPUS:-0}" = 1 ]; then
   tmp=$(mktemp -d)
-  $PY bench/build_doc_corpus.py --out "$tmp/corpus"
+  $PY studies/build_doc_corpus.py --out "$tmp/corpus"
   $PY -m mla_ext.cli pack --data "$tmp/corpus" --out "$tmp/packed" --seq-len 2048
   tar czf - -C "$tmp/packed" . | split -b 14000000 - "$tmp/corpus.tgz.part."
   n=1

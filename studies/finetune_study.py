@@ -1,4 +1,4 @@
-"""Recovery fine-tuning study on the default model, SmolLM2-135M-Instruct (issue 4, item 4).
+"""Recovery fine-tuning study on the default model, SmolLM2-135M-Instruct.
 
 Each configuration is fine-tuned with the project's own loop (``mla_ext.train.finetune``, the
 paper's recipe) on the same tokens, and its held-out perplexity is measured against the tokens
@@ -11,10 +11,10 @@ seen, before the first step and after every --eval-every steps:
                        layer under a cache budget) at the same cache bytes as
                        paper_dkv{8,16,32}: cache_ratio 0.125, 0.1875 (the default), 0.3125
 
-    python bench/finetune_study.py                       # all 7, ~7 minutes on one H200
-    python bench/finetune_study.py --configs original,ours_cache16 --tokens 2M
-    python bench/finetune_study.py --shakespeare /data/tinyshakespeare.txt --time-limit 400
-    python bench/finetune_study.py --configs paper_dkv8,paper_dkv16 --append   # add two rows
+    python studies/finetune_study.py                       # all 7, ~7 minutes on one H200
+    python studies/finetune_study.py --configs original,ours_cache16 --tokens 2M
+    python studies/finetune_study.py --shakespeare /data/tinyshakespeare.txt --time-limit 400
+    python studies/finetune_study.py --configs paper_dkv8,paper_dkv16 --append   # add two rows
 
 Training data: the default corpus (the standard library's *.py files + the calibration part of
 pydoc_data.topics), packed once into the memory-mapped shard format and shared by every run.
@@ -42,8 +42,9 @@ T_START = time.monotonic()  # the --time-limit counts from here (imports include
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, earlier_results, eval_batch_size, write_results  # noqa: E402
-from bench.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
+from bench.common import earlier_results, eval_batch_size, write_results  # noqa: E402
+from studies import RESULTS  # noqa: E402
+from studies.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import _count, _positive, _positive_float  # noqa: E402
 
 D_KVS = (8, 16, 32)
@@ -194,7 +195,7 @@ def _study(args, work: Path) -> Path:
             "calibration": f"{args.calib_sequences} x 512 tokens of the calibration part of "
                            "pydoc_data.topics",
             "time_limit_s": args.time_limit, "device": str(device),
-            "command": "python bench/finetune_study.py " + " ".join(args.argv)},
+            "command": "python studies/finetune_study.py " + " ".join(args.argv)},
     })
     study.check_appendable()
 

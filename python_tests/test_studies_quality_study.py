@@ -1,4 +1,4 @@
-"""bench/quality_study.py: --render (JSON -> markdown tables), --resume (a cut run continues),
+"""studies/quality_study.py: --render (JSON -> markdown tables), --resume (a cut run continues),
 and the commit the benchmark JSONs record."""
 import json
 import os
@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import common, quality_study  # noqa: E402
+from bench import common  # noqa: E402
+from studies import quality_study  # noqa: E402
 
 
 def _row(section, ppl, **cfg):
@@ -25,13 +26,13 @@ def _row(section, ppl, **cfg):
 def test_render_prints_tables_and_writes_only_where_asked(tmp_path):
     data = {"metadata": {"gpu": None, "timestamp": "t", "git_commit": "abc"},
             "protocol": {"context": 512, "stride": 512, "calibration": "c",
-                         "texts": {"pydoc": "all"}, "command": "python bench/quality_study.py"},
+                         "texts": {"pydoc": "all"}, "command": "python studies/quality_study.py"},
             "rows": [_row("original", {"pydoc": 10.0}),
                      _row("partial_rope", {"pydoc": 20.0}),
                      _row("low_rank", {"pydoc": 55.0}, d_kv=16, svd="joint")]}
     out = tmp_path / "q.json"
     out.write_text(json.dumps(data))
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "quality_study.py"), "--render",
+    result = subprocess.run([sys.executable, str(ROOT / "studies" / "quality_study.py"), "--render",
                              "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -53,7 +54,7 @@ def test_metadata_commit_can_be_named(monkeypatch):
 
 def _quick_study(tmp_path, *extra, expect_rc=0):
     out = tmp_path / "quick.json"
-    argv = [sys.executable, str(ROOT / "bench" / "quality_study.py"), "--quick", "--device", "cpu",
+    argv = [sys.executable, str(ROOT / "studies" / "quality_study.py"), "--quick", "--device", "cpu",
             "--max-tokens", "192", "--shakespeare-tokens", "192", "--context", "64",
             "--calib-sequences", "1", "--quiet", "--out", str(out), *extra]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=1200,

@@ -1,8 +1,8 @@
-"""FSDP2 recovery fine-tune of a Llama-2-7B-shaped MHA2MLA model, with an exact-resume check
-(issue 5). Run it under torchrun, one process per GPU:
+"""FSDP2 recovery fine-tune of a Llama-2-7B-shaped MHA2MLA model, with an exact-resume check.
+Run it under torchrun, one process per GPU:
 
-    torchrun --standalone --nproc_per_node 2 bench/finetune_fsdp.py               # full shape
-    torchrun --standalone --nproc_per_node 1 bench/finetune_fsdp.py --layers 16   # one H200
+    torchrun --standalone --nproc_per_node 2 studies/finetune_fsdp.py               # full shape
+    torchrun --standalone --nproc_per_node 1 studies/finetune_fsdp.py --layers 16   # one H200
 
 What runs:
  1. every rank builds the same random model (same seed) on its device: the Llama-2-7B shape
@@ -19,7 +19,7 @@ What runs:
     weights) and a new optimizer resume from that checkpoint and run the remaining steps;
  4. the check: each resumed step's loss equals the uninterrupted run's within --rtol.
 
-Reported in bench/results/finetune_fsdp_<tag>.json (tag: <processes>x<device>, e.g. 2xh200):
+Reported in studies/results/finetune_fsdp_<tag>.json (tag: <processes>x<device>, e.g. 2xh200):
 the losses of both runs, tokens per second (global and per GPU, median after --warmup-steps),
 peak GPU memory per rank (allocated and reserved) for each run, the checkpoint's size and
 save / load times, parameter counts and the exact shape that ran. The exit status is 1 when
@@ -47,7 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, write_results  # noqa: E402
+from bench.common import write_results  # noqa: E402
+from studies import RESULTS  # noqa: E402
 from mla_ext.train.cli import _positive, _positive_float  # noqa: E402
 
 GB = 1e9
@@ -300,7 +301,7 @@ def _report(args, out, tag, world, device, vocab, counts, straight, resumed, per
     passed = max(diffs) <= args.rtol
     result = {
         "tag": tag,
-        "command": (f"torchrun --standalone --nproc_per_node {world} bench/finetune_fsdp.py "
+        "command": (f"torchrun --standalone --nproc_per_node {world} studies/finetune_fsdp.py "
                     + " ".join(args.argv)).strip(),
         "what_ran": {
             "shape": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
@@ -392,7 +393,7 @@ def parse_args(argv=None):
                      help="name of the result: finetune_fsdp_<tag>.json (default "
                           "<processes>x<device>, e.g. 2xh200)")
     out.add_argument("--out", default=None,
-                     help="JSON path (default bench/results/finetune_fsdp_<tag>.json)")
+                     help="JSON path (default studies/results/finetune_fsdp_<tag>.json)")
     out.add_argument("--work", default=None,
                      help="run directory: packed data, log, the checkpoint (default: a new "
                           "directory under runs/ in the checkout, removed at the end)")
@@ -422,7 +423,7 @@ def parse_args(argv=None):
         p.error(f"--warmup-steps must be in 0..{args.steps - 1}, got {args.warmup_steps}")
     if "LOCAL_RANK" not in os.environ:
         p.error("run under torchrun, one process per GPU: torchrun --standalone "
-                "--nproc_per_node N bench/finetune_fsdp.py ...")
+                "--nproc_per_node N studies/finetune_fsdp.py ...")
     return args
 
 

@@ -1,7 +1,7 @@
-"""Build the larger offline training corpus of the GPU recovery runs (issue 4): English technical
+"""Build the larger offline training corpus of the GPU recovery runs: English technical
 prose from Debian documentation packages (main, DFSG-free) plus the default corpus (the standard
 library's top-level *.py files and the calibration part of pydoc_data.topics), as one directory of
-text files that ``mla-ext pack`` and ``bench/finetune_study.py --data`` take.
+text files that ``mla-ext pack`` and ``studies/finetune_study.py --data`` take.
 
 Packages (PACKAGES below; 98.6 MB of text with the default corpus, 27.6 M SmolLM2 tokens):
 linux-doc-6.1 (reST sources), perl-doc (POD), git-doc (AsciiDoc), and the HTML manuals of
@@ -13,9 +13,9 @@ reduced to its text (scripts, styles and navigation dropped). The default corpus
 (python3.11-doc) is left out on purpose: pydoc_data.topics, the held-out evaluation text, is
 generated from it.
 
-    python bench/build_doc_corpus.py --out corpus                 # apt-get downloads the .debs
-    python bench/build_doc_corpus.py --debs DIR --out corpus      # .debs downloaded before
-    python bench/build_doc_corpus.py --packages linux-doc-6.1 --out corpus
+    python studies/build_doc_corpus.py --out corpus                 # apt-get downloads the .debs
+    python studies/build_doc_corpus.py --debs DIR --out corpus      # .debs downloaded before
+    python studies/build_doc_corpus.py --packages linux-doc-6.1 --out corpus
     mla-ext pack --data corpus --out corpus_packed --seq-len 2048
 
 The output appears whole or not at all: it is written next to --out and renamed at the end.

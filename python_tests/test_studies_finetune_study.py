@@ -1,4 +1,4 @@
-"""bench/finetune_study.py (recovery fine-tuning study) on CPU with tiny settings, and the two
+"""studies/finetune_study.py (recovery fine-tuning study) on CPU with tiny settings, and the two
 hooks of the training loop it relies on (on_step, save_at_end)."""
 import json
 import math
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ROOT / "bench" / "finetune_study.py"
+STUDY = ROOT / "studies" / "finetune_study.py"
 sys.path.insert(0, str(ROOT))
 
-from bench import finetune_study  # noqa: E402
+from studies import finetune_study  # noqa: E402
 from mla_ext.train import TrainConfig, finetune, list_checkpoints, read_log  # noqa: E402
 from test_train_data import REPEAT, char_tokenizer  # noqa: E402
 from tiny import converted, tiny_model  # noqa: E402
