@@ -85,13 +85,23 @@ class _Setup:
              "ppl": self.ppl(model, cache_dtype if through_cache else None, rope)}
         if answer:
             converted = model is not self.original
-            r["answer"], stats = chat(model, self.tokenizer, PROMPT,
+            r["answer"], stats = chat(_serving_copy(model), self.tokenizer, PROMPT,
                                       cache_dtype=CHAT_CACHE if converted else None,
                                       rope_dtype=CHAT_ROPE if converted else None,
                                       return_stats=True)
             r["speed"] = (f"{stats.tokens_per_s:.0f} tokens/s"
                           f"{', CUDA graph' if stats.cuda_graph else ''}")
         return r
+
+
+def _serving_copy(model):
+    """The model as it is served: on a GPU a bf16 copy, whose decode steps run the CUDA kernels
+    replayed from a CUDA graph (the float32 model, kept for the perplexities, would decode through
+    the PyTorch reference); on a CPU the model itself."""
+    param = next(model.parameters())
+    if param.device.type != "cuda" or param.dtype != torch.float32:
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequences: int = 16,
