@@ -244,3 +244,23 @@ def test_cli_converts_a_local_model_directory(name, tmp_path, capsys):
     assert main(["generate", "--model", str(ckpt), "--device", "cpu", "--prompt", "w1 w2 w3",
                  "--raw", "--max-new-tokens", "4", "--cache-dtype", "int8"]) == 0
     assert "tokens/s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_recovery_finetune_trains_and_saves_each_family(name, tmp_path):
+    from mla_ext.train import TrainConfig, finetune
+    from test_train_data import REPEAT, char_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text(REPEAT)
+    mla = convert(family_model(name), **LOSSY)
+    before = {k: v.clone() for k, v in mla.state_dict().items()}
+    history = finetune(mla, char_tokenizer(), text,
+                       TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3,
+                                                 progress=False, plot=False), tmp_path / "run")
+    assert len(history) == 6 and all(r["loss"] > 0 for r in history)
+    assert any(not torch.equal(before[k], v) for k, v in mla.state_dict().items())
+    loaded = mla_ext.load_pretrained(tmp_path / "run" / "final")
+    assert type(loaded) is type(mla)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    torch.testing.assert_close(loaded(ids).logits, mla(ids).logits)
