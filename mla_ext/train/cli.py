@@ -69,7 +69,7 @@ def _add_data_args(p):
 
 def add_finetune_parsers(sub) -> None:
     """Register ``finetune`` and ``pack`` on the ``mla-ext`` subparsers."""
-    from ..cli import DTYPES
+    from ..models import DTYPES
     from .loop import DISTRIBUTED, PRECISIONS, TRAIN_ONLY, TrainConfig
 
     d = TrainConfig()
@@ -213,11 +213,11 @@ def load_tokenizer(name: str):
 
 
 def cmd_finetune(args):
-    from ..cli import DTYPES
+    from ..models import DTYPES
     from ..models import load_model
     from .checkpoint import find_checkpoint
     from .data import tokenizer_hash
-    from .loop import DATA, _check_out_dir, _data_signature, _packed_data, finetune
+    from .loop import DATA, check_out_dir, data_signature, packed_data, finetune
 
     config = _config(args)
     config.validate()
@@ -233,16 +233,16 @@ def cmd_finetune(args):
         if isinstance(data, str):
             raise ValueError(f"--data {args.data} is packed already")
         tokenizer = load_tokenizer(args.model)
-        sig = _data_signature(data.fingerprint(), tokenizer_hash(tokenizer), config.seq_len,
+        sig = data_signature(data.fingerprint(), tokenizer_hash(tokenizer), config.seq_len,
                               config.max_sequences)
-        path = _packed_data(out / DATA, data, tokenizer, config, config.max_sequences, sig)
+        path = packed_data(out / DATA, data, tokenizer, config, config.max_sequences, sig)
         _report_packed(path)
         return
     if (config.distill > 0) != (args.teacher is not None):
         raise ValueError("--distill W (> 0) and --teacher MODEL go together")
     if config.resume:
         find_checkpoint(out, config.resume)
-    _check_out_dir(out, config)
+    check_out_dir(out, config)
     # finetune places the model (each process on its own GPU under torchrun)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device="cpu")
     teacher = None

@@ -252,7 +252,7 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
         dataset = PackedDataset(data)
         _check_packed(dataset, config, tokenizer)
         source = None
-        data_sig = _data_signature(dataset.index["source_fingerprint"],
+        data_sig = data_signature(dataset.index["source_fingerprint"],
                                    dataset.index["tokenizer_hash"], config.seq_len,
                                    dataset.index["max_sequences"])
     else:
@@ -264,9 +264,9 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
         max_sequences = config.max_sequences
         if source.hf_name and max_sequences is None:
             max_sequences = config.steps * config.batch_size * config.grad_accum * env.world
-        data_sig = _data_signature(source.fingerprint(), tokenizer_hash(tokenizer),
+        data_sig = data_signature(source.fingerprint(), tokenizer_hash(tokenizer),
                                    config.seq_len, max_sequences)
-    _check_out_dir(out, config)
+    check_out_dir(out, config)
     model_sig = ckpt.model_signature(model)
 
     env.init()
@@ -281,7 +281,7 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
             _clear_run(out)
         if not packed_input:
             dataset = env.main_then_share(
-                lambda: _packed_data(out / DATA, source, tokenizer, config, max_sequences,
+                lambda: packed_data(out / DATA, source, tokenizer, config, max_sequences,
                                      data_sig))
             dataset = PackedDataset(dataset)
         if teacher is not None:
@@ -345,15 +345,15 @@ def _check_packed(dataset: PackedDataset, config: TrainConfig, tokenizer) -> Non
                         f"({dataset.index['tokenizer']!r})")
 
 
-def _data_signature(source_fp, tok_hash, seq_len, max_sequences) -> str:
+def data_signature(source_fp, tok_hash, seq_len, max_sequences) -> str:
     return json.dumps([source_fp, tok_hash, seq_len, max_sequences])
 
 
-def _packed_data(path: Path, source, tokenizer, config, max_sequences, data_sig) -> Path:
+def packed_data(path: Path, source, tokenizer, config, max_sequences, data_sig) -> Path:
     """``path`` holding ``source`` packed for this run, reusing an identical earlier packing."""
     if is_packed(path):
         idx = PackedDataset(path).index
-        if _data_signature(idx["source_fingerprint"], idx["tokenizer_hash"], idx["seq_len"],
+        if data_signature(idx["source_fingerprint"], idx["tokenizer_hash"], idx["seq_len"],
                            idx["max_sequences"]) == data_sig:
             return path
     pack(source, tokenizer, path, config.seq_len, max_sequences=max_sequences, overwrite=True,
@@ -361,7 +361,7 @@ def _packed_data(path: Path, source, tokenizer, config, max_sequences, data_sig)
     return path
 
 
-def _check_out_dir(out: Path, config: TrainConfig) -> None:
+def check_out_dir(out: Path, config: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"out {out} exists and is not a directory")
     if config.resume or config.overwrite:
