@@ -1,4 +1,5 @@
-"""The converted attention module, the latent cache, the swap into Llama, checkpoints."""
+"""The converted attention module, the latent cache and its sequences, the original model's
+static K/V cache, the swap into a model, checkpoints."""
 from .attention import MLAAttention
 from .cache import LatentCache, LatentCacheLayer, kv_cache_bytes_per_token
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained

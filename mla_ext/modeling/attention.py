@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import families, ops
-from .cache import LatentCache
+from .sequences import SteppedCache
 
 # Decode steps with at most this many new tokens per sequence use the absorbed kernel.
 MAX_ABSORBED_QUERIES = 8
@@ -167,7 +167,7 @@ class MLAAttention(nn.Module):
         cos, sin = self.rope_angles(position_embeddings)
         q = self.query(hidden_states, cos, sin)
 
-        if isinstance(past_key_values, LatentCache):
+        if isinstance(past_key_values, SteppedCache):
             step = past_key_values.begin_step(self.layer_idx, hidden_states, attention_mask)
             layer = past_key_values.layers[self.layer_idx]
             if self._use_absorbed(t, step):

@@ -13,7 +13,7 @@ import copy
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .cache import SequenceTable
+from .sequences import SequenceTable
 
 
 def _head_dim(config) -> int:
