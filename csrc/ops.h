@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(
     const at::Tensor& k_rope_cache, const std::optional<at::Tensor>& k_rope_scale,
     const at::Tensor& block_table, const at::Tensor& seq_lens, double softmax_scale,
     const std::optional<at::Tensor>& sched_meta);
-// Split-KV plan of one decode step (int32, layout in cuda/mla_decode/split_plan.h).
+// Split-KV plan of one decode step (int32, layout in core/split_plan.h).
 at::Tensor mla_decode_plan_cpu(const at::Tensor& q_lat, const at::Tensor& latent,
                                const std::optional<at::Tensor>& latent_scale,
                                const at::Tensor& k_rope_cache, const at::Tensor& seq_lens);

@@ -2,6 +2,7 @@
 // Mutating ops mark their outputs (a!) and return (); see ARCHITECTURE.md section 3.4.
 #include <torch/extension.h>
 
+#include "core/split_plan.h"
 #include "ops.h"
 
 TORCH_LIBRARY(mla_ext, m) {
@@ -59,6 +60,8 @@ TORCH_LIBRARY_IMPL(mla_ext, CUDA, m) {
 // `import mla_ext._C` loads this library, which runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mla_ext kernels; the ops are under torch.ops.mla_ext";
+  // The size of mla_decode_plan's tensor for a batch, for its fake (meta) implementation.
+  m.def("mla_decode_plan_numel", &mla_ext::decode::plan_numel, "int32 values of a split plan");
 #ifdef MLA_EXT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

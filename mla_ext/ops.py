@@ -17,7 +17,7 @@ import torch
 from . import reference
 from ._loader import load_extension
 
-load_extension()
+_EXTENSION = load_extension()
 
 _LIB = "mla_ext"
 
@@ -220,14 +220,22 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     return _op("mla_decode")(*args, sched_meta)
 
 
-# Slots of a split plan beyond the batch; must equal kPlanSlots in csrc/cuda/mla_decode/split_plan.h.
-_PLAN_SLOTS = 2048
+# The plan's size is defined in C++ (csrc/core/split_plan.h) and linear in the batch; read as
+# two numbers so that fake tensors with symbolic batch sizes can use it.
+_PLAN_BASE = int(_EXTENSION.mla_decode_plan_numel(0))
+_PLAN_PER_SEQUENCE = int(_EXTENSION.mla_decode_plan_numel(1)) - _PLAN_BASE
+assert _EXTENSION.mla_decode_plan_numel(97) == _PLAN_BASE + 97 * _PLAN_PER_SEQUENCE
+
+
+def plan_numel(batch):
+    """int32 values of mla_decode_plan's tensor for ``batch`` sequences."""
+    return _PLAN_BASE + _PLAN_PER_SEQUENCE * batch
 
 
 def _check_sched_meta(sched_meta, q_lat) -> None:
     # Checked here as well as in C++: a plan of the wrong size is an easy mistake to make when a
     # batch changes between steps, and the message should not depend on the toolchain.
-    expected = 4 + 4 * (_PLAN_SLOTS + q_lat.shape[0]) + 2 * q_lat.shape[0]
+    expected = plan_numel(q_lat.shape[0])
     if (not isinstance(sched_meta, torch.Tensor) or sched_meta.dtype != torch.int32
             or sched_meta.dim() != 1 or sched_meta.numel() != expected
             or sched_meta.device != q_lat.device):
@@ -239,7 +247,7 @@ def _check_sched_meta(sched_meta, q_lat) -> None:
 
 
 def mla_decode_plan(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
-    """Split-KV schedule of one decode step: (4 + 4 (2048 + B) + 2 B,) int32 on seq_lens' device.
+    """Split-KV schedule of one decode step: (plan_numel(B),) int32 on seq_lens' device.
 
     Depends on the shapes and dtypes of q_lat, latent, latent_scale, k_rope_cache and on the
     values of seq_lens (read on the device, no sync); reuse it for every layer of the step.
@@ -343,8 +351,7 @@ def _mla_decode_fake(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_ca
 
 @torch.library.register_fake("mla_ext::mla_decode_plan")
 def _mla_decode_plan_fake(q_lat, latent, latent_scale, k_rope_cache, seq_lens):
-    b = q_lat.shape[0]
-    return seq_lens.new_empty((4 + 4 * (_PLAN_SLOTS + b) + 2 * b,), dtype=torch.int32)
+    return seq_lens.new_empty((plan_numel(q_lat.shape[0]),), dtype=torch.int32)
 
 
 @torch.library.register_fake("mla_ext::latent_gather")

@@ -10,6 +10,7 @@
 
 #include "args/mla_decode.h"
 #include "core/quant.h"
+#include "core/split_plan.h"
 #include "ops.h"
 
 namespace mla_ext {
@@ -157,13 +158,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(
   return {o_lat, lse};
 }
 
-}  // namespace mla_ext
-
-#include "cuda/mla_decode/config.h"
-#include "cuda/mla_decode/split_plan.h"
-
-namespace mla_ext {
-
 // The CPU kernel needs no plan; this one splits as the CUDA plan does, for one "slot" per CPU
 // thread, so the planning logic is testable without a GPU.
 at::Tensor mla_decode_plan_cpu(const at::Tensor& q_lat, const at::Tensor& latent,
@@ -174,7 +168,7 @@ at::Tensor mla_decode_plan_cpu(const at::Tensor& q_lat, const at::Tensor& latent
   MLA_CHECK_SHAPE("mla_decode_plan", seq_lens, q_lat.size(0));
   MLA_CHECK_CONTIGUOUS("mla_decode_plan", seq_lens);
   const int64_t B = q_lat.size(0);
-  const int tile_tokens = decode::kDefaultTileTokens;
+  const int tile_tokens = decode::kCpuPlanTileTokens;
   at::Tensor plan = at::empty({decode::plan_numel(B)}, seq_lens.options());
   const int target = std::min<int>(decode::kPlanSlots, std::max(1, at::get_num_threads()));
   decode::make_plan(seq_lens.data_ptr<int32_t>(), static_cast<int>(B), tile_tokens, target,

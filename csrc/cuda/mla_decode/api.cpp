@@ -18,9 +18,9 @@
 #include <tuple>
 
 #include "args/mla_decode.h"
+#include "core/split_plan.h"
 #include "cuda/mla_decode/hopper/layout.h"
 #include "cuda/mla_decode/launch.h"
-#include "cuda/mla_decode/split_plan.h"
 #include "cuda/mla_decode/warpspec/layout.h"
 #include "cuda/mla_decode/warpspec/tensor_map.h"
 #include "ops.h"

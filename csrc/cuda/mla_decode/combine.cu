@@ -7,10 +7,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "core/split_plan.h"
 #include "cuda/mla_decode/launch.h"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/smem_attribute.h"
-#include "cuda/mla_decode/split_plan.h"
 
 namespace mla_ext::decode {
 namespace {

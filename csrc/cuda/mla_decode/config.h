@@ -1,5 +1,5 @@
-// Tile configuration of the mla_decode kernel, one bucket per latent width. Plain C++ (no CUDA):
-// the CPU build includes it for mla_decode_plan.
+// Tile configuration of the CUDA mla_decode kernel, one bucket per latent width. Plain C++ (no
+// CUDA), so that host code (api.cpp, the layout checks) can include it.
 #pragma once
 
 #include <cstdint>
@@ -42,16 +42,11 @@ constexpr int bucket_tile_tokens(int bucket) { return kBuckets[bucket].pieces * 
 constexpr int bucket_k_split(int bucket) {
   return kBuckets[bucket].warps / (kBuckets[bucket].pieces * kBuckets[bucket].row_tiles);
 }
-// The tile size the CPU plan uses (the CUDA plan uses its bucket's).
-constexpr int kDefaultTileTokens = 2 * kPieceTokens;
 
 // Pipeline depth: tiles of the cache in shared memory at once (one being computed, the rest in
 // flight), chosen per launch from the shared memory left.
 constexpr int kMinStages = 2;
 constexpr int kMaxStages = 8;
-
-// The fewest tiles a split takes, so that the query load and the merge stay small next to it.
-constexpr int kMinTilesPerSplit = 2;
 
 // RoPE keys: any even d_r up to 8 * kMaxRopeSteps; shared memory pads each KV head's key to a
 // multiple of 8 (the k = 8 MMA steps) with zeros.

@@ -26,10 +26,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/split_plan.h"
 #include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/rope_queries.cuh"
-#include "cuda/mla_decode/split_plan.h"
 #include "cuda/mla_decode/traits.h"
 
 namespace mla_ext::decode {

@@ -4,8 +4,8 @@
 // capturable in a CUDA graph).
 #include <c10/cuda/CUDAException.h>
 
+#include "core/split_plan.h"
 #include "cuda/mla_decode/launch.h"
-#include "cuda/mla_decode/split_plan.h"
 
 namespace mla_ext::decode {
 namespace {

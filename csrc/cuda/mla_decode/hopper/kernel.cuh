@@ -22,12 +22,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/split_plan.h"
 #include "cuda/mla_decode/hopper/layout.h"
 #include "cuda/mla_decode/hopper/softmax.cuh"
 #include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/rope_queries.cuh"
-#include "cuda/mla_decode/split_plan.h"
 
 namespace mla_ext::decode::hopper {
 

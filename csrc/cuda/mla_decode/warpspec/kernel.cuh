@@ -24,11 +24,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/split_plan.h"
 #include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/hopper/softmax.cuh"
 #include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
-#include "cuda/mla_decode/split_plan.h"
 #include "cuda/mla_decode/warpspec/layout.h"
 #include "cuda/mla_decode/warpspec/tma.cuh"
 

@@ -1,16 +1,19 @@
 // The split-KV schedule of mla_decode, as data: which CTA takes which tiles of which sequence.
 // Computed once per decode step (by mla_decode_plan, or inside mla_decode when no plan is given)
-// and reusable by every layer of that step. Plain C++ with host/device functions, so the CPU
-// build makes the same plan.
+// and reusable by every layer of that step. Plain C++ with host/device functions, shared by the
+// CPU and CUDA builds (the CPU build makes the same plan).
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 
-#include "cuda/mla_decode/config.h"
-
 namespace mla_ext::decode {
+
+// The fewest tiles a split takes, so that the query load and the merge stay small next to it.
+constexpr int kMinTilesPerSplit = 2;
+// The tile size of the CPU plan (the CUDA plan uses its bucket's: cuda/mla_decode/config.h).
+constexpr int kCpuPlanTileTokens = 32;
 
 // Layout of the int32 plan tensor, [kPlanHeader + 4 * capacity + 2 * B] with
 // capacity = kPlanSlots + B (a size known from the shapes alone, so the fake op knows it too):
@@ -22,10 +25,11 @@ namespace mla_ext::decode {
 // split covers tiles [0, tiles_of(length)) exactly when the sequence has one split.
 // The decode grid covers only target_parts + B parts (target_parts <= kPlanSlots).
 constexpr int kPlanHeader = 4;
-constexpr int kPlanSlots = 2048;  // mla_ext/ops.py repeats it for the fake of mla_decode_plan
+constexpr int kPlanSlots = 2048;
 
 C10_HOST_DEVICE inline int64_t plan_capacity(int64_t batch) { return kPlanSlots + batch; }
 
+// Exported to Python (mla_ext._C.mla_decode_plan_numel) for the fake of mla_decode_plan.
 inline int64_t plan_numel(int64_t batch) {
   return kPlanHeader + 4 * plan_capacity(batch) + 2 * batch;
 }
