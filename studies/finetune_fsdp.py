@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import write_results  # noqa: E402
 from studies import RESULTS  # noqa: E402
-from mla_ext.train.cli import _positive, _positive_float  # noqa: E402
+from mla_ext.train.cli import positive_int, positive_number  # noqa: E402
 
 GB = 1e9
 # bytes per parameter: fp32 weights + gradients + two AdamW moments (sharded), and a checkpoint
@@ -353,35 +353,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = p.add_argument_group("model shape (default: Llama-2-7B with MHA2MLA d_kv 16, r 8)")
-    shape.add_argument("--layers", type=_positive, default=32, help="decoder layers (32)")
-    shape.add_argument("--hidden", type=_positive, default=4096, help="hidden size d (4096)")
-    shape.add_argument("--heads", type=_positive, default=32, help="query heads (32)")
-    shape.add_argument("--kv-heads", type=_positive, default=None,
+    shape.add_argument("--layers", type=positive_int, default=32, help="decoder layers (32)")
+    shape.add_argument("--hidden", type=positive_int, default=4096, help="hidden size d (4096)")
+    shape.add_argument("--heads", type=positive_int, default=32, help="query heads (32)")
+    shape.add_argument("--kv-heads", type=positive_int, default=None,
                        help="key/value heads (default: --heads, i.e. MHA)")
-    shape.add_argument("--head-dim", type=_positive, default=None,
+    shape.add_argument("--head-dim", type=positive_int, default=None,
                        help="head dim (default: hidden / heads)")
-    shape.add_argument("--intermediate", type=_positive, default=11008,
+    shape.add_argument("--intermediate", type=positive_int, default=11008,
                        help="MLP width (11008)")
-    shape.add_argument("--d-kv", type=_positive, default=16,
+    shape.add_argument("--d-kv", type=positive_int, default=16,
                        help="latent width per KV head (16: D_c = 16 x kv-heads)")
-    shape.add_argument("--rope-pairs", type=_positive, default=8,
+    shape.add_argument("--rope-pairs", type=positive_int, default=8,
                        help="RoPE frequency pairs kept per KV head (8)")
     run_ = p.add_argument_group("run")
-    run_.add_argument("--steps", type=_positive, default=30, help="optimizer steps (30)")
-    run_.add_argument("--checkpoint-step", type=_positive, default=None,
+    run_.add_argument("--steps", type=positive_int, default=30, help="optimizer steps (30)")
+    run_.add_argument("--checkpoint-step", type=positive_int, default=None,
                       help="the uninterrupted run's one checkpoint, after this step; the restart "
                            "resumes from it (default 2/3 of --steps; must be more than half "
                            "of --steps and less than --steps)")
-    run_.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence")
-    run_.add_argument("--batch-size", type=_positive, default=4,
+    run_.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence")
+    run_.add_argument("--batch-size", type=positive_int, default=4,
                       help="sequences per micro-batch per rank (4)")
-    run_.add_argument("--grad-accum", type=_positive, default=1,
+    run_.add_argument("--grad-accum", type=positive_int, default=1,
                       help="micro-batches per step per rank (1)")
-    run_.add_argument("--lr", type=_positive_float, default=1e-4, help="peak learning rate (1e-4)")
+    run_.add_argument("--lr", type=positive_number, default=1e-4, help="peak learning rate (1e-4)")
     run_.add_argument("--seed", type=int, default=0, help="weight init and data order seed")
     run_.add_argument("--no-activation-checkpointing", action="store_true",
                       help="keep activations instead of recomputing them")
-    run_.add_argument("--rtol", type=_positive_float, default=1e-3,
+    run_.add_argument("--rtol", type=positive_number, default=1e-3,
                       help="tolerance of resumed vs uninterrupted losses (1e-3: bf16 GPU "
                            "kernels may differ in their last bits from run to run)")
     run_.add_argument("--warmup-steps", type=int, default=3,

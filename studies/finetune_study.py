@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import earlier_results, eval_batch_size, write_results  # noqa: E402
 from studies import RESULTS  # noqa: E402
 from studies.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
-from mla_ext.train.cli import _count, _positive, _positive_float  # noqa: E402
+from mla_ext.train.cli import count_arg, positive_int, positive_number  # noqa: E402
 
 D_KVS = (8, 16, 32)
 PAPER_R = 4
@@ -336,19 +336,19 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", type=parse_configs, default=list(CONFIG_NAMES),
                    help=f"comma-separated subset of {','.join(CONFIG_NAMES)} (default: all)")
-    p.add_argument("--tokens", type=_count, default=4_000_000,
+    p.add_argument("--tokens", type=count_arg, default=4_000_000,
                    help="training tokens per run, e.g. 4M (default 4M); the run takes "
                         "tokens // (seq-len x batch-size) steps")
-    p.add_argument("--seq-len", type=_positive, default=2048,
+    p.add_argument("--seq-len", type=positive_int, default=2048,
                    help="tokens per training sequence (default 2048)")
-    p.add_argument("--batch-size", type=_positive, default=16,
+    p.add_argument("--batch-size", type=positive_int, default=16,
                    help="sequences per optimizer step (default 16)")
-    p.add_argument("--lr", type=_positive_float, default=1e-4,
+    p.add_argument("--lr", type=positive_number, default=1e-4,
                    help="peak learning rate (default 1e-4)")
-    p.add_argument("--eval-every", type=_positive, default=None,
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help="evaluate after every N steps (default: a quarter of the steps); also "
                         "before the first step and after the last")
-    p.add_argument("--time-limit", type=_positive_float, default=420.0,
+    p.add_argument("--time-limit", type=positive_number, default=420.0,
                    help="wall-clock seconds for the whole study, setup included (default 420)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="JSON output; the PNG gets the same name (default %(default)s)")
@@ -359,13 +359,13 @@ def parse_args(argv=None):
     p.add_argument("--shakespeare", type=Path, default=None,
                    help="tinyshakespeare.txt (default: ../shared/data/tinyshakespeare.txt when "
                         "present, else pydoc only)")
-    p.add_argument("--shakespeare-tokens", type=_positive, default=65536,
+    p.add_argument("--shakespeare-tokens", type=positive_int, default=65536,
                    help="first tokens of Shakespeare evaluated (default 65536)")
-    p.add_argument("--eval-tokens", type=_positive, default=None,
+    p.add_argument("--eval-tokens", type=positive_int, default=None,
                    help="first tokens of the held-out pydoc text evaluated (default: all)")
-    p.add_argument("--context", type=_positive, default=512,
+    p.add_argument("--context", type=positive_int, default=512,
                    help="perplexity window and stride (default 512)")
-    p.add_argument("--calib-sequences", type=_positive, default=64,
+    p.add_argument("--calib-sequences", type=positive_int, default=64,
                    help="calibration sequences of 512 tokens (default 64)")
     p.add_argument("--data", default="default",
                    help="training data: 'default', a text file/directory/.jsonl, or a packed "

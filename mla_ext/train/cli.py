@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """Positive integers (steps, lengths, batch sizes): the argparse type of such options."""
     try:
         value = int(text)
     except ValueError:
@@ -18,7 +19,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_number(text: str) -> float:
     """Positive finite numbers (learning rates, tolerances, seconds)."""
     try:
         value = float(text)
@@ -29,7 +30,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def count_arg(text: str) -> int:
     """Non-negative integers, with k/M/G suffixes for token counts (e.g. 50M)."""
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
     try:
@@ -58,7 +59,7 @@ def _add_data_args(p):
                         "pydoc_data.topics), a text file, a directory of text files, a .jsonl "
                         "file (field 'text'), a packed directory, or hf:NAME (a Hugging Face "
                         "dataset; needs the datasets package)")
-    p.add_argument("--max-tokens", type=_count, default=None,
+    p.add_argument("--max-tokens", type=count_arg, default=None,
                    help="pack at most this many tokens (e.g. 500M); a streamed hf: dataset "
                         "defaults to what the run consumes")
     p.add_argument("--text-field", default="text", help="JSONL / dataset field (default text)")
@@ -90,13 +91,13 @@ def add_finetune_parsers(sub) -> None:
     _add_data_args(p)
     p.add_argument("--out", required=True,
                    help="run directory: data/, checkpoints/, log.jsonl, loss.png, final/")
-    p.add_argument("--steps", type=_positive, default=d.steps,
+    p.add_argument("--steps", type=positive_int, default=d.steps,
                    help=f"optimizer steps (default {d.steps})")
-    p.add_argument("--seq-len", type=_positive, default=d.seq_len,
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len,
                    help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size,
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"sequences per micro-batch per process (default {d.batch_size})")
-    p.add_argument("--grad-accum", type=_positive, default=d.grad_accum,
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum,
                    help="micro-batches per optimizer step per process (default 1); global "
                         "batch = batch size x grad accum x processes")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
@@ -124,14 +125,14 @@ def add_finetune_parsers(sub) -> None:
     p.add_argument("--teacher", default=None,
                    help="the model to distil from with --distill: 'default' (the original "
                         "SmolLM2-135M-Instruct) or a model directory, as --model")
-    p.add_argument("--save-every", type=_count, default=500,
+    p.add_argument("--save-every", type=count_arg, default=500,
                    help="checkpoint every N steps, 0 = only at the end (default 500)")
-    p.add_argument("--keep", type=_count, default=d.keep,
+    p.add_argument("--keep", type=count_arg, default=d.keep,
                    help=f"checkpoints kept on disk, 0 = all (default {d.keep})")
     p.add_argument("--seed", type=int, default=d.seed, help="data order seed (default 0)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in --out, or from CHECKPOINT")
-    p.add_argument("--stop-after", type=_positive, default=None, metavar="STEP",
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="STEP",
                    help="stop after this step with a checkpoint (continue later with --resume)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an earlier run's checkpoints, log and final model in --out")
@@ -149,9 +150,9 @@ def add_finetune_parsers(sub) -> None:
                         "directory")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seq-len", type=_positive, default=d.seq_len,
+    p.add_argument("--seq-len", type=positive_int, default=d.seq_len,
                    help=f"tokens per sequence (default {d.seq_len})")
-    p.add_argument("--shard-tokens", type=_count, default=None,
+    p.add_argument("--shard-tokens", type=count_arg, default=None,
                    help="tokens per shard file (default 128Mi)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_pack)
