@@ -261,7 +261,7 @@ def _decode(step: DecodeStep, cache, n: int, cuda_graph: bool, stop_at_eos: bool
             progress: bool) -> int:
     """Run up to n decode steps; returns how many ran."""
     graph = None
-    done = 0
+    done = replays = 0
     with tqdm(total=n, desc="decode", disable=not progress) as bar:
         while done < n:
             if stop_at_eos and done % EOS_CHECK_EVERY == 0 and bool(step.finished.all()):
@@ -270,11 +270,13 @@ def _decode(step: DecodeStep, cache, n: int, cuda_graph: bool, stop_at_eos: bool
                 graph = capture(step)
             if graph is not None:
                 graph.replay()
-                cache.advance(1)
+                replays += 1
             else:
                 step()   # eager: advances the host bookkeeping itself
             done += 1
             bar.update(1)
+    # the replays advanced only the device lengths; the cache was sized for all n steps
+    cache.advance(replays)
     return done
 
 

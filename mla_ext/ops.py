@@ -23,18 +23,24 @@ _LIB = "mla_ext"
 
 
 _reference_only = threading.local()
+_debug_checks = threading.local()
 
 
 @contextlib.contextmanager
-def reference_only():
-    """Within this block every wrapper runs the PyTorch reference instead of the kernels (to
-    compare a model's kernel path with its reference path)."""
-    previous = getattr(_reference_only, "on", False)
-    _reference_only.on = True
+def _thread_flag(flag: threading.local, value: bool):
+    """Set ``flag.on`` for this thread within the block; the previous value (None: unset) after."""
+    previous = getattr(flag, "on", None)
+    flag.on = value
     try:
         yield
     finally:
-        _reference_only.on = previous
+        flag.on = previous
+
+
+def reference_only():
+    """Within this block every wrapper runs the PyTorch reference instead of the kernels (to
+    compare a model's kernel path with its reference path)."""
+    return _thread_flag(_reference_only, True)
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
@@ -63,20 +69,11 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-_debug_checks = threading.local()
-
-
-@contextlib.contextmanager
 def debug_checks(enabled: bool = True):
     """Within this block the model's cache writes and decode calls range-check their slots and
     block tables on the host (one sync per call), as direct calls of the ops do; off by default
     (the cache builds its tables in range) or with the environment's MLA_EXT_DEBUG_CHECKS=1."""
-    previous = getattr(_debug_checks, "on", None)
-    _debug_checks.on = enabled
-    try:
-        yield
-    finally:
-        _debug_checks.on = previous
+    return _thread_flag(_debug_checks, enabled)
 
 
 def debug_checks_enabled() -> bool:

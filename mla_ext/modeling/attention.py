@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .. import families, ops
-from .sequences import SteppedCache
+from .sequences import SteppedCache, additive_mask
 
 # Decode steps with at most this many new tokens per sequence use the absorbed kernel.
 MAX_ABSORBED_QUERIES = 8
@@ -256,5 +256,4 @@ def _context_mask(past_lens, past_length: int, t: int, dtype) -> torch.Tensor:
     past = torch.arange(past_length, device=device).view(1, 1, -1) < past_lens.view(-1, 1, 1)
     new = torch.ones(t, t, dtype=torch.bool, device=device).tril().unsqueeze(0)
     visible = torch.cat([past.expand(-1, t, -1), new.expand(past.shape[0], -1, -1)], dim=-1)
-    blocked = torch.zeros(visible.shape, dtype=dtype, device=device)
-    return blocked.masked_fill_(~visible, torch.finfo(dtype).min).unsqueeze(1)
+    return additive_mask(visible, dtype).unsqueeze(1)

@@ -192,8 +192,7 @@ class LatentCacheLayer(CacheLayerMixin):
 
     def tensors(self):
         """(latent, latent_scale, latent_zero, k_rope, k_rope_scale), the ops' cache arguments."""
-        if self.storage.get("latent") is None or self.storage["latent"].shape[0] < self.table.num_blocks:
-            self.fit_storage()
+        self.fit_storage()
         s = self.storage
         return s["latent"], s["latent_scale"], s["latent_zero"], s["k_rope"], s["k_rope_scale"]
 
@@ -280,10 +279,9 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
+
 
 class LatentCache(SteppedCache):
     """Paged latent cache for a converted model; use as ``past_key_values``.
@@ -324,7 +322,7 @@ class LatentCache(SteppedCache):
             for m in modules]
         super().__init__(layers=layers)
         self.first_layer = modules[0].layer_idx
-        self.step: WriteStep | None = None
+        self.step = None
         if batch_size is not None:
             self.table.initialize(batch_size, _model_device(model))
             for layer in self.layers:
@@ -343,38 +341,14 @@ class LatentCache(SteppedCache):
                     and not self.table.has_context):
                 valid = valid_tokens(attention_mask, b, t)
             self.step = self.table.begin_write(b, t, hidden_states.device, valid)
-            for layer in self.layers:
-                layer.fit_storage()
         return self.step
 
-    def advance(self, num_tokens: int) -> None:
-        """Host bookkeeping of ``num_tokens`` tokens per sequence written by replayed graphs or
-        compiled steps (which advance only the device lengths)."""
-        self.table.advance(num_tokens)
-
-    def row(self, b: int) -> "LatentCache":
-        """Sequence b of a static cache as a cache of one sequence sharing its storage: a prompt
-        is prefilled into its row alone, without padding."""
-        view = copy.copy(self)
-        view.table = self.table.row(b)
-        view.layers = []
-        for layer in self.layers:
-            part = copy.copy(layer)
-            part.table = view.table
-            view.layers.append(part)
-        view.step = None
-        return view
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        """(B,) int32 lengths of the sequences, on the device."""
-        return self.table.seq_lens
+    def _layer_view(self, layer, view):
+        part = copy.copy(layer)
+        part.table = view.table
+        return part
 
     # ---------------------------------------------------------------- Cache protocol
-
-    def reset(self):
-        self.table.reset()
-        self.step = None
 
     def crop(self, tokens_to_remove: int) -> None:
         self.layers[0].crop(tokens_to_remove)

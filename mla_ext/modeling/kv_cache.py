@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from .sequences import SequenceTable
+from .sequences import SequenceTable, TableCache, additive_mask
 
 
 def _head_dim(config) -> int:
@@ -64,7 +64,7 @@ class StaticKVLayer(CacheLayerMixin):
         self.cache.table.reset()
 
 
-class StaticKVCache(Cache):
+class StaticKVCache(TableCache):
     """Preallocated K/V cache of an unconverted model for ``batch_size`` sequences of up to
     ``max_length`` tokens (see the module's doc)."""
 
@@ -91,34 +91,12 @@ class StaticKVCache(Cache):
         max_len = self.layers[0].keys.shape[2]
         visible = (torch.arange(max_len, device=self.table.device).view(1, -1)
                    <= self.table.seq_lens.view(-1, 1)).view(-1, 1, 1, max_len)
-        if boolean:
-            return visible
-        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
-            ~visible, torch.finfo(dtype).min)
+        return visible if boolean else additive_mask(visible, dtype)
 
-    def advance(self, num_tokens: int) -> None:
-        """Host bookkeeping of tokens written by replayed graphs or compiled steps."""
-        self.table.advance(num_tokens)
-
-    def row(self, b: int) -> "StaticKVCache":
-        """Sequence b as a cache of one sequence over the same storage, to prefill it alone."""
-        view = copy.copy(self)
-        view.table = self.table.row(b)
-        view.layers = []
-        for layer in self.layers:
-            part = copy.copy(layer)
-            part.cache = view
-            view.layers.append(part)
-        view.step = None
-        return view
-
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        return self.table.seq_lens
-
-    def reset(self):
-        self.table.reset()
-        self.step = None
+    def _layer_view(self, layer, view):
+        part = copy.copy(layer)
+        part.cache = view
+        return part
 
     def nbytes(self) -> int:
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.layers)

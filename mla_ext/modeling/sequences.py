@@ -218,9 +218,53 @@ class SequenceTable:
         return view
 
 
-class SteppedCache(Cache):
-    """A cache whose forward passes are steps over a SequenceTable: ``begin_step(layer_idx,
-    hidden_states, attention_mask)`` returns the step's WriteStep (LatentCache)."""
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as an additive one in ``dtype``: 0 where visible, the
+    dtype's lowest finite value elsewhere (a row with nothing visible stays finite)."""
+    blocked = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return blocked.masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+class TableCache(Cache):
+    """A cache whose sequences are one SequenceTable (``table``) and whose forward passes are
+    steps (``step``, the current WriteStep): the latent cache and the original model's static
+    K/V cache."""
+
+    table: SequenceTable
+    step: WriteStep | None = None
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """(B,) int32 lengths of the sequences, on the device."""
+        return self.table.seq_lens
+
+    def advance(self, num_tokens: int) -> None:
+        """Host bookkeeping of ``num_tokens`` tokens per sequence written by replayed graphs or
+        compiled steps (which advance only the device lengths)."""
+        self.table.advance(num_tokens)
+
+    def row(self, b: int):
+        """Sequence b of a static cache as a cache of one sequence sharing its storage: a prompt
+        is prefilled into its row alone, without padding."""
+        view = copy.copy(self)
+        view.table = self.table.row(b)
+        view.layers = [self._layer_view(layer, view) for layer in self.layers]
+        view.step = None
+        return view
+
+    def _layer_view(self, layer, view):
+        """``layer`` as a layer of ``view`` (a row of this cache), sharing its storage."""
+        raise NotImplementedError
+
+    def reset(self):
+        self.table.reset()
+        self.step = None
+
+
+class SteppedCache(TableCache):
+    """A table cache whose MLA layers ask for the step themselves: ``begin_step(layer_idx,
+    hidden_states, attention_mask)`` returns the step's WriteStep (LatentCache). MLAAttention
+    attends absorbed or reconstructed over one."""
 
     def begin_step(self, layer_idx: int, hidden_states: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> WriteStep:
