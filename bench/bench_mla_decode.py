@@ -142,8 +142,8 @@ def sdpa_decode_us(timer, B, S, H, H_kv, d_h) -> float | None:
 
 
 def kernel_does_not_apply(err: RuntimeError) -> bool:
-    """The error of shapes the chosen kernel does not take (MLA_EXT_DECODE_KERNEL=wgmma with a
-    quantized cache, ...): skipped with a note rather than ending the run."""
+    """The error of shapes the chosen kernel does not take (MLA_EXT_DECODE_KERNEL=ws with fp8
+    RoPE keys, ...): skipped with a note rather than ending the run."""
     return "does not apply" in str(err)
 
 
@@ -359,12 +359,12 @@ def main():
                          "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
-    ap.add_argument("--kernel", choices=("auto", "mma", "wgmma", "ws"), default="auto",
+    ap.add_argument("--kernel", choices=("auto", "mma", "ws"), default="auto",
                     help="which decode kernel (MLA_EXT_DECODE_KERNEL): the default choice (the "
                          "warp-specialized one where it applies, else mma.sync), the mma.sync "
-                         "one, the first Hopper one, or the warp-specialized one (shapes a forced "
-                         "kernel does not take are skipped, with a note); each row records the "
-                         "plan's tile (64 tokens: ws, 48 or 64: wgmma, 32: mma)")
+                         "one or the warp-specialized one (shapes a forced kernel does not take "
+                         "are skipped, with a note); each row records the plan's tile (64 "
+                         "tokens: ws, 16 or 32: mma)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     ap.add_argument("--ncu", action="store_true",
                     help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")

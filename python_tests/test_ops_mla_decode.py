@@ -312,7 +312,7 @@ def decode_and_check(p: DecodeParam) -> tuple:
 
 
 def force_hopper_kernel(choice: str, monkeypatch) -> None:
-    """MLA_EXT_DECODE_KERNEL=choice (wgmma or ws) for the test, skipped off a Hopper GPU."""
+    """MLA_EXT_DECODE_KERNEL=choice (ws) for the test, skipped off a Hopper GPU."""
     if not hopper_gpu():
         pytest.skip(f"MLA_EXT_DECODE_KERNEL={choice} needs a compute capability 9.0 GPU")
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", choice)
@@ -338,24 +338,6 @@ def assert_graph_replay_matches(args, o, lse):
     assert torch.equal(og, o) and torch.equal(lg, lse)
 
 
-def hopper_params(n: int, seed: int) -> list[DecodeParam]:
-    """Draws of random_params moved into what the Hopper kernel takes: D_c a multiple of 64 up to
-    512, 16-bit latent and RoPE keys in q's dtype, d_r a multiple of 8."""
-    rng = random.Random(seed)
-    out = []
-    for p in random_params(n, seed, cpu=False):
-        dt = rng.choice([torch.bfloat16, torch.float16])
-        D_c = min(512, 64 * max(1, round(p.D_c / 64)))
-        d_r = rng.choice([8, 16, 16, 24, 32, 64])
-        # a CTA's 32 rows need the keys of up to 32 / group + 2 KV heads: at most 640 dims of
-        # them fit next to the latent slots
-        while min(p.H_kv, 32 // (p.H // p.H_kv) + 2) * d_r > 640 and d_r > 8:
-            d_r -= 8
-        out.append(dataclasses.replace(p, D_c=D_c, d_r=d_r, latent_dtype=dt, rope_dtype=dt,
-                                       q_dtype=dt, group_size=D_c))
-    return out
-
-
 def check_long_splits_and_graph(shapes, block_size) -> None:
     """Each (D_c, H, H_kv, d_r, s_q) of shapes in bf16 and fp16 (latent, keys and queries) over
     long sequences next to empty and tiny ones (many splits), block_size(s_q) tokens per page,
@@ -370,22 +352,6 @@ def check_long_splits_and_graph(shapes, block_size) -> None:
 
 def hopper_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("p", hopper_params(160, seed=13), ids=lambda p: f"s{p.seed}")
-def test_mla_decode_hopper_kernel_matches_reference(p, monkeypatch):
-    force_hopper_kernel("wgmma", monkeypatch)
-    decode_and_check(p)
-
-
-@pytest.mark.gpu
-def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
-    force_hopper_kernel("wgmma", monkeypatch)
-    # the Llama-2 (MHA: 48-token tiles) and Llama-3 (GQA: 64-token tiles) shapes, many splits
-    check_long_splits_and_graph(((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
-                                 (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)),
-                                block_size=lambda s_q: 64)
 
 
 def warpspec_span_steps(H: int, H_kv: int, d_r: int) -> int:
@@ -472,28 +438,18 @@ def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
 
 @pytest.mark.gpu
 def test_mla_decode_kernel_choice_errors(monkeypatch):
-    # fp8 keys: neither Hopper kernel takes them
+    # fp8 keys: the warp-specialized kernel does not take them
     p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.float8_e4m3fn,
                     torch.bfloat16, 16, seed=9)
     args, _ = make_inputs(p, "cuda")
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws"):
-        torch.ops.mla_ext.mla_decode(*args, None)
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
-    with pytest.raises(RuntimeError, match="Hopper kernel does not apply"):
+    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma or ws"):
         torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
     with pytest.raises(RuntimeError, match="warp-specialized kernel does not apply"):
         torch.ops.mla_ext.mla_decode(*args, None)
     monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
     check_against_reference(p, torch.ops.mla_ext.mla_decode(*args, None), args)
-    # a quantized latent with 16-bit keys: the warp-specialized kernel takes it, the first Hopper
-    # kernel does not (it has no dequantizing path)
-    quant = dataclasses.replace(p, rope_dtype=torch.bfloat16)
-    args, _ = make_inputs(quant, "cuda")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
-    with pytest.raises(RuntimeError, match="bf16 / fp16 latent caches only"):
-        torch.ops.mla_ext.mla_decode(*args, None)
 
 
 @pytest.mark.gpu

@@ -2,9 +2,9 @@
 RoPE part (q_rope = 0) and its latent part (q_lat = 0): where a kernel change went wrong.
 
 Prints, per shape and variant, the largest |o - o_ref| and |lse - lse_ref| of the mma.sync kernel
-and of the Hopper kernels (MLA_EXT_DECODE_KERNEL=wgmma and ws; an error line where one does not
+and of the warp-specialized one (MLA_EXT_DECODE_KERNEL=ws; an error line where it does not
 apply), and whether any output is NaN. The inputs are those of the GPU tests (paged, poisoned pages).
-Also the workload of the Hopper kernel's compute-sanitizer run:
+Also the workload of the warp-specialized kernel's compute-sanitizer run:
   compute-sanitizer --tool memcheck python3 tools/compare_decode_kernels.py
 """
 import argparse
@@ -59,7 +59,7 @@ def main():
             o_ref, l_ref = reference.mla_decode(cpu[0].float(), cpu[1].float(), *cpu[2:])
             live = ~torch.isinf(l_ref)
             res = []
-            for kind in ("mma", "wgmma", "ws"):
+            for kind in ("mma", "ws"):
                 try:
                     o, lse = run_kernel(kind, tuple(a))
                 except RuntimeError as e:

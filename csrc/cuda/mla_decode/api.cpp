@@ -19,7 +19,6 @@
 
 #include "args/mla_decode.h"
 #include "core/split_plan.h"
-#include "cuda/mla_decode/hopper/layout.h"
 #include "cuda/mla_decode/launch.h"
 #include "cuda/mla_decode/warpspec/layout.h"
 #include "cuda/mla_decode/warpspec/tensor_map.h"
@@ -73,22 +72,9 @@ int format_of(LatentFormat f) {
 
 struct Config {
   int bucket, tile_tokens, target_parts;
-  int hopper_blocks;    // > 0: the Hopper kernel for D_c = 64 * hopper_blocks
   int warpspec_blocks;  // > 0: the warp-specialized kernel for D_c = 64 * warpspec_blocks,
   int rope_steps;       // with RoPE windows of rope_steps k16 steps
 };
-
-#define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                        \
-  switch (BLOCKS) {                                                  \
-    case 1: { constexpr int kBlocks = 1; __VA_ARGS__(); break; }     \
-    case 2: { constexpr int kBlocks = 2; __VA_ARGS__(); break; }     \
-    case 3: { constexpr int kBlocks = 3; __VA_ARGS__(); break; }     \
-    case 4: { constexpr int kBlocks = 4; __VA_ARGS__(); break; }     \
-    case 5: { constexpr int kBlocks = 5; __VA_ARGS__(); break; }     \
-    case 6: { constexpr int kBlocks = 6; __VA_ARGS__(); break; }     \
-    case 7: { constexpr int kBlocks = 7; __VA_ARGS__(); break; }     \
-    default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; }    \
-  }
 
 #define MLA_DECODE_WARPSPEC_SWITCH(BLOCKS, STEPS, ...)                              \
   switch (BLOCKS * 16 + STEPS) {                                                    \
@@ -112,18 +98,17 @@ struct Config {
 
 // Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the warp-specialized Hopper kernel
 // where it applies, 1.1-1.4x faster than the mma.sync kernel on Llama-3's shape, else the mma.sync
-// kernel), "mma", "wgmma" (the first Hopper kernel, slower: opt-in) or "ws"; a forced kernel that
+// kernel), "mma" or "ws"; a forced kernel that
 // does not apply is an error. Read per call, so that tests and benchmarks can run all in one
 // process (a plan must come from the same choice as its decode calls: the tile sizes differ).
-enum class KernelChoice { kAuto, kMma, kWgmma, kWarpSpecialized };
+enum class KernelChoice { kAuto, kMma, kWarpSpecialized };
 
 KernelChoice kernel_choice() {
   const char* v = std::getenv("MLA_EXT_DECODE_KERNEL");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
   if (std::strcmp(v, "mma") == 0) return KernelChoice::kMma;
-  if (std::strcmp(v, "wgmma") == 0) return KernelChoice::kWgmma;
   TORCH_CHECK(std::strcmp(v, "ws") == 0,
-              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws, got '", v, "'");
+              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma or ws, got '", v, "'");
   return KernelChoice::kWarpSpecialized;
 }
 
@@ -187,43 +172,6 @@ std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const a
                : "three 64-token slots of the latent and the RoPE keys do not fit in shared memory";
 }
 
-// Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
-// p's shape part is filled for it: rows per CTA, tile, shared-memory layout).
-std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
-                             int* blocks_out) {
-  const auto* props = at::cuda::getDeviceProperties(device.index());
-  if (props->major != 9) return "it needs a compute capability 9.0 GPU";
-  if (p.format != decode::kFmtFloat) return "it takes bf16 / fp16 latent caches only";
-  if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
-  if (p.d_r % 8 != 0) return "it needs d_r to be a multiple of 8";
-  if (p.D_c % decode::hopper::kChanBlock != 0 || p.D_c > decode::hopper::kMaxLatent) {
-    return "it needs D_c to be a multiple of 64 up to 512";
-  }
-  const int blocks = p.D_c / decode::hopper::kChanBlock;
-  const bool ok = sm90a_code_available(device, -1 - static_cast<int>(dtype), blocks, [&] {
-    bool found = false;
-    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-      MLA_DECODE_HOPPER_SWITCH(blocks, [&] { found = decode::hopper_decode_available<T, kBlocks>(); });
-    });
-    return found;
-  });
-  if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
-  p.rows_per_cta = std::min(decode::hopper::kRows, p.rows);
-  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  for (int tile : {decode::hopper::kGemmTokens, 48}) {
-    for (int slots = decode::hopper::kMaxLatentSlots; slots >= decode::hopper::kMinLatentSlots; --slots) {
-      const decode::SmemLayout layout = decode::hopper::make_hopper_layout(p, tile, slots);
-      if (layout.total <= smem_limit) {
-        p.smem = layout;
-        p.tile_tokens = tile;
-        *blocks_out = blocks;
-        return "";
-      }
-    }
-  }
-  return "its shared memory does not fit (RoPE keys of too many KV heads)";
-}
-
 // Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
 Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
   constexpr const char* kOp = "mla_decode";
@@ -232,12 +180,12 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   const bool warpspec = choice == KernelChoice::kWarpSpecialized ||
                         (choice == KernelChoice::kAuto &&
                          configure_warpspec(p, dtype, device, &blocks, &steps).empty());
-  if (warpspec || choice == KernelChoice::kWgmma) {
-    const std::string why = choice == KernelChoice::kAuto ? ""
-                            : warpspec ? configure_warpspec(p, dtype, device, &blocks, &steps)
-                                       : configure_hopper(p, dtype, device, &blocks);
-    TORCH_CHECK(why.empty(), kOp, ": MLA_EXT_DECODE_KERNEL=", warpspec ? "ws" : "wgmma", ", but the ",
-                warpspec ? "warp-specialized" : "Hopper", " kernel does not apply: ", why);
+  if (warpspec) {
+    const std::string why = choice == KernelChoice::kAuto
+                                ? ""
+                                : configure_warpspec(p, dtype, device, &blocks, &steps);
+    TORCH_CHECK(why.empty(), kOp,
+                ": MLA_EXT_DECODE_KERNEL=ws, but the warp-specialized kernel does not apply: ", why);
     const auto* props = at::cuda::getDeviceProperties(device.index());
     p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
     // one CTA per SM (its shared memory)
@@ -246,8 +194,7 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
     p.max_parts = target + p.B;
     TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= props->sharedMemPerBlockOptin - 1024,
                 kOp, ": batch ", p.B, " is too large for the split-KV merge on this GPU");
-    return warpspec ? Config{-1, p.tile_tokens, target, 0, blocks, steps}
-                    : Config{-1, p.tile_tokens, target, blocks, 0, 0};
+    return Config{-1, p.tile_tokens, target, blocks, steps};
   }
   const int bucket = decode::bucket_of(p.D_c);
   TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
@@ -313,7 +260,7 @@ Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& dev
   // The merge keeps one weight per split of a sequence in shared memory.
   TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
               " is too large for the split-KV merge on this GPU");
-  return {bucket, tile_tokens, target, 0, 0, 0};
+  return {bucket, tile_tokens, target, 0, 0};
 }
 
 MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
@@ -461,9 +408,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
                                                                   stream);
         }
       });
-    } else if (cfg.hopper_blocks > 0) {
-      MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,
-                               [&] { decode::launch_hopper_decode<T, kBlocks>(p, stream); });
     } else {
       MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] {
         MLA_DECODE_CACHE_SWITCH(p.format != decode::kFmtFloat,

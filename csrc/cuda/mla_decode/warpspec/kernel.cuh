@@ -26,29 +26,13 @@
 
 #include "core/split_plan.h"
 #include "cuda/mla_decode/dequant.cuh"
-#include "cuda/mla_decode/hopper/softmax.cuh"
-#include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/warpspec/layout.h"
+#include "cuda/mla_decode/warpspec/softmax.cuh"
 #include "cuda/mla_decode/warpspec/tma.cuh"
+#include "cuda/mla_decode/warpspec/wgmma.cuh"
 
 namespace mla_ext::decode::warpspec {
-
-using hopper::fence_accumulators;
-using hopper::masked_row_max;
-using hopper::online_softmax_step;
-using hopper::rescale_output;
-using hopper::store_pt;
-using hopper::write_row_max;
-using hopper::fence_proxy_async;
-using hopper::desc_add;
-using hopper::make_desc;
-using hopper::swizzled_offset;
-using hopper::wgmma_commit;
-using hopper::wgmma_fence;
-using hopper::wgmma_m64n32k16;
-using hopper::wgmma_m64n8k16;
-using hopper::wgmma_wait;
 
 constexpr int kRowTiles = kRows / 8;
 constexpr int kPieces = kTileTokens / kPieceTokens;
