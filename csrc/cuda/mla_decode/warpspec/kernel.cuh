@@ -535,7 +535,7 @@ struct WarpSpecializedDecode {
         inv_l[j][c] = l > 0.f ? 1.f / l : 0.f;
         row_off[j][c] = r < rows_here ? r * p.D_c : -1;
         if (wwarp == 0 && g == 0 && r < rows_here) {
-          const float lse = l > 0.f ? 0.69314718056f * (m + log2f(l)) : -INFINITY;
+          const float lse = row_lse(m, l);
           if (split) {
             p.ws_lse[static_cast<int64_t>(part) * p.rows + row0 + r] = lse;
           } else {
