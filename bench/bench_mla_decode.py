@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -142,7 +141,7 @@ def sdpa_decode_us(timer, B, S, H, H_kv, d_h) -> float | None:
 
 
 def kernel_does_not_apply(err: RuntimeError) -> bool:
-    """The error of shapes the chosen kernel does not take (MLA_EXT_DECODE_KERNEL=ws with fp8
+    """The error of shapes the chosen kernel does not take (--kernel ws with fp8
     RoPE keys, ...): skipped with a note rather than ending the run."""
     return "does not apply" in str(err)
 
@@ -359,17 +358,17 @@ def main():
                          "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
-    ap.add_argument("--kernel", choices=("auto", "mma", "ws"), default="auto",
-                    help="which decode kernel (MLA_EXT_DECODE_KERNEL): the default choice (the "
-                         "warp-specialized one where it applies, else mma.sync), the mma.sync "
-                         "one or the warp-specialized one (shapes a forced kernel does not take "
-                         "are skipped, with a note); each row records the plan's tile (64 "
-                         "tokens: ws, 16 or 32: mma)")
+    ap.add_argument("--kernel", choices=ops.DECODE_KERNELS, default="auto",
+                    help="which decode kernel (mla_ext.ops.set_decode_kernel): the default "
+                         "choice (the warp-specialized one where it applies, else mma.sync), "
+                         "the mma.sync one or the warp-specialized one (shapes a forced kernel "
+                         "does not take are skipped, with a note); each row records the plan's "
+                         "tile (64 tokens: ws, 16 or 32: mma)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     ap.add_argument("--ncu", action="store_true",
                     help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")
     args = ap.parse_args()
-    os.environ["MLA_EXT_DECODE_KERNEL"] = args.kernel
+    ops.set_decode_kernel(args.kernel)
     if args.profile:
         profile(args)
         return
