@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -129,6 +128,17 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+def parse_heads(text: str) -> tuple[int, ...]:
+    """'16,64,128' -> (16, 64, 128)"""
+    try:
+        heads = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of head counts")
+    if any(h < 1 for h in heads):
+        raise argparse.ArgumentTypeError(f"{text!r}: head counts must be at least 1")
+    return heads
+
+
 def sdpa_decode_us(timer, B, S, H, H_kv, d_h) -> float | None:
     """torch SDPA decode on the original model's bf16 K/V cache (None: it does not fit)."""
     try:
@@ -142,8 +152,8 @@ def sdpa_decode_us(timer, B, S, H, H_kv, d_h) -> float | None:
 
 
 def kernel_does_not_apply(err: RuntimeError) -> bool:
-    """The error of shapes the chosen kernel does not take (MLA_EXT_DECODE_KERNEL=wgmma with a
-    quantized cache, ...): skipped with a note rather than ending the run."""
+    """The error of shapes the chosen kernel does not take (--kernel ws with fp8
+    RoPE keys, ...): skipped with a note rather than ending the run."""
     return "does not apply" in str(err)
 
 
@@ -359,17 +369,30 @@ def main():
                          "it (read: clean lines only)")
     ap.add_argument("--out-partial", action="store_true",
                     help="rewrite the JSON after every row (for runs under a time limit)")
-    ap.add_argument("--kernel", choices=("auto", "mma", "wgmma", "ws"), default="auto",
-                    help="which decode kernel (MLA_EXT_DECODE_KERNEL): the default choice (the "
-                         "warp-specialized one where it applies, else mma.sync), the mma.sync "
-                         "one, the first Hopper one, or the warp-specialized one (shapes a forced "
-                         "kernel does not take are skipped, with a note); each row records the "
-                         "plan's tile (64 tokens: ws, 48 or 64: wgmma, 32: mma)")
+    ap.add_argument("--kernel", choices=ops.DECODE_KERNELS, default="auto",
+                    help="which decode kernel (mla_ext.ops.set_decode_kernel): the default "
+                         "choice (the warp-specialized one where it applies, else mma.sync), "
+                         "the mma.sync one or the warp-specialized one (shapes a forced kernel "
+                         "does not take are skipped, with a note); each row records the plan's "
+                         "tile (64 tokens: ws, 16 or 32: mma)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of a few shapes")
     ap.add_argument("--ncu", action="store_true",
                     help="with --profile: run each shape once, for ncu -k regex:mla_decode_kernel")
+    ap.add_argument("--vs-flashmla", action="store_true",
+                    help="time FlashMLA's dense decode and this one on DeepSeek's shape (H_kv = "
+                         "1, D_c = 512, d_r = 64, bf16) on identical cache contents "
+                         "(bench/vs_flashmla.py; --shapes replaces its (B, S))")
+    ap.add_argument("--vs-heads", type=parse_heads, default=(16, 64, 128),
+                    help="with --vs-flashmla: the query head counts, comma-separated")
+    ap.add_argument("--flashmla-path", default="/tmp/flashmla",
+                    help="with --vs-flashmla: the folder FlashMLA was built in "
+                         "(bash bench/run_h200.sh flashmla)")
     args = ap.parse_args()
-    os.environ["MLA_EXT_DECODE_KERNEL"] = args.kernel
+    ops.set_decode_kernel(args.kernel)
+    if args.vs_flashmla:
+        from bench.vs_flashmla import run_vs_flashmla
+        print(f"wrote {run_vs_flashmla(args)}")
+        return
     if args.profile:
         profile(args)
         return

@@ -5,7 +5,7 @@ repeated calls (a kernel variant that reads a tile as one page box failed on the
 B = 1, S = 131072).
 
   python bench/repeat_decode.py --model llama3 --B 1 --S 131072 --calls 20
-  MLA_EXT_DECODE_KERNEL=ws compute-sanitizer --tool memcheck python bench/repeat_decode.py ...
+  compute-sanitizer --tool memcheck python bench/repeat_decode.py --kernel ws ...
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_mla_decode import LATENT, MODELS, QUICK_D_C, ROPE, profile_call  # noqa: E402
 from bench.common import Timer  # noqa: E402
+from mla_ext import ops  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,7 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rope", choices=sorted(ROPE), default="bf16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--flush", choices=Timer.FLUSHES, default="write")
+    ap.add_argument("--kernel", choices=ops.DECODE_KERNELS, default="auto",
+                    help="which decode kernel (mla_ext.ops.set_decode_kernel)")
     args = ap.parse_args(argv)
+    ops.set_decode_kernel(args.kernel)
     if args.calls < 1 or args.B < 1 or args.S < 1:
         ap.error("--calls, --B and --S must be at least 1")
     if not torch.cuda.is_available():

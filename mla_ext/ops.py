@@ -69,6 +69,37 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+DECODE_KERNELS = ("auto", "mma", "ws")
+
+
+def set_decode_kernel(name: str) -> None:
+    """Which CUDA kernel mla_decode and mla_decode_plan use from now on, in every thread: "auto"
+    (the default: the warp-specialized Hopper kernel where it applies, else the mma.sync one),
+    "mma" or "ws" (a forced kernel that does not apply to a call is an error naming why). Read
+    once per call on the host; make a plan under the setting of the decode calls that use it
+    (the kernels' tiles differ). The CPU kernel ignores it."""
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel: name must be one of {DECODE_KERNELS}, got {name!r}")
+    _EXTENSION.set_decode_kernel(name)
+
+
+def get_decode_kernel() -> str:
+    """The current set_decode_kernel setting."""
+    return _EXTENSION.decode_kernel()
+
+
+@contextlib.contextmanager
+def decode_kernel(name: str):
+    """set_decode_kernel(name) within the block (tests and benchmarks run several kernels in one
+    process), the previous setting after it."""
+    previous = get_decode_kernel()
+    set_decode_kernel(name)
+    try:
+        yield
+    finally:
+        set_decode_kernel(previous)
+
+
 def debug_checks(enabled: bool = True):
     """Within this block the model's cache writes and decode calls range-check their slots and
     block tables on the host (one sync per call), as direct calls of the ops do; off by default

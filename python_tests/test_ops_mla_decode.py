@@ -294,6 +294,29 @@ def test_mla_decode_rejects_bad_quant_args():
         ops.mla_decode(*argsr[:6], None, *argsr[7:])
 
 
+def test_decode_kernel_setting_is_scoped_and_checked():
+    """ops.decode_kernel sets the process-wide CUDA kernel request for a block and restores it;
+    an unknown name is an error naming the argument, in Python and in C++."""
+    assert ops.get_decode_kernel() == "auto"
+    with ops.decode_kernel("mma"):
+        assert ops.get_decode_kernel() == "mma"
+        with ops.decode_kernel("ws"):
+            assert ops.get_decode_kernel() == "ws"
+        assert ops.get_decode_kernel() == "mma"
+    assert ops.get_decode_kernel() == "auto"
+    with pytest.raises(ValueError, match="decode_kernel: name must be one of"):
+        ops.set_decode_kernel("wgmma")
+    with pytest.raises(RuntimeError, match="decode_kernel: name must be auto, mma or ws"):
+        ops._EXTENSION.set_decode_kernel("fast")
+    assert ops.get_decode_kernel() == "auto"
+    # the CPU kernel ignores it
+    args, _ = make_inputs(simple(), "cpu")
+    o, lse = ops.mla_decode(*args)
+    with ops.decode_kernel("ws"):
+        o_ws, lse_ws = ops.mla_decode(*args)
+    assert torch.equal(o, o_ws) and torch.equal(lse, lse_ws)
+
+
 # ---------------------------------------------------------------- CUDA
 
 
@@ -301,7 +324,7 @@ GPU_PARAMS = random_params(520, seed=11, cpu=False)
 
 
 def decode_and_check(p: DecodeParam) -> tuple:
-    """p's inputs through the op itself (the kernel MLA_EXT_DECODE_KERNEL picks, never the
+    """p's inputs through the op itself (the kernel ops.decode_kernel picks, never the
     fallback), checked against the reference and, for quantized caches, against the exact
     attention; returns the op's arguments."""
     args, raw = make_inputs(p, "cuda")
@@ -311,20 +334,28 @@ def decode_and_check(p: DecodeParam) -> tuple:
     return args
 
 
-def force_hopper_kernel(choice: str, monkeypatch) -> None:
-    """MLA_EXT_DECODE_KERNEL=choice (wgmma or ws) for the test, skipped off a Hopper GPU."""
+@pytest.fixture
+def kernel_setting():
+    """Each test that sets the decode kernel leaves the default behind."""
+    previous = ops.get_decode_kernel()
+    yield
+    ops.set_decode_kernel(previous)
+
+
+def force_hopper_kernel(choice: str) -> None:
+    """ops.set_decode_kernel(choice) (ws) for the test, skipped off a Hopper GPU."""
     if not hopper_gpu():
-        pytest.skip(f"MLA_EXT_DECODE_KERNEL={choice} needs a compute capability 9.0 GPU")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", choice)
+        pytest.skip(f"the {choice} decode kernel needs a compute capability 9.0 GPU")
+    ops.set_decode_kernel(choice)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", GPU_PARAMS, ids=lambda p: f"s{p.seed}")
-def test_mla_decode_cuda_matches_reference(p, monkeypatch):
+def test_mla_decode_cuda_matches_reference(p):
     # the mma.sync kernel on every draw (by default, shapes the warp-specialized kernel takes go
     # to it: tested below)
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
-    decode_and_check(p)
+    with ops.decode_kernel("mma"):
+        decode_and_check(p)
 
 
 def assert_graph_replay_matches(args, o, lse):
@@ -336,24 +367,6 @@ def assert_graph_replay_matches(args, o, lse):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(og, o) and torch.equal(lg, lse)
-
-
-def hopper_params(n: int, seed: int) -> list[DecodeParam]:
-    """Draws of random_params moved into what the Hopper kernel takes: D_c a multiple of 64 up to
-    512, 16-bit latent and RoPE keys in q's dtype, d_r a multiple of 8."""
-    rng = random.Random(seed)
-    out = []
-    for p in random_params(n, seed, cpu=False):
-        dt = rng.choice([torch.bfloat16, torch.float16])
-        D_c = min(512, 64 * max(1, round(p.D_c / 64)))
-        d_r = rng.choice([8, 16, 16, 24, 32, 64])
-        # a CTA's 32 rows need the keys of up to 32 / group + 2 KV heads: at most 640 dims of
-        # them fit next to the latent slots
-        while min(p.H_kv, 32 // (p.H // p.H_kv) + 2) * d_r > 640 and d_r > 8:
-            d_r -= 8
-        out.append(dataclasses.replace(p, D_c=D_c, d_r=d_r, latent_dtype=dt, rope_dtype=dt,
-                                       q_dtype=dt, group_size=D_c))
-    return out
 
 
 def check_long_splits_and_graph(shapes, block_size) -> None:
@@ -370,22 +383,6 @@ def check_long_splits_and_graph(shapes, block_size) -> None:
 
 def hopper_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("p", hopper_params(160, seed=13), ids=lambda p: f"s{p.seed}")
-def test_mla_decode_hopper_kernel_matches_reference(p, monkeypatch):
-    force_hopper_kernel("wgmma", monkeypatch)
-    decode_and_check(p)
-
-
-@pytest.mark.gpu
-def test_mla_decode_hopper_kernel_long_split_and_graph(monkeypatch):
-    force_hopper_kernel("wgmma", monkeypatch)
-    # the Llama-2 (MHA: 48-token tiles) and Llama-3 (GQA: 64-token tiles) shapes, many splits
-    check_long_splits_and_graph(((512, 32, 32, 16, 1), (256, 32, 8, 16, 1), (512, 32, 8, 16, 3),
-                                 (128, 128, 128, 16, 1), (64, 8, 1, 64, 8)),
-                                block_size=lambda s_q: 64)
 
 
 def warpspec_span_steps(H: int, H_kv: int, d_r: int) -> int:
@@ -448,22 +445,22 @@ def warpspec_quantized_params(n: int, seed: int) -> list[DecodeParam]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", warpspec_quantized_params(96, seed=29), ids=lambda p: f"s{p.seed}")
-def test_mla_decode_warpspec_quantized_matches_reference(p, monkeypatch):
+def test_mla_decode_warpspec_quantized_matches_reference(p, kernel_setting):
     """The producer warpgroup dequantizes the stored tiles into the slots the consumers read."""
-    force_hopper_kernel("ws", monkeypatch)
+    force_hopper_kernel("ws")
     decode_and_check(p)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", warpspec_params(160, seed=17), ids=lambda p: f"s{p.seed}")
-def test_mla_decode_warpspec_kernel_matches_reference(p, monkeypatch):
-    force_hopper_kernel("ws", monkeypatch)
+def test_mla_decode_warpspec_kernel_matches_reference(p, kernel_setting):
+    force_hopper_kernel("ws")
     decode_and_check(p)
 
 
 @pytest.mark.gpu
-def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
-    force_hopper_kernel("ws", monkeypatch)
+def test_mla_decode_warpspec_kernel_long_split_and_graph(kernel_setting):
+    force_hopper_kernel("ws")
     # the Llama-3 shape, MQA, MHA with small latents, several query tokens, odd lengths
     check_long_splits_and_graph(((256, 32, 8, 16, 1), (256, 32, 8, 16, 4), (128, 64, 1, 64, 2),
                                  (64, 16, 16, 16, 1), (192, 16, 4, 32, 8)),
@@ -471,33 +468,20 @@ def test_mla_decode_warpspec_kernel_long_split_and_graph(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_mla_decode_kernel_choice_errors(monkeypatch):
-    # fp8 keys: neither Hopper kernel takes them
+def test_mla_decode_kernel_choice_errors(kernel_setting):
+    # fp8 keys: the warp-specialized kernel does not take them
     p = DecodeParam(2, 1, 8, 2, 16, 64, 16, (40, 3), torch.int8, torch.float8_e4m3fn,
                     torch.bfloat16, 16, seed=9)
     args, _ = make_inputs(p, "cuda")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "fast")
-    with pytest.raises(RuntimeError, match="MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws"):
-        torch.ops.mla_ext.mla_decode(*args, None)
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
-    with pytest.raises(RuntimeError, match="Hopper kernel does not apply"):
-        torch.ops.mla_ext.mla_decode(*args, None)
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "ws")
+    ops.set_decode_kernel("ws")
     with pytest.raises(RuntimeError, match="warp-specialized kernel does not apply"):
         torch.ops.mla_ext.mla_decode(*args, None)
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "mma")
+    ops.set_decode_kernel("mma")
     check_against_reference(p, torch.ops.mla_ext.mla_decode(*args, None), args)
-    # a quantized latent with 16-bit keys: the warp-specialized kernel takes it, the first Hopper
-    # kernel does not (it has no dequantizing path)
-    quant = dataclasses.replace(p, rope_dtype=torch.bfloat16)
-    args, _ = make_inputs(quant, "cuda")
-    monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", "wgmma")
-    with pytest.raises(RuntimeError, match="bf16 / fp16 latent caches only"):
-        torch.ops.mla_ext.mla_decode(*args, None)
 
 
 @pytest.mark.gpu
-def test_mla_decode_default_kernel_choice(monkeypatch):
+def test_mla_decode_default_kernel_choice(kernel_setting):
     """Unset (auto): the warp-specialized kernel where it applies, else the mma.sync kernel; the
     kernels differ in summation order, so bitwise equality names the one that ran."""
     if not hopper_gpu():
@@ -511,12 +495,11 @@ def test_mla_decode_default_kernel_choice(monkeypatch):
         args, _ = make_inputs(p, "cuda")
         outs = {}
         for choice in ("auto", "ws", "mma"):
-            monkeypatch.setenv("MLA_EXT_DECODE_KERNEL", choice)
             try:
-                outs[choice] = torch.ops.mla_ext.mla_decode(*args, None)
+                with ops.decode_kernel(choice):
+                    outs[choice] = torch.ops.mla_ext.mla_decode(*args, None)
             except RuntimeError:
                 assert choice == "ws" and expected == "mma"
-        monkeypatch.delenv("MLA_EXT_DECODE_KERNEL")
         default = torch.ops.mla_ext.mla_decode(*args, None)
         for o in (outs["auto"], default):
             assert torch.equal(o[0], outs[expected][0]) and torch.equal(o[1], outs[expected][1])

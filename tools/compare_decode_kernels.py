@@ -2,13 +2,12 @@
 RoPE part (q_rope = 0) and its latent part (q_lat = 0): where a kernel change went wrong.
 
 Prints, per shape and variant, the largest |o - o_ref| and |lse - lse_ref| of the mma.sync kernel
-and of the Hopper kernels (MLA_EXT_DECODE_KERNEL=wgmma and ws; an error line where one does not
+and of the warp-specialized one (ops.decode_kernel("ws"); an error line where it does not
 apply), and whether any output is NaN. The inputs are those of the GPU tests (paged, poisoned pages).
-Also the workload of the Hopper kernel's compute-sanitizer run:
+Also the workload of the warp-specialized kernel's compute-sanitizer run:
   compute-sanitizer --tool memcheck python3 tools/compare_decode_kernels.py
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "python_tests"))
-from mla_ext import reference  # noqa: E402
+from mla_ext import ops, reference  # noqa: E402
 from test_ops_mla_decode import DecodeParam, make_inputs  # noqa: E402
 
 SHAPES = [  # B, s_q, H, H_kv, d_r, D_c, block_size, lens
@@ -32,8 +31,8 @@ SHAPES = [  # B, s_q, H, H_kv, d_r, D_c, block_size, lens
 
 
 def run_kernel(kind, args):
-    os.environ["MLA_EXT_DECODE_KERNEL"] = kind
-    o, lse = torch.ops.mla_ext.mla_decode(*args, None)
+    with ops.decode_kernel(kind):
+        o, lse = torch.ops.mla_ext.mla_decode(*args, None)
     torch.cuda.synchronize()
     return o.float().cpu(), lse.cpu()
 
@@ -59,7 +58,7 @@ def main():
             o_ref, l_ref = reference.mla_decode(cpu[0].float(), cpu[1].float(), *cpu[2:])
             live = ~torch.isinf(l_ref)
             res = []
-            for kind in ("mma", "wgmma", "ws"):
+            for kind in ("mma", "ws"):
                 try:
                     o, lse = run_kernel(kind, tuple(a))
                 except RuntimeError as e:

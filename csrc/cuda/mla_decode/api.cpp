@@ -1,6 +1,8 @@
-// Host entry of mla_decode on CUDA: checks, the kernel configuration (bucket, rows per CTA, shared
-// memory, split count), the split plan, then decode + combine on the current stream. Nothing here
-// reads device memory, so a call can be captured in a CUDA graph.
+// Host entry of mla_decode on CUDA, in four steps: checks; the call's parameters (shapes);
+// choose_kernel (choose_kernel.h: a pure function of the parameters, the process-wide kernel
+// request and the device's properties) picks a compiled kernel and its configuration; the split
+// plan, then decode + combine on the current stream. Nothing here reads device memory, so a call
+// can be captured in a CUDA graph.
 // A .cpp, compiled by the host compiler: on the H200 image, a failing TORCH_CHECK whose message
 // formats integers segfaulted when the check sat in an nvcc-compiled translation unit (inside
 // std::ostream number formatting); .cu files therefore hold no TORCH_CHECK.
@@ -9,53 +11,24 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <algorithm>
-#include <cstring>
 #include <map>
 #include <mutex>
-#include <string>
 #include <tuple>
 
 #include "args/mla_decode.h"
+#include "core/decode_kernel.h"
 #include "core/split_plan.h"
-#include "cuda/mla_decode/hopper/layout.h"
+#include "cuda/mla_decode/choose_kernel.h"
+#include "cuda/mla_decode/instantiations/kernel_dispatch.h"
 #include "cuda/mla_decode/launch.h"
-#include "cuda/mla_decode/warpspec/layout.h"
 #include "cuda/mla_decode/warpspec/tensor_map.h"
 #include "ops.h"
 
 namespace mla_ext {
 namespace {
 
+using decode::KernelSpec;
 using decode::MlaDecodeParams;
-
-#define MLA_DECODE_BUCKET_SWITCH(BUCKET, ...)                    \
-  switch (BUCKET) {                                              \
-    case 0: { constexpr int kBucket = 0; __VA_ARGS__(); break; } \
-    case 1: { constexpr int kBucket = 1; __VA_ARGS__(); break; } \
-    case 2: { constexpr int kBucket = 2; __VA_ARGS__(); break; } \
-    case 3: { constexpr int kBucket = 3; __VA_ARGS__(); break; } \
-    default: { constexpr int kBucket = 4; __VA_ARGS__(); break; } \
-  }
-
-#define MLA_DECODE_CACHE_SWITCH(QUANT, ...) \
-  if (QUANT) {                              \
-    constexpr bool kQuant = true;           \
-    __VA_ARGS__();                          \
-  } else {                                  \
-    constexpr bool kQuant = false;          \
-    __VA_ARGS__();                          \
-  }
-
-#define MLA_DECODE_DTYPE_SWITCH(DTYPE, ...)                                    \
-  if ((DTYPE) == at::kBFloat16) {                                              \
-    using T = __nv_bfloat16;                                                   \
-    __VA_ARGS__();                                                             \
-  } else {                                                                     \
-    using T = __half;                                                          \
-    __VA_ARGS__();                                                             \
-  }
 
 int rope_path_of(at::ScalarType rope, at::ScalarType q) {
   if (rope == at::kFloat8_e4m3fn) return decode::kRopeFp8Keys;
@@ -71,249 +44,92 @@ int format_of(LatentFormat f) {
   }
 }
 
-struct Config {
-  int bucket, tile_tokens, target_parts;
-  int hopper_blocks;    // > 0: the Hopper kernel for D_c = 64 * hopper_blocks
-  int warpspec_blocks;  // > 0: the warp-specialized kernel for D_c = 64 * warpspec_blocks,
-  int rope_steps;       // with RoPE windows of rope_steps k16 steps
-};
-
-#define MLA_DECODE_HOPPER_SWITCH(BLOCKS, ...)                        \
-  switch (BLOCKS) {                                                  \
-    case 1: { constexpr int kBlocks = 1; __VA_ARGS__(); break; }     \
-    case 2: { constexpr int kBlocks = 2; __VA_ARGS__(); break; }     \
-    case 3: { constexpr int kBlocks = 3; __VA_ARGS__(); break; }     \
-    case 4: { constexpr int kBlocks = 4; __VA_ARGS__(); break; }     \
-    case 5: { constexpr int kBlocks = 5; __VA_ARGS__(); break; }     \
-    case 6: { constexpr int kBlocks = 6; __VA_ARGS__(); break; }     \
-    case 7: { constexpr int kBlocks = 7; __VA_ARGS__(); break; }     \
-    default: { constexpr int kBlocks = 8; __VA_ARGS__(); break; }    \
-  }
-
-#define MLA_DECODE_WARPSPEC_SWITCH(BLOCKS, STEPS, ...)                              \
-  switch (BLOCKS * 16 + STEPS) {                                                    \
-    case 17: { constexpr int kBlocks = 1, kSteps = 1; __VA_ARGS__(); break; }       \
-    case 18: { constexpr int kBlocks = 1, kSteps = 2; __VA_ARGS__(); break; }       \
-    case 20: { constexpr int kBlocks = 1, kSteps = 4; __VA_ARGS__(); break; }       \
-    case 24: { constexpr int kBlocks = 1, kSteps = 8; __VA_ARGS__(); break; }       \
-    case 33: { constexpr int kBlocks = 2, kSteps = 1; __VA_ARGS__(); break; }       \
-    case 34: { constexpr int kBlocks = 2, kSteps = 2; __VA_ARGS__(); break; }       \
-    case 36: { constexpr int kBlocks = 2, kSteps = 4; __VA_ARGS__(); break; }       \
-    case 40: { constexpr int kBlocks = 2, kSteps = 8; __VA_ARGS__(); break; }       \
-    case 49: { constexpr int kBlocks = 3, kSteps = 1; __VA_ARGS__(); break; }       \
-    case 50: { constexpr int kBlocks = 3, kSteps = 2; __VA_ARGS__(); break; }       \
-    case 52: { constexpr int kBlocks = 3, kSteps = 4; __VA_ARGS__(); break; }       \
-    case 56: { constexpr int kBlocks = 3, kSteps = 8; __VA_ARGS__(); break; }       \
-    case 65: { constexpr int kBlocks = 4, kSteps = 1; __VA_ARGS__(); break; }       \
-    case 66: { constexpr int kBlocks = 4, kSteps = 2; __VA_ARGS__(); break; }       \
-    case 68: { constexpr int kBlocks = 4, kSteps = 4; __VA_ARGS__(); break; }       \
-    default: { constexpr int kBlocks = 4, kSteps = 8; __VA_ARGS__(); break; }       \
-  }
-
-// Which kernel MLA_EXT_DECODE_KERNEL asks for: "auto" (unset: the warp-specialized Hopper kernel
-// where it applies, 1.1-1.4x faster than the mma.sync kernel on Llama-3's shape, else the mma.sync
-// kernel), "mma", "wgmma" (the first Hopper kernel, slower: opt-in) or "ws"; a forced kernel that
-// does not apply is an error. Read per call, so that tests and benchmarks can run all in one
-// process (a plan must come from the same choice as its decode calls: the tile sizes differ).
-enum class KernelChoice { kAuto, kMma, kWgmma, kWarpSpecialized };
-
-KernelChoice kernel_choice() {
-  const char* v = std::getenv("MLA_EXT_DECODE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return KernelChoice::kAuto;
-  if (std::strcmp(v, "mma") == 0) return KernelChoice::kMma;
-  if (std::strcmp(v, "wgmma") == 0) return KernelChoice::kWgmma;
-  TORCH_CHECK(std::strcmp(v, "ws") == 0,
-              "mla_decode: MLA_EXT_DECODE_KERNEL must be auto, mma, wgmma or ws, got '", v, "'");
-  return KernelChoice::kWarpSpecialized;
-}
-
-// Whether this device runs the sm_90a code of a Hopper kernel (the answer never changes: asked
-// once per kernel and device); `probe` asks the driver.
-template <typename Probe>
-bool sm90a_code_available(const at::Device& device, int kind, int variant, Probe probe) {
+// Whether this device runs the build's sm_90a code (asked once per device: every
+// warp-specialized variant is compiled for the same architectures).
+bool sm90a_code_runs(int device, int major) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, int, int>, bool> available;
-  const auto key = std::make_tuple(static_cast<int>(device.index()), kind, variant);
+  static std::map<int, bool> known;
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = available.find(key);
-  if (it != available.end()) return it->second;
-  const bool ok = probe();
-  available[key] = ok;
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  bool ok = false;
+  if (major == 9) {
+    for (int v = 0; v < decode::kNumKernelVariants && !ok; ++v) {
+      if (decode::kKernelVariants[v].family == decode::KernelFamily::kWarpSpecialized) {
+        ok = decode::kKernelFunctions[v].sm90a_code();
+        break;
+      }
+    }
+  }
+  known[device] = ok;
   return ok;
 }
 
-// Why the warp-specialized kernel does not take these shapes on this device, or "" where it does
-// (and then p's shape part is filled for it).
-std::string configure_warpspec(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
-                               int* blocks_out, int* steps_out) {
-  namespace ws = decode::warpspec;
-  const auto* props = at::cuda::getDeviceProperties(device.index());
-  if (props->major != 9) return "it needs a compute capability 9.0 GPU";
-  const bool quant = p.format != decode::kFmtFloat;
-  if (quant && p.group_size % 8 != 0) {
-    return "it needs quantization groups of a multiple of 8 channels";
-  }
-  if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
-  if (p.d_r % 16 != 0) return "it needs d_r to be a multiple of 16";
-  if (p.H % 8 != 0) return "it needs H to be a multiple of 8";
-  if (p.D_c % ws::kChanBlock != 0 || p.D_c > ws::kMaxBlocks * ws::kChanBlock) {
-    return "it needs D_c to be a multiple of 64 up to 256";
-  }
-  const int steps = ws::rope_steps_of(p.H, p.H_kv, p.d_r);
-  if (steps > ws::kMaxRopeSteps) return "the KV heads of 8 query heads span more than 128 RoPE dims";
-  const int blocks = p.D_c / ws::kChanBlock;
-  const int variant = 2 * (blocks * 16 + steps) + quant;
-  const bool ok = sm90a_code_available(device, 1 + static_cast<int>(dtype), variant, [&] {
-    bool found = false;
-    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-      MLA_DECODE_WARPSPEC_SWITCH(blocks, steps, [&] {
-        found = quant ? decode::warpspec_decode_available<T, kBlocks, kSteps, true>()
-                      : decode::warpspec_decode_available<T, kBlocks, kSteps, false>();
-      });
-    });
-    return found;
-  });
-  if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
-  p.rows_per_cta = std::min(ws::kRows, p.rows);
-  p.tile_tokens = ws::kTileTokens;
-  if (ws::choose_warpspec_layout(p, steps, static_cast<int>(props->sharedMemPerBlockOptin),
-                                 &p.smem)) {
-    *blocks_out = blocks;
-    *steps_out = steps;
-    return "";
-  }
-  return quant ? "three 64-token slots of the latent and the RoPE keys and two of the stored "
-                 "tiles do not fit in shared memory"
-               : "three 64-token slots of the latent and the RoPE keys do not fit in shared memory";
-}
-
-// Why the Hopper kernel does not take these shapes on this device, or "" where it does (and then
-// p's shape part is filled for it: rows per CTA, tile, shared-memory layout).
-std::string configure_hopper(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device,
-                             int* blocks_out) {
-  const auto* props = at::cuda::getDeviceProperties(device.index());
-  if (props->major != 9) return "it needs a compute capability 9.0 GPU";
-  if (p.format != decode::kFmtFloat) return "it takes bf16 / fp16 latent caches only";
-  if (p.rope_path != decode::kRopeLdmatrix) return "it needs RoPE keys in q_lat's dtype";
-  if (p.d_r % 8 != 0) return "it needs d_r to be a multiple of 8";
-  if (p.D_c % decode::hopper::kChanBlock != 0 || p.D_c > decode::hopper::kMaxLatent) {
-    return "it needs D_c to be a multiple of 64 up to 512";
-  }
-  const int blocks = p.D_c / decode::hopper::kChanBlock;
-  const bool ok = sm90a_code_available(device, -1 - static_cast<int>(dtype), blocks, [&] {
-    bool found = false;
-    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-      MLA_DECODE_HOPPER_SWITCH(blocks, [&] { found = decode::hopper_decode_available<T, kBlocks>(); });
-    });
-    return found;
-  });
-  if (!ok) return "this build has no sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)";
-  p.rows_per_cta = std::min(decode::hopper::kRows, p.rows);
-  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  for (int tile : {decode::hopper::kGemmTokens, 48}) {
-    for (int slots = decode::hopper::kMaxLatentSlots; slots >= decode::hopper::kMinLatentSlots; --slots) {
-      const decode::SmemLayout layout = decode::hopper::make_hopper_layout(p, tile, slots);
-      if (layout.total <= smem_limit) {
-        p.smem = layout;
-        p.tile_tokens = tile;
-        *blocks_out = blocks;
-        return "";
-      }
-    }
-  }
-  return "its shared memory does not fit (RoPE keys of too many KV heads)";
-}
-
-// Fills the shape part of params (rows per CTA, shared memory, split bound) for this device.
-Config configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
-  constexpr const char* kOp = "mla_decode";
-  const KernelChoice choice = kernel_choice();
-  int blocks = 0, steps = 0;
-  const bool warpspec = choice == KernelChoice::kWarpSpecialized ||
-                        (choice == KernelChoice::kAuto &&
-                         configure_warpspec(p, dtype, device, &blocks, &steps).empty());
-  if (warpspec || choice == KernelChoice::kWgmma) {
-    const std::string why = choice == KernelChoice::kAuto ? ""
-                            : warpspec ? configure_warpspec(p, dtype, device, &blocks, &steps)
-                                       : configure_hopper(p, dtype, device, &blocks);
-    TORCH_CHECK(why.empty(), kOp, ": MLA_EXT_DECODE_KERNEL=", warpspec ? "ws" : "wgmma", ", but the ",
-                warpspec ? "warp-specialized" : "Hopper", " kernel does not apply: ", why);
-    const auto* props = at::cuda::getDeviceProperties(device.index());
-    p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
-    // one CTA per SM (its shared memory)
-    const int target = std::min(decode::kPlanSlots,
-                                std::max(1, props->multiProcessorCount / p.row_chunks));
-    p.max_parts = target + p.B;
-    TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= props->sharedMemPerBlockOptin - 1024,
-                kOp, ": batch ", p.B, " is too large for the split-KV merge on this GPU");
-    return warpspec ? Config{-1, p.tile_tokens, target, 0, blocks, steps}
-                    : Config{-1, p.tile_tokens, target, blocks, 0, 0};
-  }
-  const int bucket = decode::bucket_of(p.D_c);
-  TORCH_CHECK(bucket >= 0, kOp, ": the CUDA kernel supports D_c <= ",
-              decode::kBuckets[decode::kNumBuckets - 1].max_latent, ", got D_c = ", p.D_c);
-  const decode::KernelShape shape = decode::kernel_shape_of(bucket);
-  const auto* props = at::cuda::getDeviceProperties(device.index());
-  const int smem_limit = static_cast<int>(props->sharedMemPerBlockOptin);
-  const int sm_smem = static_cast<int>(props->sharedMemPerMultiprocessor);
-  // The deepest pipeline that fits: two CTAs per SM where the bucket's registers allow it (their
-  // barriers then overlap) and each still keeps two tiles in flight, else one CTA; all rows of
-  // the kernel's tile per CTA if possible, fewer (each fewer KV heads' keys) if not.
-  int stages = 0;
-  for (int rows = shape.rows; rows >= 8 && stages == 0; rows -= 8) {
-    p.rows_per_cta = rows;
-    for (int ctas = decode::kBuckets[bucket].min_ctas; ctas >= 1 && stages == 0; --ctas) {
-      const int budget = std::min(smem_limit, sm_smem / ctas - 1024);  // the driver's 1 KB a CTA
-      const int fewest = ctas > 1 ? 3 : decode::kMinStages;
-      for (int ctiles = 2; ctiles >= 1 && stages == 0; --ctiles) {
-        for (int ns = decode::kMaxStages; ns >= fewest; --ns) {
-          const decode::SmemLayout layout = decode::make_smem_layout(p, ns, shape, ctiles);
-          if (layout.total <= budget) {
-            p.smem = layout;
-            stages = ns;
-            break;
-          }
-        }
-      }
-    }
-  }
-  if (stages == 0) p.smem = decode::make_smem_layout(p, decode::kMinStages, shape, 1);
-  TORCH_CHECK(stages > 0, kOp, ": D_c = ", p.D_c, ", H_kv = ", p.H_kv, ", d_r = ", p.d_r,
-              " need ", p.smem.total, " bytes of shared memory per CTA; this GPU allows ",
-              smem_limit);
-  const int tile_tokens = shape.tile_tokens;
-  p.tile_tokens = tile_tokens;
-  p.row_chunks = (p.rows + p.rows_per_cta - 1) / p.rows_per_cta;
-  // The occupancy query costs microseconds of host time per call: remember its answers.
-  static std::mutex cache_mutex;
-  static std::map<std::tuple<int, int, int, bool, int>, int> occupancy_cache;
-  const auto key = std::make_tuple(static_cast<int>(device.index()), static_cast<int>(dtype),
-                                   bucket, p.format != decode::kFmtFloat, p.smem.total);
-  int ctas_per_sm = 0;
+// The driver's occupancy answer for an mma.sync variant; remembered, since the query costs
+// microseconds of host time per call.
+int mma_ctas_per_sm(int device, int variant, int smem_bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int>, int> known;
+  const auto key = std::make_tuple(device, variant, smem_bytes);
   {
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    auto it = occupancy_cache.find(key);
-    if (it != occupancy_cache.end()) ctas_per_sm = it->second;
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = known.find(key);
+    if (it != known.end()) return it->second;
   }
-  if (ctas_per_sm == 0) {
-    MLA_DECODE_DTYPE_SWITCH(dtype, [&] {
-      MLA_DECODE_BUCKET_SWITCH(bucket, [&] {
-        MLA_DECODE_CACHE_SWITCH(p.format != decode::kFmtFloat, [&] {
-          ctas_per_sm = decode::decode_ctas_per_sm<T, kBucket, kQuant>(p.smem.total);
-        });
-      });
-    });
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    occupancy_cache[key] = ctas_per_sm;
+  const int n = decode::kKernelFunctions[variant].ctas_per_sm(smem_bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  known[key] = n;
+  return n;
+}
+
+decode::DeviceProperties device_properties(const at::Device& device) {
+  const int index = device.index();
+  const auto* props = at::cuda::getDeviceProperties(index);
+  decode::DeviceProperties dev;
+  dev.major = props->major;
+  dev.minor = props->minor;
+  dev.sm_count = props->multiProcessorCount;
+  dev.smem_per_block_optin = static_cast<int>(props->sharedMemPerBlockOptin);
+  dev.smem_per_sm = static_cast<int>(props->sharedMemPerMultiprocessor);
+  dev.sm90a_code = sm90a_code_runs(index, props->major);
+  dev.ctas_per_sm = [index](int variant, int smem) { return mma_ctas_per_sm(index, variant, smem); };
+  return dev;
+}
+
+// The kernel of this call (the same for its plan and its decode), its configuration in p.
+KernelSpec configure(MlaDecodeParams& p, at::ScalarType dtype, const at::Device& device) {
+  const KernelSpec spec = decode::choose_kernel(p, dtype == at::kHalf, decode::kernel_request(),
+                                                device_properties(device));
+  TORCH_CHECK(spec.variant >= 0, spec.error);
+  decode::apply_kernel_spec(spec, p);
+  return spec;
+}
+
+// The chosen kernel, then the merge of split sequences.
+void launch(const KernelSpec& spec, const MlaDecodeParams& p, const MlaDecodeDims& d,
+            const at::Tensor& latent, const at::Tensor& k_rope_cache, at::ScalarType dtype,
+            cudaStream_t stream) {
+  const decode::KernelFunctions& fns = decode::kKernelFunctions[spec.variant];
+  const bool half = dtype == at::kHalf;
+  if (spec.family() == decode::KernelFamily::kWarpSpecialized) {
+    const int64_t cache_rows = d.num_blocks * d.block_size;
+    const CUtensorMap rope_map = decode::warpspec::cache_tensor_map(
+        k_rope_cache.data_ptr(), cache_rows, int64_t{d.H_kv} * d.d_r, half, "k_rope_cache");
+    // a quantized latent is copied as stored bytes (bulk copies), not through a tensor map
+    const CUtensorMap latent_map =
+        p.format == decode::kFmtFloat
+            ? decode::warpspec::cache_tensor_map(latent.data_ptr(), cache_rows, d.D_c, half,
+                                                 "latent")
+            : CUtensorMap{};
+    fns.launch_tma(p, latent_map, rope_map, stream);
+  } else {
+    fns.launch(p, stream);
   }
-  TORCH_CHECK(ctas_per_sm >= 1, kOp, ": the kernel does not fit on an SM of this GPU");
-  const int slots = props->multiProcessorCount * ctas_per_sm;
-  const int target = std::min(decode::kPlanSlots, std::max(1, slots / p.row_chunks));
-  p.max_parts = target + p.B;
-  // The merge keeps one weight per split of a sequence in shared memory.
-  TORCH_CHECK(static_cast<int64_t>(p.max_parts) * 4 <= smem_limit - 1024, kOp, ": batch ", p.B,
-              " is too large for the split-KV merge on this GPU");
-  return {bucket, tile_tokens, target, 0, 0, 0};
+  if (half) {
+    decode::launch_combine<__half>(p, stream);
+  } else {
+    decode::launch_combine<__nv_bfloat16>(p, stream);
+  }
 }
 
 MlaDecodeParams shape_params(const MlaDecodeDims& d, at::ScalarType rope_dtype,
@@ -408,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   if (k_rope_scale) check_alignment(*k_rope_scale, "k_rope_scale");
 
   MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type(), q_lat.scalar_type());
-  const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
+  const KernelSpec spec = configure(p, q_lat.scalar_type(), q_lat.device());
   const int64_t plan_numel = decode::plan_numel(d.B);
   at::Tensor plan;
   if (sched_meta_opt.has_value()) {
@@ -422,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
                 "shapes ([", plan_numel, "] int32), got shape ", sizes_str(plan));
   } else {
     plan = at::empty({plan_numel}, seq_lens.options());
-    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, cfg.tile_tokens, cfg.target_parts,
+    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, spec.tile_tokens, spec.target_parts,
                         decode::plan_capacity(d.B), plan.data_ptr<int32_t>(), stream);
   }
   at::Tensor ws_o = at::empty({p.max_parts, p.rows, d.D_c}, q_lat.options().dtype(at::kFloat));
@@ -442,36 +258,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(
   p.lse = lse.data_ptr<float>();
   p.ws_o = ws_o.data_ptr<float>();
   p.ws_lse = ws_lse.data_ptr<float>();
-  p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  p.softmax_scale_log2 = static_cast<float>(softmax_scale * decode::kLog2e);
 
-  MLA_DECODE_DTYPE_SWITCH(q_lat.scalar_type(), [&] {
-    if (cfg.warpspec_blocks > 0) {
-      const bool half = q_lat.scalar_type() == at::kHalf;
-      const int64_t cache_rows = d.num_blocks * d.block_size;
-      const CUtensorMap rope_map = decode::warpspec::cache_tensor_map(
-          k_rope_cache.data_ptr(), cache_rows, int64_t{d.H_kv} * d.d_r, half, "k_rope_cache");
-      MLA_DECODE_WARPSPEC_SWITCH(cfg.warpspec_blocks, cfg.rope_steps, [&] {
-        if (p.format == decode::kFmtFloat) {
-          const CUtensorMap latent_map = decode::warpspec::cache_tensor_map(
-              latent.data_ptr(), cache_rows, d.D_c, half, "latent");
-          decode::launch_warpspec_decode<T, kBlocks, kSteps, false>(p, latent_map, rope_map, stream);
-        } else {
-          // a quantized latent is copied as stored bytes (bulk copies), not through a tensor map
-          decode::launch_warpspec_decode<T, kBlocks, kSteps, true>(p, CUtensorMap{}, rope_map,
-                                                                  stream);
-        }
-      });
-    } else if (cfg.hopper_blocks > 0) {
-      MLA_DECODE_HOPPER_SWITCH(cfg.hopper_blocks,
-                               [&] { decode::launch_hopper_decode<T, kBlocks>(p, stream); });
-    } else {
-      MLA_DECODE_BUCKET_SWITCH(cfg.bucket, [&] {
-        MLA_DECODE_CACHE_SWITCH(p.format != decode::kFmtFloat,
-                                [&] { decode::launch_decode<T, kBucket, kQuant>(p, stream); });
-      });
-    }
-    decode::launch_combine<T>(p, stream);
-  });
+  launch(spec, p, d, latent, k_rope_cache, q_lat.scalar_type(), stream);
   return {o_lat, lse};
 }
 
@@ -502,10 +291,10 @@ at::Tensor mla_decode_plan_cuda(const at::Tensor& q_lat, const at::Tensor& laten
   check_cuda_support(d, q_lat, latent, k_rope_cache.scalar_type());
   const at::cuda::OptionalCUDAGuard guard(q_lat.device());
   MlaDecodeParams p = shape_params(d, k_rope_cache.scalar_type(), q_lat.scalar_type());
-  const Config cfg = configure(p, q_lat.scalar_type(), q_lat.device());
+  const KernelSpec spec = configure(p, q_lat.scalar_type(), q_lat.device());
   at::Tensor plan = at::empty({decode::plan_numel(d.B)}, seq_lens.options());
   if (d.B > 0) {
-    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, cfg.tile_tokens, cfg.target_parts,
+    decode::launch_plan(seq_lens.data_ptr<int32_t>(), d.B, spec.tile_tokens, spec.target_parts,
                         decode::plan_capacity(d.B), plan.data_ptr<int32_t>(),
                         at::cuda::getCurrentCUDAStream());
   }

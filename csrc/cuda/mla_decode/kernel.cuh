@@ -694,8 +694,7 @@ struct DecodeKernel {
     }
     cp_async_wait<0>();
 
-    // Finalize: o = acc / l; lse = ln 2 * (m + log2 l); o = 0, lse = -inf where nothing was
-    // visible.
+    // Finalize: o = acc / l, lse = row_lse(m, l); o = 0, lse = -inf where nothing was visible.
     float* l_s = reinterpret_cast<float*>(smem + L.stats) + kRows;
     if (my_sub == 0) l_s[my_row] = l_run;
     __syncthreads();
@@ -737,7 +736,7 @@ struct DecodeKernel {
       }
     }
     if (my_sub == 0 && my_row_valid) {
-      const float lse = l_run > 0.f ? 0.69314718056f * (m_run + log2f(l_run)) : -INFINITY;
+      const float lse = row_lse(m_run, l_run);
       if (split) {
         p.ws_lse[static_cast<int64_t>(part) * p.rows + my_grow] = lse;
       } else {

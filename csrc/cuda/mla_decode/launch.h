@@ -18,13 +18,6 @@ int decode_ctas_per_sm(int smem_bytes);
 template <typename T, int kBucket, bool kQuant>
 void launch_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// The Hopper (wgmma) kernel for latents of D_c = 64 * kBlocks channels: whether this device runs
-// its sm_90a code, and its launch (hopper/layout.h).
-template <typename T, int kBlocks>
-bool hopper_decode_available();
-template <typename T, int kBlocks>
-void launch_hopper_decode(const MlaDecodeParams& params, cudaStream_t stream);
-
 // The warp-specialized Hopper kernel (warpspec/layout.h) for D_c = 64 * kBlocks and RoPE windows
 // of kRopeSteps k16 steps, for a float latent or a quantized one (int8, int4, fp8); its TMA tensor
 // maps cover the latent (float only) and the RoPE keys as 2D tensors of cache rows

@@ -1,6 +1,6 @@
-// What both decode kernels (the mma.sync one and the Hopper one) set up per CTA for the RoPE
-// score: the KV heads a CTA's rows use, each row tile's step table and the block-diagonal RoPE
-// queries (traits.h SmemLayout: rope_tab, rope_q).
+// What the mma.sync decode kernel sets up per CTA for the RoPE score: the KV heads a CTA's rows
+// use, each row tile's step table and the block-diagonal RoPE queries (traits.h SmemLayout:
+// rope_tab, rope_q).
 #pragma once
 
 #include <cuda_fp16.h>

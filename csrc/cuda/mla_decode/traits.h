@@ -4,11 +4,23 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "cuda/mla_decode/config.h"
 
 namespace mla_ext::decode {
+
+// The kernels' softmax runs in base 2: the host scales the scores by log2(e), and the lse a kernel
+// writes is made natural again with ln 2.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr float kLn2 = 0.69314718056f;
+
+// The natural log-sum-exp of a row from its base-2 running maximum m and sum l; -inf where the
+// row saw no token.
+C10_HOST_DEVICE inline float row_lse(float m, float l) {
+  return l > 0.f ? kLn2 * (m + log2f(l)) : -INFINITY;
+}
 
 enum FormatKind : int { kFmtFloat = 0, kFmtInt8 = 1, kFmtFp8 = 2, kFmtInt4 = 3 };
 

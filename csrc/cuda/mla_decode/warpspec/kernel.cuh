@@ -26,29 +26,13 @@
 
 #include "core/split_plan.h"
 #include "cuda/mla_decode/dequant.cuh"
-#include "cuda/mla_decode/hopper/softmax.cuh"
-#include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/warpspec/layout.h"
+#include "cuda/mla_decode/warpspec/softmax.cuh"
 #include "cuda/mla_decode/warpspec/tma.cuh"
+#include "cuda/mla_decode/warpspec/wgmma.cuh"
 
 namespace mla_ext::decode::warpspec {
-
-using hopper::fence_accumulators;
-using hopper::masked_row_max;
-using hopper::online_softmax_step;
-using hopper::rescale_output;
-using hopper::store_pt;
-using hopper::write_row_max;
-using hopper::fence_proxy_async;
-using hopper::desc_add;
-using hopper::make_desc;
-using hopper::swizzled_offset;
-using hopper::wgmma_commit;
-using hopper::wgmma_fence;
-using hopper::wgmma_m64n32k16;
-using hopper::wgmma_m64n8k16;
-using hopper::wgmma_wait;
 
 constexpr int kRowTiles = kRows / 8;
 constexpr int kPieces = kTileTokens / kPieceTokens;
@@ -551,7 +535,7 @@ struct WarpSpecializedDecode {
         inv_l[j][c] = l > 0.f ? 1.f / l : 0.f;
         row_off[j][c] = r < rows_here ? r * p.D_c : -1;
         if (wwarp == 0 && g == 0 && r < rows_here) {
-          const float lse = l > 0.f ? 0.69314718056f * (m + log2f(l)) : -INFINITY;
+          const float lse = row_lse(m, l);
           if (split) {
             p.ws_lse[static_cast<int64_t>(part) * p.rows + row0 + r] = lse;
           } else {

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "cuda/mla_decode/hopper/wgmma.cuh"
+#include "cuda/mla_decode/warpspec/wgmma.cuh"
 
 namespace mla_ext::decode::warpspec {
 

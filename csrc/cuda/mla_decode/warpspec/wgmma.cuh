@@ -1,4 +1,4 @@
-// PTX wrappers of the Hopper decode kernel: wgmma with both operands in shared memory (128-byte
+// PTX wrappers of the warp-specialized decode kernel: wgmma with both operands in shared memory (128-byte
 // swizzled layouts), its fences, and stmatrix. sm_90a only: every body compiles to nothing for
 // other targets (the host dispatches to this kernel on compute capability 9.0 only).
 #pragma once
@@ -13,7 +13,7 @@
 #define MLA_EXT_WGMMA 1
 #endif
 
-namespace mla_ext::decode::hopper {
+namespace mla_ext::decode::warpspec {
 
 // Shared-memory operand layout (both GEMMs): 128-byte swizzle atoms of 8 rows x 128 bytes
 // (1024-byte aligned), the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
@@ -130,4 +130,4 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, ui
 #endif
 }
 
-}  // namespace mla_ext::decode::hopper
+}  // namespace mla_ext::decode::warpspec

@@ -1,5 +1,5 @@
-// The per-tile online softmax of both Hopper kernels (hopper/ and warpspec/), on the fragment of a
-// wgmma score accumulator S^T[64 tokens x 8 kRowTiles rows]: in a warpgroup, warp w's thread
+// The per-tile online softmax of the warp-specialized kernel, on the fragment of a wgmma score
+// accumulator S^T[64 tokens x 8 kRowTiles rows]: in a warpgroup, warp w's thread
 // (g = lane / 4, tq = lane % 4) holds tokens a = 16 w + g and b = a + 8 of rows 8 j + 2 tq + c
 // (registers 4 j + c and 4 j + 2 + c). Base 2 throughout; P leaves as two 16-bit terms, hi = T(P)
 // and lo = T(P - hi), so that the output GEMM is exact to fp32 up to summation order.
@@ -7,10 +7,10 @@
 
 #include <cstdint>
 
-#include "cuda/mla_decode/hopper/wgmma.cuh"
 #include "cuda/mla_decode/ptx.cuh"
+#include "cuda/mla_decode/warpspec/wgmma.cuh"
 
-namespace mla_ext::decode::hopper {
+namespace mla_ext::decode::warpspec {
 
 // Writes the warp's maximum of each row of s into red_max[warp][row] (the caller's barrier
 // publishes it).
@@ -125,4 +125,4 @@ __device__ __forceinline__ void rescale_output(float (&acc)[kBlocks][16],
   }
 }
 
-}  // namespace mla_ext::decode::hopper
+}  // namespace mla_ext::decode::warpspec
