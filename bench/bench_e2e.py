@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mla_ext  # noqa: E402
 from mla_ext import generation, ops  # noqa: E402
-from mla_ext.generation import DecodeStep, capture, make_cache, prefill, sample_tokens  # noqa: E402
+from mla_ext.generation import (DecodeStep, capture, graph_capturable, make_cache,  # noqa: E402
+                                prefill, sample_tokens)
 
 from bench.common import measure_peak_read_bandwidth, metadata, RESULTS  # noqa: E402
 
@@ -176,10 +177,17 @@ def eager_side(model, b: int, s: int, real: bool) -> tuple[float, float | None]:
     return time_steps(step, TIMED_STEPS // 2), prefill_s
 
 
+class NotCapturable(Exception):
+    """The side's decode step cannot be captured (a cache format the CUDA kernel declines)."""
+
+
 def graph_side(model, side: str, b: int, s: int, real: bool) -> tuple[float, float | None, int]:
     """mla_ext.generate's harness: a static cache, one CUDA-graph replay per decode step."""
     _, cache_dtype, rope_dtype, _ = SIDES[side]
     cache = make_cache(model, b, s + SPARE_TOKENS, cache_dtype, rope_dtype)
+    why = graph_capturable(model, cache)
+    if why is not None:
+        raise NotCapturable(why)
     prefill_s = None
     if real:
         prompts = [torch.randint(0, model.config.vocab_size, (s,), device="cuda")
@@ -221,6 +229,9 @@ def measure(model, name: str, side: str, b: int, s: int, hbm: float, real: bool)
             ms, prefill_s, _ = graph_side(model, side, b, s, real)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
+        return row
+    except NotCapturable as exc:
+        row["error"] = f"not capturable: {exc}"
         return row
     finally:
         gc.collect()

@@ -141,10 +141,12 @@ def _check_options(max_new_tokens, temperature, top_p, prefill_chunk):
         raise ValueError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
 
 
-def graph_capturable(model) -> str | None:
+def graph_capturable(model, cache=None) -> str | None:
     """Why the model's decode step cannot be captured in a CUDA graph (None: it can). A
-    converted model decodes through the CUDA kernels in bf16 or fp16 only; other dtypes (and
-    builds without the kernels) take the PyTorch reference, which reads lengths on the host."""
+    converted model decodes through the CUDA kernels in bf16 or fp16 only, and only over cache
+    formats the decode kernel serves (``cache``'s layers, when given); other dtypes, formats
+    (and builds without the kernels) take the PyTorch reference, which reads lengths on the
+    host."""
     param = next(model.parameters())
     if param.device.type != "cuda":
         return f"the model is on {param.device}, not on a CUDA device"
@@ -155,6 +157,11 @@ def graph_capturable(model) -> str | None:
         if not (ops.has_kernel("mla_decode", param.device)
                 and ops.has_kernel("latent_project", param.device)):
             return "this build of mla_ext has no CUDA kernels (built without nvcc)"
+        for i, layer in enumerate(getattr(cache, "layers", ())):
+            why = ops.decode_kernel_declines(param.dtype, layer.latent_dtype, layer.rope_dtype,
+                                             layer.rope_dim)
+            if why is not None:
+                return f"layer {i}'s cache: the CUDA decode kernel does not take {why}"
     return None
 
 
@@ -219,7 +226,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
     _check_options(max_new_tokens, temperature, top_p, prefill_chunk)
     prompts = _prompts(input_ids, attention_mask)
     device = next(model.parameters()).device
-    capturable = graph_capturable(model)
+    batch = len(prompts)
+    cache = make_cache(model, batch, max(p.numel() for p in prompts) + max_new_tokens,
+                       cache_dtype, rope_dtype, block_size)
+    capturable = graph_capturable(model, cache)
     if cuda_graph is None:
         cuda_graph = capturable is None
     elif cuda_graph and capturable is not None:
@@ -231,9 +241,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
         torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    batch = len(prompts)
-    cache = make_cache(model, batch, max(p.numel() for p in prompts) + max_new_tokens,
-                       cache_dtype, rope_dtype, block_size)
     try:
         _sync(device)
         t0 = time.perf_counter()

@@ -187,24 +187,31 @@ def latent_project(x, w_down, w_kr, b_kr, cos, sin, slot_mapping, latent, latent
     _op("latent_project")(*args)
 
 
-def _cuda_decode_unsupported(q_lat, latent, k_rope_cache) -> str | None:
-    """Why the CUDA kernel does not take these inputs (None: it does). It takes 16-bit queries,
-    a float latent of the queries' dtype, 16-bit or fp8 RoPE keys and an even d_r up to 64 (a
-    multiple of 4 for fp8 keys); other combinations run the reference."""
-    if not q_lat.is_cuda:
-        return None
-    if q_lat.dtype not in (torch.bfloat16, torch.float16):
-        return f"queries in {q_lat.dtype} (the kernel computes in bf16 or fp16)"
-    if k_rope_cache.dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
-        return f"RoPE keys in {k_rope_cache.dtype}"
-    d_r = k_rope_cache.shape[-1] if k_rope_cache.dim() == 4 else 0
+def decode_kernel_declines(q_dtype: torch.dtype, latent_dtype: torch.dtype,
+                           rope_dtype: torch.dtype, d_r: int) -> str | None:
+    """Why the CUDA decode kernel does not take a cache of these formats (None: it does). It
+    takes 16-bit queries, a float latent of the queries' dtype (or int8 / int4 / fp8 codes),
+    16-bit or fp8 RoPE keys and an even d_r up to 64 (a multiple of 4 for fp8 keys); other
+    combinations run the reference, which reads lengths on the host (no graph capture)."""
+    if q_dtype not in (torch.bfloat16, torch.float16):
+        return f"queries in {q_dtype} (the kernel computes in bf16 or fp16)"
+    if rope_dtype not in (torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        return f"RoPE keys in {rope_dtype}"
     if d_r % 2 != 0 or not 2 <= d_r <= 64:
         return f"d_r = {d_r} (the kernel takes even d_r up to 64)"
-    if k_rope_cache.dtype == torch.float8_e4m3fn and d_r % 4 != 0:
+    if rope_dtype == torch.float8_e4m3fn and d_r % 4 != 0:
         return f"fp8 RoPE keys with d_r = {d_r} (the kernel needs a multiple of 4 for fp8 keys)"
-    if latent.dtype in reference.FLOAT_DTYPES and latent.dtype != q_lat.dtype:
-        return f"a {latent.dtype} latent under {q_lat.dtype} queries"
+    if latent_dtype in reference.FLOAT_DTYPES and latent_dtype != q_dtype:
+        return f"a {latent_dtype} latent under {q_dtype} queries"
     return None
+
+
+def _cuda_decode_unsupported(q_lat, latent, k_rope_cache) -> str | None:
+    """decode_kernel_declines for these tensors (None on CPU, where the CPU kernel takes all)."""
+    if not q_lat.is_cuda:
+        return None
+    d_r = k_rope_cache.shape[-1] if k_rope_cache.dim() == 4 else 0
+    return decode_kernel_declines(q_lat.dtype, latent.dtype, k_rope_cache.dtype, d_r)
 
 
 _warned_fallbacks: set[str] = set()

@@ -238,6 +238,19 @@ CUDA_FORMATS = [("bf16", None), ("int8", None), ("int4", None), ("fp8", None),
                 ("int4", "fp8"), ("bf16", "fp8")]
 
 
+@pytest.mark.parametrize("q, latent, rope, d_r, why", [
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, 16, None),
+    (torch.float16, torch.uint8, torch.float8_e4m3fn, 8, None),
+    (torch.bfloat16, torch.int8, torch.float8_e4m3fn, 2, "multiple of 4 for fp8 keys"),
+    (torch.float32, torch.float32, torch.float32, 16, "queries in torch.float32"),
+    (torch.bfloat16, torch.float16, torch.bfloat16, 16, "latent under torch.bfloat16 queries"),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, 66, "even d_r up to 64"),
+])
+def test_which_cache_formats_the_decode_kernel_declines(q, latent, rope, d_r, why):
+    reason = ops.decode_kernel_declines(q, latent, rope, d_r)
+    assert (reason is None) if why is None else (why in reason)
+
+
 @pytest.fixture(scope="module")
 def cuda_models():
     torch.manual_seed(0)
@@ -301,3 +314,18 @@ def test_original_harness_equals_hugging_face_greedy():
     ours = mla_ext.generate(model, ids, max_new_tokens=48, cuda_graph=True)
     theirs = model.generate(ids, max_new_tokens=48, do_sample=False)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.gpu
+def test_a_cache_the_kernel_declines_decodes_eagerly():
+    """fp8 RoPE keys of d_r = 2 take the reference (which reads lengths on the host): no graph."""
+    mla = converted(tiny_model(), rope_strategy="high", rope_pairs=1, d_kv=8).to(
+        "cuda", torch.bfloat16)
+    ids, mask, _ = _padded([12, 7])
+    kwargs = dict(cache_dtype="int4", rope_dtype="fp8", max_new_tokens=8)
+    with pytest.raises(ValueError, match="layer 0's cache.*d_r = 2"):
+        mla_ext.generate(mla, ids.cuda(), mask.cuda(), cuda_graph=True, **kwargs)
+    auto, stats = mla_ext.generate(mla, ids.cuda(), mask.cuda(), return_stats=True, **kwargs)
+    assert not stats.cuda_graph
+    assert torch.equal(auto, mla_ext.generate(mla, ids.cuda(), mask.cuda(), cuda_graph=False,
+                                              **kwargs))
