@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mla_ext  # noqa: E402
-from mla_ext import generation, ops  # noqa: E402
+from mla_ext import ops  # noqa: E402
 from mla_ext.generation import (DecodeStep, capture, graph_capturable, make_cache,  # noqa: E402
                                 prefill, sample_tokens)
 
