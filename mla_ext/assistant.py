@@ -1,11 +1,11 @@
 """Whether a converted (and recovered) instruct model still answers as its original does.
 
 The check of a recovery fine-tune (``check_recovery``, ``mla-ext check-recovery``):
-- **answers**: the model and the original answer the ten ``DEMO_PROMPTS`` greedily (``ANSWER_TOKENS``
-  new tokens at most, ``eval.chat_answers``); the model passes with the same answer as the
-  original on at least ``MIN_MATCHES`` of them. Two answers are the same when they are equal
-  after stripping surrounding white space (exact), or when their first sentences are equal after
-  ``normalise_answer`` (normalised);
+- **answers**: the model and the original answer the ten ``DEMO_PROMPTS`` greedily
+  (``ANSWER_TOKENS`` new tokens at most, ``eval.chat_answers``); it passes with the same
+  answer as the original on at least ``MIN_MATCHES`` of them. Two answers are the same when
+  they are equal after stripping surrounding white space (exact), or when their first
+  sentences are equal after ``normalise_answer`` (normalised);
 - **perplexity**: the model's held-out perplexity is at most ``MAX_PPL_RATIO`` times that of the
   original fine-tuned on the same tokens (``baseline``).
 

@@ -274,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and activation-aware SVD, RoPE pairs and latent width chosen "
                                    "per layer under the budget), step by step; print "
                                    "cache sizes, held-out perplexities and chat answers; on a GPU "
-                                   "a short recovery fine-tune follows.")
+                                   "a short recovery fine-tune follows (the default corpus with "
+                                   "the original's chat answers mixed in, distilled from the "
+                                   "original), then how many of 10 chat prompts the model "
+                                   "answers as the original does, before and after it.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens to score (default 8192; --full scores all)")
