@@ -274,3 +274,23 @@ def test_finetune_help_explains_the_chat_data(capsys):
     for flag in ("--chat-mix", "--chat-model", "--chat-prompts", "--chat-max-new-tokens",
                  "--chat-cache", "answered greedily", "cached"):
         assert flag in help_text
+
+
+@pytest.mark.gpu
+def test_batched_answers_on_the_gpu_equal_one_at_a_time(tmp_path):
+    """On a GPU the batches decode through CUDA graphs (the kernels for a converted bf16
+    model); in fp32 the answers and the cached chat data are those of one prompt at a time
+    (bf16 rounding may differ with the batch size, so there only their form is checked)."""
+    tok = chat_tokenizer()
+    original = tiny_model().to("cuda")
+    batched = mla_ext.chat_answers(original, tok, PROMPTS, max_new_tokens=8, batch_size=3)
+    assert batched == [mla_ext.chat(original, tok, p, max_new_tokens=8) for p in PROMPTS]
+    mla = converted(tiny_model(), rope_strategy="high", rope_pairs=2, d_kv=4).to(
+        "cuda", torch.bfloat16)
+    answers = mla_ext.chat_answers(mla, tok, PROMPTS, max_new_tokens=8, batch_size=3,
+                                   cache_dtype="int4")
+    assert len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+    data = chat_data(original, tok, PROMPTS, max_new_tokens=8, batch_size=4,
+                     cache_dir=tmp_path, progress=False)
+    assert [r["answer"] for r in data.records] == mla_ext.chat_answers(original, tok, PROMPTS,
+                                                                       max_new_tokens=8)
