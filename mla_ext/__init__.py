@@ -17,7 +17,7 @@ from . import ops, reference  # noqa: E402
 from .config import MLAConfig  # noqa: E402
 from .convert import calibrate  # noqa: E402
 from .data import default_calibration_text, default_evaluation_text  # noqa: E402
-from .eval import chat, perplexity  # noqa: E402
+from .eval import chat, chat_answers, perplexity  # noqa: E402
 from . import generation  # noqa: E402
 from .generation import generate  # noqa: E402
 from .modeling import (  # noqa: E402
@@ -29,6 +29,7 @@ from .models import load_default_model  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["MLAConfig", "calibrate", "convert_to_mla", "LatentCache", "MLAAttention",
-           "kv_cache_bytes_per_token", "perplexity", "chat", "save_pretrained", "load_pretrained",
+           "kv_cache_bytes_per_token", "perplexity", "chat", "chat_answers",
+           "save_pretrained", "load_pretrained",
            "load_default_model", "default_calibration_text", "default_evaluation_text", "ops",
            "reference", "built_with_cuda", "generate", "generation", "StaticKVCache"]

@@ -1,4 +1,4 @@
-"""The ``mla-ext`` command: convert, eval, generate, demo."""
+"""The ``mla-ext`` command: convert, eval, generate, demo, check-recovery (and finetune, pack)."""
 from __future__ import annotations
 
 import argparse
@@ -189,6 +189,36 @@ def cmd_demo(args):
              recovery_steps=args.recovery_steps)
 
 
+def cmd_check_recovery(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .assistant import check_recovery, format_report
+    from .models import ModelError, load_model
+
+    device = _device(args.device)
+    loaded = {}
+    for flag, name in (("--model", args.model), ("--original", args.original),
+                       ("--baseline", args.baseline)):
+        if name is None:
+            continue
+        try:
+            loaded[flag] = load_model(name, dtype=DTYPES[args.dtype], device=device)
+        except ModelError as exc:
+            raise ModelError(f"{flag} {exc}") from None
+    model, tokenizer = loaded["--model"]
+    result = check_recovery(
+        model, tokenizer, original=loaded["--original"][0],
+        baseline=loaded["--baseline"][0] if "--baseline" in loaded else None,
+        text=_eval_text(args.text) if args.text else None, min_matches=args.min_matches,
+        max_ppl_ratio=args.max_ppl_ratio, cache_dtype=args.cache_dtype, context=args.context,
+        eval_tokens=args.eval_tokens, progress=not args.no_progress)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0 if result["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mla-ext",
@@ -244,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and activation-aware SVD, RoPE pairs and latent width chosen "
                                    "per layer under the budget), step by step; print "
                                    "cache sizes, held-out perplexities and chat answers; on a GPU "
-                                   "a short recovery fine-tune follows.")
+                                   "a short recovery fine-tune follows (the default corpus with "
+                                   "the original's chat answers mixed in, distilled from the "
+                                   "original), then how many of 10 chat prompts the model "
+                                   "answers as the original does, before and after it.")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens to score (default 8192; --full scores all)")
@@ -257,6 +290,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 200 of 8 x 1024 tokens on a GPU, 0 on a CPU)")
     p.set_defaults(func=cmd_demo)
 
+    from .assistant import ANSWER_TOKENS, DEMO_PROMPTS, MAX_PPL_RATIO, MIN_MATCHES
+    p = sub.add_parser(
+        "check-recovery", help="does a recovered model answer as the original does?",
+        description=f"Greedy answers ({ANSWER_TOKENS} new tokens at most) of --model and "
+                    f"--original to {len(DEMO_PROMPTS)} fixed chat prompts (mla_ext.assistant."
+                    "DEMO_PROMPTS): two answers are the same when equal after stripping white "
+                    "space, or when their first sentences are equal in lower case without "
+                    "punctuation and articles (a, an, the). With --baseline (the original "
+                    "fine-tuned on the same tokens) the held-out perplexities are compared too. "
+                    "Exit status 0 when the check passes, 1 when it fails.")
+    _add_model_args(p)
+    p.add_argument("--original", default="default",
+                   help="the model whose answers are the reference (default: 'default')")
+    p.add_argument("--baseline", default=None,
+                   help="the original fine-tuned on the same tokens (a model directory); "
+                        "without it only the answers are checked")
+    p.add_argument("--min-matches", type=int, default=MIN_MATCHES,
+                   help=f"answers that must match (default {MIN_MATCHES} of "
+                        f"{len(DEMO_PROMPTS)})")
+    p.add_argument("--max-ppl-ratio", type=float, default=MAX_PPL_RATIO,
+                   help=f"largest perplexity of --model over --baseline's (default "
+                        f"{MAX_PPL_RATIO})")
+    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
+                   help="latent cache format of a converted --model (default bf16)")
+    p.add_argument("--text", default=None, help="perplexity text: a file, directory or JSONL "
+                                                 "(default: the held-out part of "
+                                                 "pydoc_data.topics)")
+    p.add_argument("--eval-tokens", type=int, default=8192,
+                   help="first tokens of the text scored (default 8192)")
+    p.add_argument("--context", type=int, default=512,
+                   help="perplexity window and stride (default 512)")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_check_recovery)
+
     from .train.cli import add_finetune_parsers
     add_finetune_parsers(sub)
     return parser
@@ -266,13 +334,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
-        args.func(args)
+        status = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
             PermissionError) as exc:
         print(f"mla-ext {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(f"[{args.command} took {time.time() - start:.1f} s]", file=sys.stderr)
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

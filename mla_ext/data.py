@@ -20,7 +20,7 @@ def _pydoc_topics() -> list[str]:
     return [topics[key].strip() for key in sorted(topics)]
 
 
-def _split_default() -> tuple[str, str]:
+def _split_topics() -> tuple[list[str], list[str]]:
     docs = _pydoc_topics()
     total = sum(len(d) for d in docs)
     seen, cut = 0, len(docs)
@@ -29,7 +29,17 @@ def _split_default() -> tuple[str, str]:
             cut = i
             break
         seen += len(doc)
-    return "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
+    return docs[:cut], docs[cut:]
+
+
+def _split_default() -> tuple[str, str]:
+    calibration, held_out = _split_topics()
+    return "\n\n".join(calibration), "\n\n".join(held_out)
+
+
+def default_calibration_topics() -> list[str]:
+    """The topics of the calibration part of pydoc_data.topics, one string each."""
+    return _split_topics()[0]
 
 
 def default_calibration_text() -> str:

@@ -119,6 +119,71 @@ def _window_logits(model, window, cache_dtype, chunk_size, rope_dtype=None):
                       for s in range(0, window.shape[1], chunk_size)], dim=1)
 
 
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of one user message in the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: chat answers need an instruct "
+                         "model's tokenizer")
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model's generation EOS (for
+    SmolLM2 the end of the turn, <|im_end|>, is only the latter)."""
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def _answer_text(tokenizer, tokens, stop_ids) -> str:
+    tokens = list(tokens)
+    ends = [i for i, t in enumerate(tokens) if t in stop_ids]
+    return tokenizer.decode(tokens[:ends[0] if ends else len(tokens)],
+                            skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def chat_answers(model, tokenizer, prompts, max_new_tokens: int = 48, batch_size: int = 16,
+                 cache_dtype: str | None = None, rope_dtype: str | None = None,
+                 progress: bool = False) -> list[str]:
+    """Greedy answers of a chat model to single user messages, ``batch_size`` prompts per
+    ``mla_ext.generate`` call (CUDA-graph decode steps where they can be captured); each answer
+    ends before the first stop token (``stop_token_ids``).
+
+    cache_dtype / rope_dtype: a converted model's latent cache format (default bf16); ignored
+    for an unconverted model, which caches K/V in its own dtype."""
+    from .generation import generate, is_converted
+
+    prompts = list(prompts) if not isinstance(prompts, str) else None
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not is_converted(model):
+        cache_dtype = rope_dtype = None
+    stop = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    answers = []
+    with tqdm(total=len(prompts), desc="answers", unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            encoded = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+            width = max(len(e) for e in encoded)
+            ids = torch.zeros(len(encoded), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, e in enumerate(encoded):
+                ids[row, :len(e)] = torch.tensor(e)
+                mask[row, :len(e)] = 1
+            out = generate(model, ids.to(device), mask.to(device), max_new_tokens,
+                           cache_dtype=cache_dtype, rope_dtype=rope_dtype, eos_token_id=stop)
+            answers += [_answer_text(tokenizer, row[width:].tolist(), stop) for row in out]
+            bar.update(len(encoded))
+    return answers
+
+
 @torch.no_grad()
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 48, cache=None,
          cache_dtype: str | None = None, rope_dtype: str | None = None,
@@ -131,20 +196,17 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 48, cache=None,
     GenerationStats (None with ``cache``)."""
     from .generation import generate
 
-    messages = [{"role": "user", "content": prompt}]
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
     device = next(model.parameters()).device
-    ids = enc["input_ids"].to(device)
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=device)
+    mask = torch.ones_like(ids)
+    stop = stop_token_ids(model, tokenizer)
     stats = None
     if cache is not None:
-        out = model.generate(ids, attention_mask=enc["attention_mask"].to(device),
-                             past_key_values=cache, max_new_tokens=max_new_tokens,
-                             do_sample=False,
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache,
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     else:
-        out, stats = generate(model, ids, enc["attention_mask"].to(device), max_new_tokens,
-                              cache_dtype=cache_dtype, rope_dtype=rope_dtype,
-                              eos_token_id=tokenizer.eos_token_id, return_stats=True)
-    answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out, stats = generate(model, ids, mask, max_new_tokens, cache_dtype=cache_dtype,
+                              rope_dtype=rope_dtype, eos_token_id=stop, return_stats=True)
+    answer = _answer_text(tokenizer, out[0, ids.shape[1]:].tolist(), stop)
     return (answer, stats) if return_stats else answer

@@ -68,6 +68,36 @@ def _add_data_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_chat_args(p):
+    from .chat import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS
+
+    g = p.add_argument_group(
+        "chat data", "Mix conversations answered by the original instruct model into --data, "
+        "so that the recovered model keeps answering chat prompts: questions built from the "
+        "default corpus (explain a documentation topic, summarise a passage, explain or use a "
+        "standard-library function), answered greedily by --chat-model once, rendered in its "
+        "chat template and cached (the cache key covers the model's weights, the tokenizer, "
+        "the prompts and the generation settings; a later run reads the cache). With "
+        "--distill W --teacher default the model also matches the original's distributions on "
+        "these conversations.")
+    g.add_argument("--chat-mix", type=_fraction, default=0.0, metavar="FRACTION",
+                   help="fraction of the packed training tokens that are chat, the rest --data "
+                        "(default 0: no chat); the conversations repeat as often as needed; "
+                        "whole documents are interleaved")
+    g.add_argument("--chat-model", default=None,
+                   help="the model whose answers are the chat data: 'default' or a model "
+                        "directory (default: --teacher when given, else 'default')")
+    g.add_argument("--chat-prompts", type=positive_int, default=DEFAULT_PROMPTS,
+                   help=f"questions asked (default {DEFAULT_PROMPTS})")
+    g.add_argument("--chat-max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--chat-batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"prompts answered per generate call (default {DEFAULT_BATCH_SIZE})")
+    g.add_argument("--chat-cache", default=None, metavar="DIR",
+                   help="chat data cache (default $MLA_EXT_CACHE_DIR/chat, else "
+                        "~/.cache/mla_ext/chat)")
+
+
 def add_finetune_parsers(sub) -> None:
     """Register ``finetune`` and ``pack`` on the ``mla-ext`` subparsers."""
     from ..models import DTYPES
@@ -125,6 +155,7 @@ def add_finetune_parsers(sub) -> None:
     p.add_argument("--teacher", default=None,
                    help="the model to distil from with --distill: 'default' (the original "
                         "SmolLM2-135M-Instruct) or a model directory, as --model")
+    _add_chat_args(p)
     p.add_argument("--save-every", type=count_arg, default=500,
                    help="checkpoint every N steps, 0 = only at the end (default 500)")
     p.add_argument("--keep", type=count_arg, default=d.keep,
@@ -230,10 +261,18 @@ def cmd_finetune(args):
         raise FileNotFoundError(f"--model {args.model} is neither 'default' nor a directory")
     out = Path(args.out)
     data = _source(args)
+    if args.chat_mix > 0 and isinstance(data, str):
+        raise ValueError(f"--chat-mix mixes chat into text; --data {args.data} is packed "
+                         "already (give the text it was packed from)")
+    if args.chat_model is not None and args.chat_mix == 0:
+        raise ValueError("--chat-model needs --chat-mix FRACTION (> 0)")
+    _check_chat_model(args)
     if args.pack_only:
         if isinstance(data, str):
             raise ValueError(f"--data {args.data} is packed already")
         tokenizer = load_tokenizer(args.model)
+        if args.chat_mix > 0:
+            data = _with_chat(args, data, None)
         sig = data_signature(data.fingerprint(), tokenizer_hash(tokenizer), config.seq_len,
                               config.max_sequences)
         path = packed_data(out / DATA, data, tokenizer, config, config.max_sequences, sig)
@@ -249,11 +288,53 @@ def cmd_finetune(args):
     teacher = None
     if args.teacher is not None:
         teacher, _ = load_model(args.teacher, dtype=DTYPES[args.dtype], device="cpu")
+    if args.chat_mix > 0:
+        data = _with_chat(args, data, teacher)
     history = finetune(model, tokenizer, data, config, out, teacher=teacher)
     if int(os.environ.get("RANK", "0")) == 0 and history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens']} tokens; run in "
               f"{out} (model in {out / 'final'} when all steps are done)")
+
+
+def _chat_model_name(args) -> str:
+    return args.chat_model or args.teacher or "default"
+
+
+def _check_chat_model(args) -> None:
+    name = _chat_model_name(args)
+    if args.chat_mix > 0 and name != "default" and not Path(name).is_dir():
+        raise FileNotFoundError(f"--chat-model {name} is neither 'default' nor a directory")
+
+
+def _with_chat(args, data, teacher):
+    """``data`` with the chat model's cached (or newly generated) answers mixed in."""
+    import torch
+
+    from ..models import DTYPES, load_model
+    from .chat import chat_data, corpus_prompts
+    from .data import mix_sources
+
+    name = _chat_model_name(args)
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+                             if torch.cuda.is_available() else "cpu")
+    if teacher is not None and name == args.teacher:
+        chat_model, chat_tokenizer = teacher, load_tokenizer(name)
+    else:
+        chat_model, chat_tokenizer = load_model(name, dtype=DTYPES[args.dtype], device="cpu")
+    home = next(chat_model.parameters()).device
+    try:
+        chat = chat_data(chat_model.to(device), chat_tokenizer,
+                         corpus_prompts(args.chat_prompts),
+                         max_new_tokens=args.chat_max_new_tokens,
+                         batch_size=args.chat_batch_size, cache_dir=args.chat_cache,
+                         progress=not args.no_progress)
+    finally:
+        chat_model.to(home)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"chat data: {len(chat.records)} answers of {name} "
+              f"({'cached' if chat.from_cache else 'generated'}) in {chat.path}")
+    return mix_sources(data, chat.source(), args.chat_mix)
 
 
 def _report_packed(path):

@@ -12,6 +12,12 @@ Sources (``resolve_source``):
   enters (``pydoc_data`` is a subdirectory, so the glob does not reach its ``topics.py``);
 - a text file, a directory of text files (searched recursively), a JSONL file (field "text");
 - ``"hf:NAME"``: a Hugging Face dataset, streamed when online (needs the ``datasets`` package).
+
+``mix_sources(base, extra, fraction)`` packs ``base`` with ``extra`` mixed in, so that
+``fraction`` of the packed tokens come from ``extra``: whole documents are interleaved (never
+split), ``extra``'s documents repeat as often as the fraction needs, and packing ends with
+``base`` (or at ``max_sequences``; with fraction 1 only ``max_sequences`` ends it). The
+recovery fine-tune mixes chat text into the documentation corpus this way (``train/chat.py``).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import codecs
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +61,15 @@ class TextSource:
     hf_config: str | None = None
     hf_split: str = "train"
     text_field: str = "text"
+    # documents of another source mixed in as this fraction of the tokens (mix_sources)
+    mix_in: "TextSource | None" = None
+    mix_fraction: float = 0.0
+
+    @property
+    def needs_limit(self) -> bool:
+        """Whether packing needs max_sequences to end: a streamed dataset may never end, and
+        mixed-in documents alone (fraction 1) repeat without end."""
+        return bool(self.hf_name) or (self.mix_in is not None and self.mix_fraction == 1)
 
     def fingerprint(self) -> str:
         """Changes whenever the documents may have changed (paths, sizes, mtimes, texts)."""
@@ -65,6 +80,8 @@ class TextSource:
         for t in self.texts:
             h.update(hashlib.sha256(t.encode()).digest())
         h.update(f"{self.hf_name}\0{self.hf_config}\0{self.hf_split}\0{self.text_field}".encode())
+        if self.mix_in is not None:
+            h.update(f"\0mix {self.mix_fraction!r}\0{self.mix_in.fingerprint()}".encode())
         return h.hexdigest()
 
 
@@ -108,6 +125,24 @@ def resolve_source(data, *, hf_config: str | None = None, hf_split: str = "train
         files = [path]
     return TextSource(str(path), files=_checked_files(files, str(path), text_field),
                       text_field=text_field)
+
+
+def mix_sources(base, extra, fraction: float) -> TextSource:
+    """``base`` with ``extra``'s documents mixed in as ``fraction`` (in (0, 1]) of the packed
+    tokens; both anything ``resolve_source`` takes. ``extra`` repeats as often as needed, so it
+    must be local text (not hf:NAME)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0 < fraction <= 1:
+        raise DataError(f"mix fraction must be a number in (0, 1], got {fraction!r}")
+    base, extra = resolve_source(base), resolve_source(extra)
+    if base.mix_in is not None or extra.mix_in is not None:
+        raise DataError("mix_sources mixes two plain sources; one of them is a mixture already")
+    if extra.hf_name:
+        raise DataError(f"the mixed-in data hf:{extra.hf_name} would have to repeat: give local "
+                        "text (a file, directory or JSONL file)")
+    return replace(base, mix_in=extra, mix_fraction=float(fraction),
+                   description=f"{base.description} with {fraction:.0%} of the tokens from "
+                               f"{extra.description}")
 
 
 def _import_datasets(name: str):
@@ -236,9 +271,10 @@ def pack(data, tokenizer, out_dir, seq_len: int, *, max_sequences: int | None = 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    if source.hf_name and max_sequences is None:
-        raise DataError(f"packing hf:{source.hf_name} needs a limit (max_sequences / "
-                        "--max-tokens): a streamed dataset may never end")
+    if source.needs_limit and max_sequences is None:
+        what = (f"hf:{source.hf_name}: a streamed dataset may never end" if source.hf_name else
+                "text mixed in at fraction 1: its documents repeat without end")
+        raise DataError(f"packing {what}; give a limit (max_sequences / --max-tokens)")
     eos = tokenizer.eos_token_id
     vocab = len(tokenizer)
     dtype = token_dtype(vocab)
@@ -285,7 +321,47 @@ def _bar(progress: bool, total, desc):
 
 
 def _token_stream(source: TextSource, tokenizer, eos):
-    """Token id arrays in document order, EOS after each document."""
+    """Token id arrays in document order, EOS after each document (mixed as the source says)."""
+    pieces = (_mixed_pieces(source, tokenizer, eos) if source.mix_in is not None
+              else _token_pieces(source, tokenizer, eos))
+    for ids, _ in pieces:
+        yield ids
+
+
+def _mixed_pieces(source: TextSource, tokenizer, eos):
+    """(ids, ends_document) of ``source`` with ``source.mix_in``'s documents interleaved between
+    whole documents, so that the mixed-in share of the tokens so far stays at ``mix_fraction``;
+    the mixed-in documents start over whenever they run out."""
+    fraction = source.mix_fraction
+    base = _token_pieces(replace(source, mix_in=None, mix_fraction=0.0), tokenizer, eos)
+    extra, extra_yielded = None, False
+    base_tokens = extra_tokens = 0
+    in_base_document = False
+    while True:
+        if not in_base_document and extra_tokens <= fraction * (base_tokens + extra_tokens):
+            if extra is None:
+                extra, extra_yielded = _token_pieces(source.mix_in, tokenizer, eos), False
+            piece = next(extra, None)
+            if piece is None:
+                if not extra_yielded:
+                    raise DataError(f"the mixed-in data {source.mix_in.description} has no "
+                                    "tokens")
+                extra = None
+                continue
+            extra_yielded = True
+            extra_tokens += piece[0].size
+        else:
+            piece = next(base, None)
+            if piece is None:
+                return
+            base_tokens += piece[0].size
+            in_base_document = not piece[1]
+        yield piece
+
+
+def _token_pieces(source: TextSource, tokenizer, eos):
+    """(token ids, ends_document) of every piece of ``source``'s documents, in order, EOS after
+    each document."""
     batch, ends = [], []
 
     def flush():
@@ -293,7 +369,7 @@ def _token_stream(source: TextSource, tokenizer, eos):
         for ids, end in zip(encoded, ends):
             if end and eos is not None:
                 ids = ids + [eos]
-            yield np.asarray(ids, dtype=np.int64)
+            yield np.asarray(ids, dtype=np.int64), end
 
     for text, end in iter_documents(source):
         batch.append(text)

@@ -262,7 +262,7 @@ def finetune(model, tokenizer, data=None, config: TrainConfig | None = None,
         source = resolve_source(data, hf_config=config.hf_config, hf_split=config.hf_split,
                                 text_field=config.text_field)
         max_sequences = config.max_sequences
-        if source.hf_name and max_sequences is None:
+        if source.needs_limit and max_sequences is None:
             max_sequences = config.steps * config.batch_size * config.grad_accum * env.world
         data_sig = data_signature(source.fingerprint(), tokenizer_hash(tokenizer),
                                    config.seq_len, max_sequences)
