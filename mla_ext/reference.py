@@ -19,7 +19,9 @@ zero is the group minimum (an offset, not an integer zero point). Groups are ``g
 channels of one token; ``g`` is ``D_c / latent_scale.shape[-1]``. The RoPE keys are stored as
 ``k_rope [nb, bs, H_kv, d_r]`` in a float dtype, or fp8 e4m3 with ``k_rope_scale [nb, bs, H_kv]``
 fp16 (one scale per token and KV head). Scales are rounded to fp16 *before* the values are
-quantized with them, so that quantize -> dequantize uses one scale on both sides.
+quantized with them, so that quantize -> dequantize uses one scale on both sides. A group that
+holds a NaN or an infinity, or whose fp16 scale overflows, gets a NaN scale and codes 0: all its
+values read back NaN (ARCHITECTURE section 3.4, non-finite values).
 """
 from __future__ import annotations
 
@@ -59,10 +61,17 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.float().unflatten(-1, (x.shape[-1] // group_size, group_size))
 
 
+def _group_scale(s: torch.Tensor) -> torch.Tensor:
+    """fp16 scale of each group; NaN where the group holds a NaN or an infinity or its scale
+    overflows fp16. The quantizers give such a group codes 0, so all its values read back NaN."""
+    s = s.to(SCALE_DTYPE)
+    return torch.where(s.isfinite(), s, torch.nan)
+
+
 def quantize_int8(x: torch.Tensor, group_size: int):
     """x (..., D) -> (q int8 (..., D), scale fp16 (..., D/g)); symmetric, per group."""
     xg = _grouped(x, group_size)
-    scale = (xg.abs().amax(-1) / INT8_MAX).to(SCALE_DTYPE)
+    scale = _group_scale(xg.abs().amax(-1) / INT8_MAX)
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, torch.round(xg / torch.where(s > 0, s, 1.0)), 0.0)
     return q.clamp(-INT8_MAX, INT8_MAX).to(torch.int8).flatten(-2), scale
@@ -78,7 +87,7 @@ def quantize_int4(x: torch.Tensor, group_size: int):
     xg = _grouped(x, group_size)
     lo, hi = xg.amin(-1), xg.amax(-1)
     zero = lo.to(SCALE_DTYPE)
-    scale = ((hi - zero.float()) / INT4_MAX).to(SCALE_DTYPE)
+    scale = _group_scale((hi - zero.float()) / INT4_MAX)
     s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
     q = torch.where(s > 0, torch.round((xg - z) / torch.where(s > 0, s, 1.0)), 0.0)
     q = q.clamp(0, INT4_MAX).to(torch.uint8).flatten(-2)
@@ -100,7 +109,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def quantize_fp8(x: torch.Tensor, group_size: int):
     """x (..., D) -> (q float8_e4m3fn (..., D), scale fp16 (..., D/g))."""
     xg = _grouped(x, group_size)
-    scale = (xg.abs().amax(-1) / FP8_MAX).to(SCALE_DTYPE)
+    scale = _group_scale(xg.abs().amax(-1) / FP8_MAX)
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, xg / torch.where(s > 0, s, 1.0), 0.0).clamp(-FP8_MAX, FP8_MAX)
     return q.to(torch.float8_e4m3fn).flatten(-2), scale
@@ -249,7 +258,9 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     sees positions ``<=`` its own. Query head ``h`` uses KV head ``h // (H // H_kv)``.
     Returns o_lat: (B, s_q, H, D_c) in q_lat's dtype and lse: (B, s_q, H) fp32 (natural log of
     the sum of ``exp(score)``, with the scale applied); a query that sees no token gets o = 0 and
-    lse = -inf.
+    lse = -inf. A query row with a score that is not finite (a NaN or an infinity in the row's
+    query or in a token it sees, or a score beyond fp32) gets o = NaN and lse = NaN; tokens a row
+    does not see never change it.
     """
     bsz, s_q, h, d_c = q_lat.shape
     h_kv = k_rope_cache.shape[2]
@@ -264,10 +275,14 @@ def mla_decode(q_lat, q_rope, latent, latent_scale, latent_zero, k_rope_cache, k
     pos_t = torch.arange(max_len, device=q_lat.device)
     pos_q = seq_lens.long().view(bsz, 1) - s_q + torch.arange(s_q, device=q_lat.device)
     visible = pos_t.view(1, 1, max_len) <= pos_q.view(bsz, s_q, 1)           # (B, s_q, T)
-    visible = visible & (pos_t.view(1, 1, max_len) < seq_lens.long().view(bsz, 1, 1))
-    scores = scores.masked_fill(~visible.unsqueeze(1), -math.inf)
+    visible = (visible & (pos_t.view(1, 1, max_len) < seq_lens.long().view(bsz, 1, 1))).unsqueeze(1)
+    not_finite = (visible & ~scores.isfinite()).any(-1)                        # (B, H, s_q)
+    scores = scores.masked_fill(~visible | not_finite.unsqueeze(-1), -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                                    # (B, H, s_q)
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(-1e30))
-    probs = torch.nan_to_num(probs, nan=0.0)
-    o_lat = torch.einsum("bhqt,btc->bqhc", probs, c)
+    # A row's visible tokens are finite (else the row is not_finite); a token it does not see
+    # has weight 0 and must not turn the row NaN through 0 * inf or 0 * NaN.
+    o_lat = torch.einsum("bhqt,btc->bqhc", probs, torch.where(c.isfinite(), c, 0.0))
+    o_lat = o_lat.masked_fill(not_finite.transpose(1, 2).unsqueeze(-1), math.nan)
+    lse = lse.masked_fill(not_finite, math.nan)
     return o_lat.to(q_lat.dtype), lse.transpose(1, 2).contiguous()

@@ -33,6 +33,10 @@ def test_merge_joins_runs_and_plots(tmp_path):
     merged = json.loads(out.read_text())
     assert len(merged["rows"]) == 8 and len(merged["metadata"]["runs"]) == 2
     assert merged["max_batch_32k"] == {"llama2-7b/mla-int4": 40, "llama3-8b/mla-int4": 40}
+    again = bench_e2e.merge([out, _run(tmp_path, "d", "smollm2")], tmp_path / "again", None)
+    merged = json.loads(again.read_text())
+    assert len(merged["metadata"]["runs"]) == 3 and "runs" not in merged["metadata"]["runs"][0]
+    assert len(merged["rows"]) == 12
     with pytest.raises(SystemExit, match="different GPUs"):
         bench_e2e.merge([a, _run(tmp_path, "c", "llama3-8b", gpu="NVIDIA H100")], tmp_path, None)
 

@@ -202,7 +202,8 @@ mla_ext.save_pretrained(mla, sys.argv[1], overwrite=True)
 """
 
 
-def test_sigterm_during_a_save_leaves_the_old_checkpoint_and_no_leftovers(mla, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_save_leaves_the_old_checkpoint_and_no_leftovers(mla, tmp_path, sig):
     path = mla_ext.save_pretrained(mla, tmp_path / "ckpt")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     tests = Path(__file__).parent
@@ -213,7 +214,7 @@ def test_sigterm_during_a_save_leaves_the_old_checkpoint_and_no_leftovers(mla, t
     try:
         assert child.stdout.readline().strip() == "writing"
         assert hidden(tmp_path)  # the save is under way beside the checkpoint
-        child.send_signal(signal.SIGTERM)
+        child.send_signal(sig)
         assert child.wait(timeout=60) != 0
     finally:
         child.kill()

@@ -1,7 +1,8 @@
 """How mla_decode's time depends on its split plan: the same call timed with hand-made plans
 whose splits take `tiles_per_split` tiles each (the kernel's own plan is one of them).
 
-A split pays a fixed cost next to the tiles it streams: its CTA loads the queries of all its rows
+Plans here use at most as many splits as the kernel's own plan (the grid's size is not
+recorded in the plan). A split pays a fixed cost next to the tiles it streams: its CTA loads the queries of all its rows
 (rows x D_c values), writes a partial output of the same size in fp32, and the merge reads it
 back. With wide latents (D_c = 1024, 32 query rows: 320 KB a split, the cache bytes of about 100
 tokens) short splits spend more on that than on the cache; long splits leave SMs idle. This
@@ -75,9 +76,10 @@ def sweep_shape(timer: Timer, spec: str, peak: float) -> list[dict]:
     default_plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
     header = default_plan[:PLAN_HEADER].tolist()
     tile_tokens, used = header[1], header[2]
-    # The decode grid covers target_parts + B parts, target_parts >= one per SM for these shapes
-    # (one row chunk); a plan with more parts would leave some unrun, which the diff would show.
-    grid_parts = max(used, torch.cuda.get_device_properties(0).multi_processor_count + B)
+    # The decode grid and the merge's workspace cover target_parts + B parts, a bound the plan
+    # does not record; the default plan's part count is within it, so no plan here uses more
+    # (a plan with more parts would send the merge past its workspace).
+    grid_parts = used
     op = torch.ops.mla_ext.mla_decode.default
     reference, _ = op(*args, default_plan)
     tiles = math.ceil(S / tile_tokens)

@@ -32,6 +32,36 @@ C10_HOST_DEVICE inline float to_scale(float s) {
 
 C10_HOST_DEVICE inline float safe_divisor(float s) { return s > 0.f ? s : 1.f; }
 
+C10_HOST_DEVICE inline bool is_nan(float x) {
+#ifdef __CUDA_ARCH__
+  return isnan(x);
+#else
+  return std::isnan(x);
+#endif
+}
+
+C10_HOST_DEVICE inline bool is_finite(float x) {
+#ifdef __CUDA_ARCH__
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+
+// Max and min that propagate NaN, as torch.amax / torch.amin do (std::max and fmaxf drop it), so
+// that a NaN in a group reaches the group's scale.
+C10_HOST_DEVICE inline float max_nan(float a, float b) { return (a > b || is_nan(a)) ? a : b; }
+C10_HOST_DEVICE inline float min_nan(float a, float b) { return (a < b || is_nan(a)) ? a : b; }
+
+// A group's fp16 scale from the scale its range gives (amax / qmax; int4: (max - zero) / 15).
+// A group that holds a NaN or an infinity, or whose scale overflows fp16, cannot be represented:
+// its scale is NaN and its codes 0 (the quantizers below give 0 for a scale that is not > 0), so
+// every value of the group reads back as NaN.
+C10_HOST_DEVICE inline float group_scale(float s) {
+  const float h = to_scale(s);
+  return is_finite(h) ? h : NAN;
+}
+
 // int8, symmetric: scale = amax / 127, q = round(x / scale) in [-127, 127].
 C10_HOST_DEVICE inline int8_t quantize_int8(float x, float scale) {
   if (!(scale > 0.f)) return 0;

@@ -76,25 +76,25 @@ inline void write_latent_row(const CacheRows& r, int64_t slot, const float* c) {
     if (s.format == LatentFormat::kInt4) {
       float lo = std::numeric_limits<float>::infinity(), hi = -lo;
       for (int64_t j = 0; j < g; ++j) {
-        lo = std::min(lo, x[j]);
-        hi = std::max(hi, x[j]);
+        lo = quant::min_nan(lo, x[j]);
+        hi = quant::max_nan(hi, x[j]);
       }
       const float zero = quant::to_scale(lo);
-      const float scale = quant::to_scale((hi - zero) / quant::kInt4Max);
+      const float scale = quant::group_scale((hi - zero) / quant::kInt4Max);
       r.latent_scale[scale_at] = static_cast<at::Half>(scale);
       r.latent_zero[scale_at] = static_cast<at::Half>(zero);
       continue;  // values are packed below, once every group's scale is known
     }
     float amax = 0.f;
-    for (int64_t j = 0; j < g; ++j) amax = std::max(amax, std::fabs(x[j]));
+    for (int64_t j = 0; j < g; ++j) amax = quant::max_nan(amax, std::fabs(x[j]));
     const int64_t row = slot * d_c + grp * g;
     if (s.format == LatentFormat::kInt8) {
-      const float scale = quant::to_scale(amax / quant::kInt8Max);
+      const float scale = quant::group_scale(amax / quant::kInt8Max);
       r.latent_scale[scale_at] = static_cast<at::Half>(scale);
       int8_t* out = static_cast<int8_t*>(r.latent) + row;
       for (int64_t j = 0; j < g; ++j) out[j] = quant::quantize_int8(x[j], scale);
     } else {
-      const float scale = quant::to_scale(amax / quant::kFp8Max);
+      const float scale = quant::group_scale(amax / quant::kFp8Max);
       r.latent_scale[scale_at] = static_cast<at::Half>(scale);
       auto* out = static_cast<c10::Float8_e4m3fn*>(r.latent) + row;
       for (int64_t j = 0; j < g; ++j) out[j] = quant::quantize_fp8(x[j], scale);
@@ -125,8 +125,8 @@ inline void write_rope_row(const CacheRows& r, int64_t slot, const float* k) {
   for (int64_t h = 0; h < s.h_kv; ++h) {
     const float* x = k + h * s.d_r;
     float amax = 0.f;
-    for (int64_t j = 0; j < s.d_r; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float scale = quant::to_scale(amax / quant::kFp8Max);
+    for (int64_t j = 0; j < s.d_r; ++j) amax = quant::max_nan(amax, std::fabs(x[j]));
+    const float scale = quant::group_scale(amax / quant::kFp8Max);
     r.k_rope_scale[slot * s.h_kv + h] = static_cast<at::Half>(scale);
     for (int64_t j = 0; j < s.d_r; ++j) out[h * s.d_r + j] = quant::quantize_fp8(x[j], scale);
   }

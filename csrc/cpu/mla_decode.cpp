@@ -103,6 +103,7 @@ void attend(const MlaDecodeDims& d, const at::Tensor& q_lat, const at::Tensor& q
           const T* qrh = qr + row * d.d_r;
           const int64_t kv = h / G;
           float m = -std::numeric_limits<float>::infinity();
+          bool finite = true;  // a score that is not finite makes the row NaN (reference.py)
           for (int64_t t = 0; t < visible; ++t) {
             float s = 0.f;
             const float* ct = c.data() + t * D;
@@ -110,7 +111,14 @@ void attend(const MlaDecodeDims& d, const at::Tensor& q_lat, const at::Tensor& q
             const float* kt = kr.data() + t * R + kv * d.d_r;
             for (int64_t j = 0; j < d.d_r; ++j) s += static_cast<float>(qrh[j]) * kt[j];
             scores[t] = s * scale_f;
+            finite = finite && std::isfinite(scores[t]);
             m = std::max(m, scores[t]);
+          }
+          if (!finite) {
+            const float nan = std::numeric_limits<float>::quiet_NaN();
+            std::fill(o + row * D, o + (row + 1) * D, static_cast<T>(nan));
+            lse_p[row] = nan;
+            continue;
           }
           std::fill(acc.begin(), acc.end(), 0.f);
           float l = 0.f;

@@ -19,6 +19,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops
+from ..checks import require_model
 from .attention import MLAAttention
 from .sequences import SequenceTable, SteppedCache, WriteStep, valid_tokens
 
@@ -306,6 +307,7 @@ class LatentCache(SteppedCache):
     def __init__(self, model, cache_dtype: str = "bf16", rope_dtype: str | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, group_size: int | None = None,
                  max_length: int | None = None, batch_size: int | None = None):
+        require_model(model)
         latent_dtype, rope = _resolve_dtypes(cache_dtype, rope_dtype, _model_dtype(model))
         for name, value in (("group_size", group_size), ("max_length", max_length),
                             ("batch_size", batch_size)):
@@ -392,6 +394,7 @@ def kv_cache_bytes_per_token(model, cache_dtype: str = "bf16", rope_dtype: str |
     For a converted model: latent + RoPE keys (+ scales) of every MLA layer. For an original
     Llama model: its K and V (``2 H_kv d_h`` values per layer) in a float ``cache_dtype``.
     """
+    require_model(model)
     if not any(isinstance(m, MLAAttention) for m in model.modules()):
         if cache_dtype not in _FLOAT_NAMES.values():
             raise ValueError(f"an unconverted model's cache is counted in a float dtype "

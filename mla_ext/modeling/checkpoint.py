@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .. import families
+from ..checks import require_float_dtype, require_model, require_path
 from ..staging import staged_directory
 from .cache import mla_layers
 from .patch import CONFIG_KEY, build_mla_structure
@@ -51,6 +52,8 @@ def save_pretrained(model, path, tokenizer=None, overwrite: bool = False) -> Pat
     Refuses to replace an existing directory unless ``overwrite``, and even then replaces only
     an mla_ext checkpoint or an empty directory; the replacement is atomic.
     """
+    require_model(model)
+    require_path(path)
     mla_layers(model)  # ValueError for an unconverted model
     settings = getattr(model.config, CONFIG_KEY, None)
     if not settings:
@@ -128,6 +131,9 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device=None,
     dtype: parameter dtype (default: the saved one); device: where to put it (default CPU).
     With ``return_tokenizer`` returns (model, tokenizer), the tokenizer None if none was saved.
     """
+    require_path(path)
+    if dtype is not None:
+        require_float_dtype(dtype)
     path = Path(path)
     config_dict = read_config(path)
     settings = config_dict.pop(CONFIG_KEY)

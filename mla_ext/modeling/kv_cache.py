@@ -13,6 +13,7 @@ import copy
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..checks import require_model
 from .sequences import SequenceTable, TableCache, additive_mask
 
 
@@ -69,6 +70,7 @@ class StaticKVCache(TableCache):
     ``max_length`` tokens (see the module's doc)."""
 
     def __init__(self, model, batch_size: int, max_length: int):
+        require_model(model)
         cfg = model.config
         param = next(model.parameters())
         self.table = SequenceTable(block_size=max_length, max_length=max_length)

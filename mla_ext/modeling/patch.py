@@ -12,9 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import families
+from ..checks import require_model
 from ..config import MLAConfig
 from ..convert import factorize_kv, max_rank, select_rope_pairs
 from ..convert.rope_selection import converted_layout
+from ..convert.calibration import Calibration
 from ..convert.budget import (LATENT_STEP, MAX_COST_FACTOR, allocate_latent_widths,
                               choose_splits, latent_budget, layer_row_grams,
                               measure_split_errors)
@@ -220,6 +222,10 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
     config = config or MLAConfig()
     if not isinstance(config, MLAConfig):
         raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
+    require_model(model)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration must be what mla_ext.calibrate returns, got "
+                        f"{type(calibration).__name__}")
     _check_model(model)
     plan = None if config.cache_ratio is not None else plan_layers(model, config)
     layers = _decoder_layers(model)

@@ -30,6 +30,45 @@ def positive_number(text: str) -> float:
     return value
 
 
+def non_negative_number(text: str) -> float:
+    """Finite numbers >= 0 (sampling temperatures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """A device this machine has: cpu, cuda or cuda:N (checked before any work starts)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA "
+                                             f"device(s), cuda:0 to cuda:{count - 1}")
+    return text
+
+
+def path_arg(text: str) -> str:
+    """A file or directory path; the empty string is refused (it would mean the current
+    directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def count_arg(text: str) -> int:
     """Non-negative integers, with k/M/G suffixes for token counts (e.g. 50M)."""
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
@@ -111,15 +150,16 @@ def add_finetune_parsers(sub) -> None:
                     "gradient clipping 1.0, bf16 autocast on GPU. Multi-process: launch with "
                     "`python -m torch.distributed.run --nproc_per_node N -m mla_ext.cli "
                     "finetune --distributed ddp|fsdp ...`.")
-    p.add_argument("--model", default="default",
+    p.add_argument("--model", type=path_arg, default="default",
                    help="'default' (SmolLM2-135M-Instruct, unconverted: the paper's baseline), "
                         "an mla_ext checkpoint directory (mla-ext convert) or a local Hugging "
                         "Face model directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="parameter (master weight) dtype (default fp32)")
-    p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if present")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="default: cuda (cuda:LOCAL_RANK) if present")
     _add_data_args(p)
-    p.add_argument("--out", required=True,
+    p.add_argument("--out", required=True, type=path_arg,
                    help="run directory: data/, checkpoints/, log.jsonl, loss.png, final/")
     p.add_argument("--steps", type=positive_int, default=d.steps,
                    help=f"optimizer steps (default {d.steps})")
@@ -180,7 +220,7 @@ def add_finetune_parsers(sub) -> None:
                    help="'default' (SmolLM2's), an mla_ext checkpoint or a Hugging Face model "
                         "directory")
     _add_data_args(p)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=path_arg, help="output directory")
     p.add_argument("--seq-len", type=positive_int, default=d.seq_len,
                    help=f"tokens per sequence (default {d.seq_len})")
     p.add_argument("--shard-tokens", type=count_arg, default=None,
