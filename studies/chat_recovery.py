@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import eval_batch_size, write_results  # noqa: E402
 from studies import RESULTS  # noqa: E402
 from studies.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
-from mla_ext.train.cli import positive_int, positive_number  # noqa: E402
+from mla_ext.train.cli import fraction_arg, positive_int, positive_number  # noqa: E402
 
 DEFAULT_OUT = RESULTS / "chat_recovery_smollm2.json"
 CACHE_CHOICES = ("bf16", "fp16", "fp32", "int8", "int4", "fp8")
@@ -49,16 +49,6 @@ def _fraction(text: str) -> float:
     value = positive_number(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-def _distill(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
@@ -250,7 +240,7 @@ def parse_args(argv=None):
                    help="peak learning rate (default 1e-4)")
     p.add_argument("--chat-mix", type=_fraction, default=0.5,
                    help="fraction of the training tokens that are chat (default 0.5)")
-    p.add_argument("--distill", type=_distill, default=0.5,
+    p.add_argument("--distill", type=fraction_arg, default=0.5,
                    help="weight of KL(original || model) in the converted model's loss "
                         "(default 0.5; 0: cross-entropy only)")
     p.add_argument("--chat-prompts", type=positive_int, default=1024,

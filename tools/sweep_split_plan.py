@@ -25,9 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.bench_mla_decode import LATENT, MODELS, ROPE, cache_bytes, make_cache  # noqa: E402
+from bench.bench_mla_decode import profile_call  # noqa: E402
 from bench.common import Timer, graphed, measure_peak_read_bandwidth, metadata  # noqa: E402
-from mla_ext import ops  # noqa: E402
 
 PLAN_HEADER = 4
 DEFAULT_SHAPES = ("llama2:1024:1:4096,llama2:1024:1:32768,llama2:1024:8:8192,"
@@ -65,22 +64,14 @@ def sweep_shape(timer: Timer, spec: str, peak: float) -> list[dict]:
     name, D_c, B, S = parts[0], int(parts[1]), int(parts[2]), int(parts[3])
     lname = parts[4] if len(parts) > 4 else "bf16"
     rname = parts[5] if len(parts) > 5 else "bf16"
-    m = MODELS[name]
-    H, H_kv, d_r = m["H"], m["H_kv"], m["d_r"]
-    latent, ls, lz, kr, ks, table, lens = make_cache(B, S, H_kv, d_r, D_c, LATENT[lname],
-                                                     ROPE[rname])
-    q_lat = torch.randn(B, 1, H, D_c, device="cuda", dtype=torch.bfloat16)
-    q_rope = torch.randn(B, 1, H, d_r, device="cuda", dtype=torch.bfloat16)
-    args = (q_lat, q_rope, latent, ls, lz, kr, ks, table, lens, 1.0 / math.sqrt(128))
-    nbytes = cache_bytes(B, S, (latent, ls, lz, kr, ks))
-    default_plan = ops.mla_decode_plan(q_lat, latent, ls, kr, lens)
+    op, call, nbytes = profile_call(name, D_c, B, S, lname, rname)
+    args, default_plan = call[:-1], call[-1]
     header = default_plan[:PLAN_HEADER].tolist()
     tile_tokens, used = header[1], header[2]
     # The decode grid and the merge's workspace cover target_parts + B parts, a bound the plan
     # does not record; the default plan's part count is within it, so no plan here uses more
     # (a plan with more parts would send the merge past its workspace).
     grid_parts = used
-    op = torch.ops.mla_ext.mla_decode.default
     reference, _ = op(*args, default_plan)
     tiles = math.ceil(S / tile_tokens)
     default_per_split = int(default_plan[PLAN_HEADER + 2] - default_plan[PLAN_HEADER + 1])

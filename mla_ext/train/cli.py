@@ -82,7 +82,8 @@ def count_arg(text: str) -> int:
     return int(value)
 
 
-def _fraction(text: str) -> float:
+def fraction_arg(text: str) -> float:
+    """Fractions in [0, 1] (schedule shares, mixes, distillation weights)."""
     try:
         value = float(text)
     except ValueError:
@@ -119,7 +120,7 @@ def _add_chat_args(p):
         "the prompts and the generation settings; a later run reads the cache). With "
         "--distill W --teacher default the model also matches the original's distributions on "
         "these conversations.")
-    g.add_argument("--chat-mix", type=_fraction, default=0.0, metavar="FRACTION",
+    g.add_argument("--chat-mix", type=fraction_arg, default=0.0, metavar="FRACTION",
                    help="fraction of the packed training tokens that are chat, the rest --data "
                         "(default 0: no chat); the conversations repeat as often as needed; "
                         "whole documents are interleaved")
@@ -171,9 +172,9 @@ def add_finetune_parsers(sub) -> None:
                    help="micro-batches per optimizer step per process (default 1); global "
                         "batch = batch size x grad accum x processes")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--warmup", type=_fraction, default=d.warmup,
+    p.add_argument("--warmup", type=fraction_arg, default=d.warmup,
                    help=f"fraction of steps of linear warmup (default {d.warmup})")
-    p.add_argument("--decay", type=_fraction, default=d.decay,
+    p.add_argument("--decay", type=fraction_arg, default=d.decay,
                    help=f"final fraction of steps of 1-sqrt decay (default {d.decay})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help=f"AdamW weight decay on matrices (default {d.weight_decay})")
@@ -189,7 +190,7 @@ def add_finetune_parsers(sub) -> None:
                    help="recompute activations in the backward pass (less memory)")
     p.add_argument("--distributed", choices=DISTRIBUTED, default=d.distributed,
                    help="multi-process engine under torchrun (default none)")
-    p.add_argument("--distill", type=_fraction, default=d.distill, metavar="W",
+    p.add_argument("--distill", type=fraction_arg, default=d.distill, metavar="W",
                    help="weight in [0, 1] of KL(teacher || model) in the loss, the rest next-token "
                         "cross-entropy (default 0: the paper's recipe); needs --teacher")
     p.add_argument("--teacher", default=None,
