@@ -139,7 +139,7 @@ def test_budget_scores_the_splits_with_the_same_factorization(key_weight):
     model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
     calib = _calibration(model)
     measured = measure_split_errors(model, calib, strategy="rotation", svd="activation-score",
-                                    max_cost=40, num_sequences=1,
+                                    max_cost=80, num_sequences=1,
                                     rope_correction="fitted-attention", key_weight=key_weight)
     for r, width in ((1, 8), (3, 16)):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(

@@ -480,27 +480,26 @@ def measure_split_errors(model, calibration, *, strategy: str, svd: str, max_cos
     return out
 
 
-def pareto_front(layer: list[SplitCandidate]) -> list[SplitCandidate]:
-    """The candidates no other beats: none cheaper or as cheap with a smaller error (for each
-    cost the least error, kept only if it is below that of every cheaper candidate)."""
-    front, best = [], float("inf")
-    for cand in sorted(layer, key=lambda c: (c.cost, c.error)):
-        if cand.error < best:
-            front.append(cand)
-            best = cand.error
-    return front
+def least_error_per_cost(layer: list[SplitCandidate]) -> list[SplitCandidate]:
+    """For each cost, the candidate of least error (ties: the first): the knapsack needs no
+    other, as any choice can swap a candidate for one of the same cost and less error."""
+    best: dict[int, SplitCandidate] = {}
+    for cand in layer:
+        if cand.cost not in best or cand.error < best[cand.cost].error:
+            best[cand.cost] = cand
+    return [best[cost] for cost in sorted(best)]
 
 
 def choose_splits(candidates: list[list[SplitCandidate]], budget: int, *,
                   slack: int = 2 * LATENT_STEP) -> list[SplitCandidate]:
     """One candidate per layer, of least summed error among the choices whose total cost lies
     in ``(budget - slack, budget]`` (bytes; exact knapsack over the total, by dynamic
-    programming over each layer's ``pareto_front``)."""
+    programming over each layer's ``least_error_per_cost``)."""
     if not candidates or any(not layer for layer in candidates):
         raise ValueError("every layer needs at least one candidate")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive int, got {budget!r}")
-    fronts = [pareto_front(layer) or layer for layer in candidates]
+    fronts = [least_error_per_cost(layer) for layer in candidates]
     inf = float("inf")
     best = torch.full((budget + 1,), inf, dtype=torch.float64)
     best[0] = 0.0
