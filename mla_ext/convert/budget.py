@@ -1,20 +1,21 @@
 """A cache budget instead of fixed sizes.
 
-The budget is a number of cached values per token summed over the layers (the original cache
-holds ``2 H_kv d_h`` per layer). A layer pays ``H_kv * d_r`` for its RoPE keys and ``D_c`` for
-its latent; latent widths move in steps of ``LATENT_STEP`` channels (what the kernels and the
-quantization groups need). Two ways to spend it:
+The budget is a number of cache bytes per token summed over the layers (the original bf16
+cache holds ``2 H_kv d_h`` values of 2 bytes per layer). A layer pays what it stores, scales
+and zeros included (``CacheFormat.bytes_per_token``): its RoPE keys and its latent, whose
+widths move in steps of ``LATENT_STEP`` channels (what the kernels and the quantization groups
+need). Two ways to spend it:
 
-- a fixed number of RoPE pairs in every layer, the latent handed out step by step to the layer
-  whose relative truncation error (the squared tail of its possibly whitened spectrum,
-  ``joint_spectrum``) drops the most (``allocate_latent_widths``);
-- the split between RoPE pairs and latent chosen per layer too (``measure_split_errors`` +
-  ``choose_splits``): every candidate ``(r, D_c)`` of a layer is scored by the error it adds to
-  the residual stream on calibration text, and a knapsack over the layers picks the candidates
-  of least total error whose cache fills the budget. RoPE pairs and latent channels have no
-  common unit otherwise: the measured error is what makes them comparable. ``rope_pair_step``
-  keeps each layer's ``r`` a multiple of a step: 1 (the default) searches every ``r``; 4 gives
-  ``d_r = 2r`` a multiple of 8.
+- a fixed number of RoPE pairs in every layer, bf16, the latent handed out step by step to the
+  layer whose relative truncation error (the squared tail of its possibly whitened spectrum,
+  ``joint_spectrum``) drops the most (``allocate_latent_widths``, in values);
+- the RoPE key, latent width and cache format chosen per layer (``measure_split_errors`` +
+  ``choose_splits``): every candidate of a layer is scored by the error it adds to the
+  residual stream on calibration text, its latent and keys read back through its format, and a
+  knapsack over the layers picks the candidates of least total error whose bytes fill the
+  budget. RoPE pairs, latent channels and formats have no common unit otherwise: the measured
+  error is what makes them comparable. ``rope_pair_step`` keeps each layer's ``r`` a multiple
+  of a step: 1 (the default) searches every ``r``; 4 gives ``d_r = 2r`` a multiple of 8.
 """
 from __future__ import annotations
 
