@@ -60,9 +60,10 @@ def _add_mla_args(p):
                         "of --cache-ratio")
     p.add_argument("--cache-formats", type=_cache_formats, default=None,
                    help="cache formats: 'auto' searches each layer's among those the CUDA "
-                        "kernel serves (int8/int4 latents, fp8 RoPE keys; needs --rope-pairs "
-                        "auto); a spec like int4-g32/fp8, or several separated by commas "
-                        "(default: bf16, not stored)")
+                        "kernel serves (bf16/int8/int4 latents, bf16/fp8 RoPE keys; needs "
+                        "--rope-pairs auto); 'none' counts bf16 and stores none; a spec like "
+                        "int4-g32/fp8, or several separated by commas (default: auto with "
+                        "--rope-pairs auto, else none)")
     p.add_argument("--rope-sharing", default="per-head", choices=ROPE_SHARINGS,
                    help="per-head RoPE keys (default), one key shared by all heads mixed per "
                         "frequency from theirs (shared), or chosen per layer by the budget (auto)")

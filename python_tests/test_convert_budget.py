@@ -173,7 +173,8 @@ def test_split_errors_are_those_of_the_converted_layers(svd, strategy):
 
 def _auto_converted(model, ratio, calib, rope_pair_step=1):
     cfg = mla_ext.MLAConfig(rope_strategy="rotation", rope_pairs="auto", svd="activation",
-                            cache_ratio=ratio, rope_pair_step=rope_pair_step)
+                            cache_ratio=ratio, rope_pair_step=rope_pair_step,
+                            cache_formats="none")
     return mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
 
 
@@ -201,12 +202,13 @@ def test_per_layer_split_meets_the_budget_and_survives_save_load(ratio, tmp_path
 
 def test_the_default_is_the_per_layer_split_at_minus_81_percent():
     default = mla_ext.MLAConfig()
-    assert (default.rope_pairs, default.cache_ratio, default.rope_pair_step, default.d_kv) == \
-        ("auto", 0.1875, 1, None)
+    assert (default.rope_pairs, default.cache_ratio, default.rope_pair_step, default.d_kv,
+            default.cache_formats, default.rope_sharing) == \
+        ("auto", 0.1875, 1, None, "auto", "per-head")
     assert mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.3).cache_ratio == 0.3
     # fixed settings stay fixed: no budget unless asked for
     paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")
-    assert paper.cache_ratio is None and paper.d_kv == 16
+    assert paper.cache_ratio is None and paper.d_kv == 16 and paper.format_candidates() is None
     assert mla_ext.MLAConfig.from_dict(default.to_dict()) == default
     with pytest.raises(ValueError, match="d_kv=16 needs an int rope_pairs"):
         mla_ext.MLAConfig(d_kv=16)

@@ -100,6 +100,15 @@ def test_bad_budget_settings_name_their_argument(kwargs, match):
         mla_ext.MLAConfig(**kwargs)
 
 
+def test_formats_default_to_the_search_under_a_searched_budget():
+    assert mla_ext.MLAConfig().cache_formats == "auto"
+    assert mla_ext.MLAConfig(rope_pairs=4, d_kv=16).cache_formats == "none"
+    assert mla_ext.MLAConfig(rope_pairs=4, cache_ratio=0.2).format_candidates() is None
+    # a config written before the option read back: no formats
+    old = {k: v for k, v in mla_ext.MLAConfig().to_dict().items() if k != "cache_formats"}
+    assert mla_ext.MLAConfig.from_dict(old).cache_formats == "none"
+
+
 def test_config_round_trips_with_the_new_fields():
     cfg = mla_ext.MLAConfig(cache_bytes_per_token=1000, cache_formats=["int4-g16/fp8"],
                             rope_sharing="auto")
@@ -173,7 +182,8 @@ def test_byte_budget_search_meets_the_budget_and_picks_formats(tmp_path):
     assert 0.25 * original - 16 < got <= 0.25 * original
     assert mla_ext.LatentCache(mla).bytes_per_token() == got
     # under the same bytes the format search does no worse on the scored error than bf16 only
-    plain = mla_ext.MLAConfig(rope_strategy="rotation", svd="activation", cache_ratio=0.25)
+    plain = mla_ext.MLAConfig(rope_strategy="rotation", svd="activation", cache_ratio=0.25,
+                              cache_formats="none")
     budget = int(0.25 * original)
     searched = measure_split_errors(model, calib, strategy="rotation", svd="activation",
                                     max_cost=int(1.5 * budget / 3), formats=search_formats(),
@@ -203,14 +213,14 @@ def test_byte_budget_search_meets_the_budget_and_picks_formats(tmp_path):
 def test_cache_bytes_per_token_is_the_same_budget_in_bytes():
     model, calib = _budget_model()
     by_ratio = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
-        rope_strategy="rotation", svd="activation", cache_ratio=0.25), calibration=calib,
-        progress=False)
+        rope_strategy="rotation", svd="activation", cache_ratio=0.25, cache_formats="none"),
+        calibration=calib, progress=False)
     original = mla_ext.kv_cache_bytes_per_token(model, "bf16")
     by_bytes = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
-        rope_strategy="rotation", svd="activation", cache_bytes_per_token=int(0.25 * original)),
-        calibration=calib, progress=False)
+        rope_strategy="rotation", svd="activation", cache_bytes_per_token=int(0.25 * original),
+        cache_formats="none"), calibration=calib, progress=False)
     assert by_ratio.config.mla_ext["layers"] == by_bytes.config.mla_ext["layers"]
-    # no format searched: nothing stored, the cache is bf16 as before
+    # "none": no format searched, nothing stored, the cache is bf16
     assert all(layer.self_attn.cache_format is None for layer in by_ratio.model.layers)
     assert all(layer.latent_dtype == torch.bfloat16
                for layer in mla_ext.LatentCache(by_ratio).layers)
@@ -242,7 +252,7 @@ def test_latent_cache_takes_the_stored_formats_and_explicit_ones_override():
 
 # ---------------------------------------------------------------- shared RoPE key
 
-@pytest.mark.parametrize("heads,kv_heads,bias", [(4, 2, False), (4, 4, True), (6, 3, False)])
+@pytest.mark.parametrize("heads,kv_heads,bias", [(4, 2, False), (4, 4, True), (8, 2, False)])
 def test_shared_key_with_every_component_reproduces_the_logits(heads, kv_heads, bias):
     model = tiny_model(layers=2, heads=heads, kv_heads=kv_heads, head_dim=16, hidden=64,
                        bias=bias)
@@ -286,3 +296,18 @@ def test_the_mix_is_orthogonal_and_a_partial_key_decodes_as_it_prefills():
     for i in range(14, 20):    # one token at a time: the absorbed path over the shared key
         steps.append(mla(ids[:, i:i + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_takes_the_budget_in_bytes_formats_and_sharing():
+    from mla_ext.cli import _mla_config, build_parser
+
+    args = build_parser().parse_args(["convert", "--out", "x", "--cache-bytes-per-token",
+                                      "4320", "--cache-formats", "int4-g16/fp8,bf16/bf16",
+                                      "--rope-sharing", "auto"])
+    cfg = _mla_config(args)
+    assert (cfg.cache_bytes_per_token, cfg.cache_ratio, cfg.rope_sharing) == (4320, None, "auto")
+    assert [f.spec for f in cfg.format_candidates()] == ["int4-g16/fp8", "bf16/bf16"]
+    args = build_parser().parse_args(["convert", "--out", "x", "--cache-formats", "auto"])
+    assert len(_mla_config(args).format_candidates()) > 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "--out", "x", "--rope-sharing", "some"])

@@ -160,7 +160,8 @@ def test_budgeted_conversion_runs_and_meets_the_budget(rope_pairs):
     calib = _calibration(model)
     mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
     original = mla_ext.kv_cache_bytes_per_token(model, "bf16")
-    assert 0.4 * original - 16 < mla_ext.kv_cache_bytes_per_token(mla, "bf16") <= 0.4 * original
+    # in its stored formats (bf16 where none is stored)
+    assert 0.4 * original - 16 < mla_ext.kv_cache_bytes_per_token(mla) <= 0.4 * original
     assert torch.isfinite(mla(torch.randint(0, 90, (1, 9))).logits).all()
 
 

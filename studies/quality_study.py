@@ -39,6 +39,15 @@ fitted RoPE correction); the CPU protocol:
         --shakespeare-tokens 8192 --calib-sequences 16 \
         --out studies/results/quality_score_svd_cpu.json
 
+`--study byte_budget` measures the cache budget in stored bytes at 144 and 96 bytes per token
+and layer (-81.25 %, -87.5 %): the default conversion, + cache formats searched per layer
+(``cache_formats="auto"``), + a shared RoPE key searched per layer (``rope_sharing="auto"``),
+both; every row read back through the LatentCache in its own formats. The CPU protocol:
+
+    OMP_NUM_THREADS=1 python studies/quality_study.py --study byte_budget --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 \
+        --out studies/results/quality_byte_budget_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -115,14 +124,16 @@ def _rope_configs():
     for step in (4, 1):
         for strategy in ("rotation", "greedy"):
             yield "budget", MLAConfig(rope_strategy=strategy, rope_pairs="auto",
-                                      svd="activation", cache_ratio=0.1875, rope_pair_step=step)
+                                      svd="activation", cache_ratio=0.1875, rope_pair_step=step,
+                                      cache_formats="none")
 
 
 def _format_configs():
-    """The default conversion, whose cache formats follow (``--study formats``)."""
+    """The default conversion before the formats search, whose cache formats follow
+    (``--study formats``)."""
     from mla_ext import MLAConfig
 
-    yield "budget", MLAConfig()
+    yield "budget", MLAConfig(cache_formats="none")
 
 
 def _correction_configs():
@@ -135,7 +146,7 @@ def _correction_configs():
         yield "partial_rope", MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=None,
                                         rope_correction=correction)
     for correction in ROPE_CORRECTIONS:
-        yield "budget", MLAConfig(rope_correction=correction)
+        yield "budget", MLAConfig(rope_correction=correction, cache_formats="none")
 
 
 def _score_svd_configs():
@@ -144,7 +155,7 @@ def _score_svd_configs():
     from mla_ext import MLAConfig
 
     for svd in ("activation", "activation-score"):
-        yield "budget", MLAConfig(svd=svd)
+        yield "budget", MLAConfig(svd=svd, cache_formats="none")
 
 
 def _score_balance_configs():
@@ -153,7 +164,8 @@ def _score_balance_configs():
     from mla_ext import MLAConfig
 
     for weight in (0.5, 2.0):
-        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight)
+        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight,
+                                  cache_formats="none")
 
 
 def _byte_budget_configs():
@@ -164,10 +176,10 @@ def _byte_budget_configs():
     from mla_ext import MLAConfig
 
     for ratio in (0.1875, 0.125):
-        yield "bytes", MLAConfig(cache_ratio=ratio)
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none")
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto")
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="auto")
-        yield "bytes", MLAConfig(cache_ratio=ratio, rope_sharing="auto")
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="auto")
 
 
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
@@ -299,7 +311,7 @@ def _name(cfg: dict | None) -> str:
     if correction != "none":
         return _name({**cfg, "rope_correction": "none"}) + f" {correction}"
     extras = []
-    if cfg.get("cache_formats") is not None:
+    if cfg.get("cache_formats") not in (None, "none"):
         extras.append(f"formats={cfg['cache_formats']}")
     if cfg.get("rope_sharing", "per-head") != "per-head":
         extras.append(f"rope_sharing={cfg['rope_sharing']}")
