@@ -141,13 +141,15 @@ def test_search_errors_are_those_of_the_converted_layers_through_the_format():
     back through the candidate's format."""
     model, calib = _budget_model()
     fmt = CacheFormat.parse("int4-g16/fp8")
-    measured = measure_split_errors(model, calib, strategy="rotation", svd="activation",
-                                    max_cost=120, num_sequences=1, formats=[fmt],
-                                    sharing=("per-head", "shared"))
-    for rope_sharing, heads in (("per-head", None), ("shared", 1)):
+    for correction, rope_sharing, heads in (("none", "per-head", None), ("none", "shared", 1),
+                                            ("fitted-attention", "shared", 1)):
+        # the fitted correction maps a shared key's frequencies that keep no component
+        measured = measure_split_errors(model, calib, strategy="rotation", svd="activation",
+                                        max_cost=120, num_sequences=1, formats=[fmt],
+                                        sharing=(rope_sharing,), rope_correction=correction)
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
             rope_strategy="rotation", rope_pairs=2, d_kv=16, svd="activation",
-            rope_sharing=rope_sharing, rope_correction="none"), calibration=calib,
+            rope_sharing=rope_sharing, rope_correction=correction), calibration=calib,
             progress=False)
         for layer in mla.model.layers:   # the scorer's round trip, inside the converted layers
             _read_back_through(layer.self_attn, fmt)

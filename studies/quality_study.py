@@ -178,6 +178,7 @@ def _byte_budget_configs():
     for ratio in (0.1875, 0.125):
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none")
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto")
+    for ratio in (0.1875, 0.125):
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="auto")
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="auto")
 

@@ -272,9 +272,7 @@ class _LayerSplitScorer:
                 if shared is None:
                     shared = shared_rope(stats, w_q, w_k, h, h_kv, d_h, strategy)
                 layout = shared_layout(shared, r, h, h_kv, d_h)
-                kept = torch.ones(d_h // 2, dtype=torch.bool)
-                kept[layout.nope_dims[layout.nope_dims < d_h // 2]] = False
-                for_transform = torch.nonzero(kept).flatten().repeat(h_kv, 1)
+                for_transform = layout.kept_pairs(h_kv, d_h)
                 kn_rows, w_kn = layout.kn_rows(h_kv, d_h), layout.k_nope @ w_k
             # the fitted correction of the dropped pairs, as the conversion folds it into q
             transform = layer_query_transform(stats, rope_correction, for_transform, h, d_h)

@@ -70,6 +70,11 @@ class RopeLayout:
     def nope_dim(self) -> int:
         return self.nope_dims.numel()
 
+    def kept_pairs(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """(H_kv, m) the frequency pairs that keep at least one component, for every KV head:
+        the fitted RoPE correction (rope_correction.py) maps the others, which keep none."""
+        return self.pairs[0].unique().repeat(num_kv_heads, 1)
+
     def kn_rows(self, num_kv_heads: int, head_dim: int) -> torch.Tensor:
         """The original key rows whose queries the NoPE keys meet (for the row Grams)."""
         return torch.cat([g * head_dim + self.nope_dims for g in range(num_kv_heads)])

@@ -192,9 +192,7 @@ def _layout_weights(attn, sizes: dict, config: MLAConfig, stats, rope_scaling: f
     if sizes.get("rope_heads", h_kv) == 1:
         layout = shared_key_layout(attn, sizes["rope_pairs"], config.rope_strategy, stats)
         # the fitted correction applies to the frequencies with no component kept
-        kept = torch.ones(d_h // 2, dtype=torch.bool)
-        kept[layout.nope_dims[layout.nope_dims < d_h // 2]] = False
-        for_transform = torch.nonzero(kept).flatten().repeat(h_kv, 1)
+        for_transform = layout.kept_pairs(h_kv, d_h)
         pairs, kn_rows = layout.pairs, layout.kn_rows(h_kv, d_h)
     else:
         layout = None
