@@ -86,12 +86,13 @@ class MLAConfig:
         against the value rows' (output) error, relative to the balance of "activation"
         (1.0, default).
 
-    The default, rotation-aware RoPE with ``r`` per layer and the score/output-weighted
-    activation-aware SVD under a -81.25 % budget, with the attention-weighted fitted correction
-    of the dropped pairs, is the best measured training-free conversion of the default model
-    (docs/results.md: 9.1x / 8.2x the original perplexity on pydoc / Shakespeare; 10.9x /
-    10.7x with svd="activation", 13.9x / 12.2x without the correction either, 18.8x / 15.7x
-    for r = 6, d_kv = 12 in every layer). The paper's settings:
+    The default, rotation-aware RoPE with ``r``, latent width and cache format per layer and
+    the score/output-weighted activation-aware SVD under a -81.25 % budget of stored bytes,
+    with the attention-weighted fitted correction of the dropped pairs, is the best measured
+    training-free conversion of the default model (docs/results.md: 1.57x / 2.01x the original
+    perplexity on pydoc / Shakespeare, read back through its cache; 9.1x / 8.2x with
+    cache_formats="none", 10.9x / 10.7x with svd="activation" too, 13.9x / 12.2x without the
+    correction either, 18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
     ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
     rope_correction="none")``.
     """
