@@ -64,9 +64,10 @@ def _add_mla_args(p):
                         "--rope-pairs auto); 'none' counts bf16 and stores none; a spec like "
                         "int4-g32/fp8, or several separated by commas (default: auto with "
                         "--rope-pairs auto, else none)")
-    p.add_argument("--rope-sharing", default="per-head", choices=ROPE_SHARINGS,
-                   help="per-head RoPE keys (default), one key shared by all heads mixed per "
-                        "frequency from theirs (shared), or chosen per layer by the budget (auto)")
+    p.add_argument("--rope-sharing", default=None, choices=ROPE_SHARINGS,
+                   help="per-head RoPE keys, one key shared by all heads mixed per frequency "
+                        "from theirs (shared), or chosen per layer by the budget (auto; the "
+                        "default with --rope-pairs auto, else per-head)")
     p.add_argument("--rope-pair-step", type=_positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
                         f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")

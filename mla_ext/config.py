@@ -62,10 +62,14 @@ class MLAConfig:
         ``LatentCache(model)``. Measured on the default model at -81.25 % (docs/results.md,
         "The cache budget in bytes"): "auto" 16.9 / 88.2 on pydoc / Shakespeare against 98.3 /
         360.8 for "none".
-    rope_sharing: "per-head" (default): one RoPE key per KV head; "shared": one RoPE key for all
-        heads, mixed per frequency from the KV heads' pairs (convert/rope_mixing.py; rope_pairs
-        then counts its pairs, None keeps all ``H_kv d_h/2``); "auto": the budget search chooses
-        per layer (needs rope_pairs="auto").
+    rope_sharing: "per-head": one RoPE key per KV head; "shared": one RoPE key for all heads,
+        mixed per frequency from the KV heads' pairs (convert/rope_mixing.py; rope_pairs then
+        counts its pairs, None keeps all ``H_kv d_h/2``); "auto": the budget search chooses per
+        layer (needs rope_pairs="auto"). None (default): "auto" with rope_pairs="auto" and a
+        rope_strategy that ranks mixed components ("rotation", "2-norm"), else "per-head".
+        Measured on the default model at -81.25 % with cache_formats="auto" (docs/results.md):
+        "auto" 14.3 / 70.9 on pydoc / Shakespeare against 16.9 / 88.2 for "per-head"; it
+        doubles the search's time.
     rope_pair_step: with rope_pairs="auto", every layer keeps a multiple of this many pairs.
         1 (default) searches every ``r`` (the CUDA decode kernel takes every even ``d_r`` up
         to 64); 4 keeps each ``d_r = 2r`` a multiple of 8. Ignored for a fixed rope_pairs.
@@ -86,12 +90,13 @@ class MLAConfig:
         against the value rows' (output) error, relative to the balance of "activation"
         (1.0, default).
 
-    The default, rotation-aware RoPE with ``r``, latent width and cache format per layer and
-    the score/output-weighted activation-aware SVD under a -81.25 % budget of stored bytes,
-    with the attention-weighted fitted correction of the dropped pairs, is the best measured
-    training-free conversion of the default model (docs/results.md: 1.57x / 2.01x the original
-    perplexity on pydoc / Shakespeare, read back through its cache; 9.1x / 8.2x with
-    cache_formats="none", 10.9x / 10.7x with svd="activation" too, 13.9x / 12.2x without the
+    The default, rotation-aware RoPE with ``r``, RoPE-key sharing, latent width and cache
+    format per layer and the score/output-weighted activation-aware SVD under a -81.25 % budget
+    of stored bytes, with the attention-weighted fitted correction of the dropped pairs, is the
+    best measured training-free conversion of the default model (docs/results.md: 1.32x /
+    1.62x the original perplexity on pydoc / Shakespeare, read back through its cache; 1.57x /
+    2.01x with rope_sharing="per-head"; 9.1x / 8.2x with bf16 only, cache_formats="none",
+    10.9x / 10.7x with svd="activation" too, 13.9x / 12.2x without the
     correction either, 18.8x / 15.7x for r = 6, d_kv = 12 in every layer). The paper's settings:
     ``MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
     rope_correction="none")``.
@@ -107,7 +112,7 @@ class MLAConfig:
     svd_key_weight: float = 1.0
     cache_bytes_per_token: int | None = None
     cache_formats: str | list | None = None
-    rope_sharing: str = "per-head"
+    rope_sharing: str | None = None
 
     def __post_init__(self):
         if self.rope_strategy not in STRATEGIES:
@@ -134,6 +139,9 @@ class MLAConfig:
                 self.cache_ratio = DEFAULT_CACHE_RATIO
         if self.cache_formats is None:
             self.cache_formats = AUTO if self.rope_pairs == AUTO else NO_FORMATS
+        if self.rope_sharing is None:
+            searched = self.rope_pairs == AUTO and self.rope_strategy in SHARED_STRATEGIES
+            self.rope_sharing = AUTO if searched else "per-head"
         if self.cache_ratio is not None:
             ratio = self.cache_ratio
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) \
@@ -255,4 +263,5 @@ class MLAConfig:
         if unknown:
             raise ValueError(f"unknown MLAConfig fields {sorted(unknown)}")
         # written before the options existed: converted without a correction, without formats
-        return cls(**{"rope_correction": "none", "cache_formats": NO_FORMATS, **data})
+        return cls(**{"rope_correction": "none", "cache_formats": NO_FORMATS,
+                      "rope_sharing": "per-head", **data})

@@ -205,7 +205,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
 
     input_ids: (B, P) int64; attention_mask: (B, P), 0 for padding (left or right) or None.
     cache_dtype / rope_dtype: a converted model's latent cache format (default: each layer's
-    stored format, bf16 where none is stored; see LatentCache); an unconverted model caches K/V in its own dtype.
+    stored format, bf16 where none is stored; see LatentCache); an unconverted model caches K/V
+    in its own dtype.
     temperature: 0 is greedy; else softmax sampling at this temperature, restricted to the
     smallest set of tokens whose probability reaches ``top_p``.
     eos_token_id: an int or a list; a sequence that makes one is finished and padded with

@@ -204,7 +204,7 @@ def test_the_default_is_the_per_layer_split_at_minus_81_percent():
     default = mla_ext.MLAConfig()
     assert (default.rope_pairs, default.cache_ratio, default.rope_pair_step, default.d_kv,
             default.cache_formats, default.rope_sharing) == \
-        ("auto", 0.1875, 1, None, "auto", "per-head")
+        ("auto", 0.1875, 1, None, "auto", "auto")
     assert mla_ext.MLAConfig(rope_pairs="auto", cache_ratio=0.3).cache_ratio == 0.3
     # fixed settings stay fixed: no budget unless asked for
     paper = mla_ext.MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint")

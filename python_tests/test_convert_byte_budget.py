@@ -104,9 +104,13 @@ def test_formats_default_to_the_search_under_a_searched_budget():
     assert mla_ext.MLAConfig().cache_formats == "auto"
     assert mla_ext.MLAConfig(rope_pairs=4, d_kv=16).cache_formats == "none"
     assert mla_ext.MLAConfig(rope_pairs=4, cache_ratio=0.2).format_candidates() is None
-    # a config written before the option read back: no formats
-    old = {k: v for k, v in mla_ext.MLAConfig().to_dict().items() if k != "cache_formats"}
+    assert mla_ext.MLAConfig().rope_sharing == "auto"
+    assert mla_ext.MLAConfig(rope_pairs=4, d_kv=16).rope_sharing == "per-head"
+    # a config written before the options read back: no formats, per-head keys
+    old = {k: v for k, v in mla_ext.MLAConfig().to_dict().items()
+           if k not in ("cache_formats", "rope_sharing")}
     assert mla_ext.MLAConfig.from_dict(old).cache_formats == "none"
+    assert mla_ext.MLAConfig.from_dict(old).rope_sharing == "per-head"
 
 
 def test_config_round_trips_with_the_new_fields():

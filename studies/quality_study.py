@@ -125,7 +125,7 @@ def _rope_configs():
         for strategy in ("rotation", "greedy"):
             yield "budget", MLAConfig(rope_strategy=strategy, rope_pairs="auto",
                                       svd="activation", cache_ratio=0.1875, rope_pair_step=step,
-                                      cache_formats="none")
+                                      cache_formats="none", rope_sharing="per-head")
 
 
 def _format_configs():
@@ -133,7 +133,7 @@ def _format_configs():
     (``--study formats``)."""
     from mla_ext import MLAConfig
 
-    yield "budget", MLAConfig(cache_formats="none")
+    yield "budget", MLAConfig(cache_formats="none", rope_sharing="per-head")
 
 
 def _correction_configs():
@@ -146,7 +146,8 @@ def _correction_configs():
         yield "partial_rope", MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=None,
                                         rope_correction=correction)
     for correction in ROPE_CORRECTIONS:
-        yield "budget", MLAConfig(rope_correction=correction, cache_formats="none")
+        yield "budget", MLAConfig(rope_correction=correction, cache_formats="none",
+                                  rope_sharing="per-head")
 
 
 def _score_svd_configs():
@@ -155,7 +156,7 @@ def _score_svd_configs():
     from mla_ext import MLAConfig
 
     for svd in ("activation", "activation-score"):
-        yield "budget", MLAConfig(svd=svd, cache_formats="none")
+        yield "budget", MLAConfig(svd=svd, cache_formats="none", rope_sharing="per-head")
 
 
 def _score_balance_configs():
@@ -165,7 +166,7 @@ def _score_balance_configs():
 
     for weight in (0.5, 2.0):
         yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight,
-                                  cache_formats="none")
+                                  cache_formats="none", rope_sharing="per-head")
 
 
 def _byte_budget_configs():
@@ -176,8 +177,8 @@ def _byte_budget_configs():
     from mla_ext import MLAConfig
 
     for ratio in (0.1875, 0.125):
-        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none")
-        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto")
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="per-head")
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="per-head")
     for ratio in (0.1875, 0.125):
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="auto")
         yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="auto")
