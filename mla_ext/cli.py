@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ROPE_SHARINGS
 from .convert.budget import ROPE_PAIR_STEP
 from .convert.lowrank import SVD_METHODS
 from .convert.rope_correction import DEFAULT_ROPE_CORRECTION, ROPE_CORRECTIONS
@@ -58,6 +59,19 @@ def _add_mla_args(p):
                         "= -81.25 %% with --rope-pairs auto; with an int --rope-pairs it spreads "
                         "the latent width over the layers instead of --d-kv; needs --svd joint, "
                         "activation or activation-score)")
+    p.add_argument("--cache-bytes-per-token", type=positive_int, default=None,
+                   help="the cache budget in bytes per token summed over the layers, instead "
+                        "of --cache-ratio")
+    p.add_argument("--cache-formats", type=_cache_formats, default=None,
+                   help="cache formats: 'auto' searches each layer's among those the CUDA "
+                        "kernel serves (bf16/int8/int4 latents, bf16/fp8 RoPE keys; needs "
+                        "--rope-pairs auto); 'none' counts bf16 and stores none; a spec like "
+                        "int4-g32/fp8, or several separated by commas (default: auto with "
+                        "--rope-pairs auto, else none)")
+    p.add_argument("--rope-sharing", default=None, choices=ROPE_SHARINGS,
+                   help="per-head RoPE keys, one key shared by all heads mixed per frequency "
+                        "from theirs (shared), or chosen per layer by the budget (auto; the "
+                        "default with --rope-pairs auto, else per-head)")
     p.add_argument("--rope-pair-step", type=positive_int, default=ROPE_PAIR_STEP,
                    help=f"with --rope-pairs auto, each layer keeps a multiple of this many pairs "
                         f"(default {ROPE_PAIR_STEP}: every r; 4 keeps d_r = 2r a multiple of 8)")
@@ -94,6 +108,12 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _cache_formats(text: str):
+    if text == "auto" or "," not in text:
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _rope_pairs(text: str):
     return "auto" if text.lower() == "auto" else _optional_int(text)
 
@@ -113,7 +133,9 @@ def _mla_config(args):
     return MLAConfig(rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs,
                      d_kv=args.d_kv, svd=args.svd, cache_ratio=args.cache_ratio,
                      rope_pair_step=args.rope_pair_step,
-                     rope_correction=args.rope_correction)
+                     rope_correction=args.rope_correction,
+                     cache_bytes_per_token=args.cache_bytes_per_token,
+                     cache_formats=args.cache_formats, rope_sharing=args.rope_sharing)
 
 
 def _calibration(args, model, tokenizer, cfg):
@@ -186,7 +208,8 @@ def cmd_generate(args):
                           eos_token_id=tokenizer.eos_token_id,
                           cuda_graph=False if args.no_cuda_graph else None, return_stats=True)
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    cache = f"{args.cache_dtype} latent cache" if converted else "K/V cache"
+    cache = (f"{args.cache_dtype or 'stored-format'} latent cache" if converted
+             else "K/V cache")
     print(f"[{ids.shape[1]} prompt tokens: prefill {stats.prefill_s:.3f} s; "
           f"{stats.decode_steps + 1} new tokens: {stats.tokens_per_s:.1f} tokens/s "
           f"({stats.ms_per_step:.2f} ms per step, {cache}, "
@@ -279,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
-                   help="latent cache format of a converted model (default bf16)")
+    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default=None,
+                   help="latent cache format of a converted model (default: each layer's "
+                        "stored format, bf16 where the conversion stored none)")
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt")
     p.add_argument("--temperature", type=non_negative_number, default=0.0,
                    help="0 (default) is greedy; above 0 samples at this temperature")

@@ -26,10 +26,6 @@ PAPER = MLAConfig(rope_strategy="2-norm", rope_pairs=4, d_kv=16, svd="joint",
 # (the split that measures best, `python -m mla_ext.demo splits`, docs/results.md).
 OURS = MLAConfig()
 PROMPT = "What is the capital of France? Answer in one sentence."
-CHAT_CACHE = "int4"
-# RoPE keys of the quantized cache in bf16, as a GPU model stores them: the demo's fp32 model
-# would otherwise keep fp32 keys, larger than the int4 latent they sit next to.
-CHAT_ROPE = "bf16"
 # The recovery fine-tune of the demo on a GPU (mla_ext.train): steps of RECOVERY_BATCH x
 # RECOVERY_SEQ_LEN tokens of the default corpus with RECOVERY_CHAT_MIX of the tokens chat text
 # (the original's own answers to RECOVERY_CHAT_PROMPTS questions about the corpus, generated
@@ -81,26 +77,29 @@ class _Setup:
                           cache_dtype=cache_dtype, rope_dtype=rope_dtype, progress=False)
 
     def answers(self, model, prompts):
-        """Greedy answers as the chat rows get them (the served copy, the int4 cache)."""
-        converted = model is not self.original
-        return chat_answers(_serving_copy(model), self.tokenizer, prompts,
-                            cache_dtype=CHAT_CACHE if converted else None,
-                            rope_dtype=CHAT_ROPE if converted else None)
+        """Greedy answers as the chat rows get them (the served copy over a converted model's
+        stored cache formats)."""
+        return chat_answers(_serving_copy(model), self.tokenizer, prompts)
 
     def convert(self, cfg):
         return convert_to_mla(copy.deepcopy(self.original), cfg, calibration=self.calib,
                               progress=False)
 
-    def row(self, name, model, cache_dtype="bf16", through_cache=False, answer=False):
-        rope = CHAT_ROPE if cache_dtype == CHAT_CACHE else None
-        r = {"name": name,
-             "bytes": kv_cache_bytes_per_token(model, cache_dtype, rope) / self.layers,
-             "ppl": self.ppl(model, cache_dtype if through_cache else None, rope)}
+    def row(self, name, model, stored_formats=False, answer=False):
+        """A table row: cache bytes per token and layer and the perplexity, in bf16 without a
+        cache, or (stored_formats) in each layer's stored cache format with the context read
+        back through the cache as in serving; with answer, the chat answer to PROMPT."""
+        if stored_formats:
+            nbytes = kv_cache_bytes_per_token(model)
+            ppl = perplexity(model, self.tokenizer, self.text, context=self.context,
+                             stride=self.context, max_tokens=self.eval_tokens,
+                             through_cache=True, progress=False)
+        else:
+            nbytes = kv_cache_bytes_per_token(model, "bf16")
+            ppl = self.ppl(model)
+        r = {"name": name, "bytes": nbytes / self.layers, "ppl": ppl}
         if answer:
-            converted = model is not self.original
             r["answer"], stats = chat(_serving_copy(model), self.tokenizer, PROMPT,
-                                      cache_dtype=CHAT_CACHE if converted else None,
-                                      rope_dtype=CHAT_ROPE if converted else None,
                                       return_stats=True)
             r["speed"] = (f"{stats.tokens_per_s:.0f} tokens/s"
                           f"{', CUDA graph' if stats.cuda_graph else ''}")
@@ -144,21 +143,19 @@ def run_demo(device: str = "cpu", eval_tokens: int | None = 8192, calib_sequence
     rows.append(setup.row(f"ours, step 1: partial RoPE only ({OURS.rope_strategy} "
                           f"r={rope_pairs}{_correction(OURS)})", setup.convert(rope_only)))
     ours = setup.convert(OURS)
-    low_rank = (f"d_kv={OURS.d_kv}" if OURS.cache_ratio is None
-                else "r and latent per layer in the budget")
-    rows.append(setup.row(f"ours, step 2: + {OURS.svd} SVD, {low_rank}", ours))
-    rows.append(setup.row(f"ours, step 3: + {CHAT_CACHE} latent, {CHAT_ROPE} RoPE keys", ours,
-                          cache_dtype=CHAT_CACHE, through_cache=True, answer=recovery_steps == 0))
+    rows.append(setup.row(f"ours, step 2: + {OURS.svd} SVD; RoPE pairs, latent width, cache "
+                          "format and RoPE-key sharing per layer in the byte budget", ours,
+                          stored_formats=True, answer=recovery_steps == 0))
     if recovery_steps:
         check_prompts = list(check_prompts)
         reference = setup.answers(setup.original, check_prompts)
         rows[-1]["matches"] = compare_answers(setup.answers(ours, check_prompts), reference,
                                               check_prompts)
         tokens = _recover(setup, ours, recovery_steps, recovery_seq_len, device, chat_prompts)
-        rows.append(setup.row(f"ours, step 4: + recovery fine-tune ({recovery_steps} steps, "
+        rows.append(setup.row(f"ours, step 3: + recovery fine-tune ({recovery_steps} steps, "
                               f"{tokens / 1e6:.1f}M tokens, {RECOVERY_CHAT_MIX:.0%} chat, "
-                              f"distilled at {RECOVERY_DISTILL})", ours, cache_dtype=CHAT_CACHE,
-                              through_cache=True, answer=True))
+                              f"distilled at {RECOVERY_DISTILL})", ours, stored_formats=True,
+                              answer=True))
         rows[-1]["matches"] = compare_answers(setup.answers(ours, check_prompts), reference,
                                               check_prompts)
     _print_table(rows, eval_tokens, context, recovered=recovery_steps > 0)
@@ -271,7 +268,7 @@ def _print_table(rows: list[dict], eval_tokens, context, recovered: bool = False
         print(f"  {r['name']}: answers as the original on {m['matches']} of {m['total']} demo "
               f"prompts (the recovery check asks for {MIN_MATCHES} of {len(DEMO_PROMPTS)})")
     if recovered:
-        print("Steps 1-3 are training-free; step 4 adds a short recovery fine-tune of step 3's "
+        print("Steps 1-2 are training-free; step 3 adds a short recovery fine-tune of step 2's "
               "model (mla-ext finetune runs longer ones; mla-ext check-recovery checks one).")
     else:
         print("All conversions are training-free; MHA2MLA recovers quality with a short "

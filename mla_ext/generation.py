@@ -171,7 +171,7 @@ def make_cache(model, batch_size: int, max_length: int, cache_dtype: str | None 
     """The static cache generate() uses: a LatentCache for a converted model, else a
     StaticKVCache in the model's dtype."""
     if is_converted(model):
-        return LatentCache(model, cache_dtype=cache_dtype or "bf16", rope_dtype=rope_dtype,
+        return LatentCache(model, cache_dtype=cache_dtype, rope_dtype=rope_dtype,
                            block_size=block_size, max_length=max_length, batch_size=batch_size)
     if cache_dtype is not None or rope_dtype is not None:
         raise ValueError("cache_dtype and rope_dtype choose a converted model's latent cache; an "
@@ -212,8 +212,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 128, *
     """Generate up to ``max_new_tokens`` tokens for every prompt of a batch.
 
     input_ids: (B, P) int64; attention_mask: (B, P), 0 for padding (left or right) or None.
-    cache_dtype / rope_dtype: a converted model's latent cache format (default bf16; see
-    LatentCache); an unconverted model caches K/V in its own dtype.
+    cache_dtype / rope_dtype: a converted model's latent cache format (default: each layer's
+    stored format, bf16 where none is stored; see LatentCache); an unconverted model caches K/V
+    in its own dtype.
     temperature: 0 is greedy; else softmax sampling at this temperature, restricted to the
     smallest set of tokens whose probability reaches ``top_p``.
     eos_token_id: an int or a list; a sequence that makes one is finished and padded with

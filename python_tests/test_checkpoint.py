@@ -186,8 +186,11 @@ def test_checkpoint_directory_follows_the_umask(mla, tmp_path):
 
 
 SLOW_SAVE = """
-import sys, time
+import signal, sys, time
 import mla_ext
+# Ctrl-C as a user's foreground process gets it: a process started in the background (as CI's
+# make may be) inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import mla_ext.modeling.checkpoint as ckpt
 from tiny import converted, tiny_model
 

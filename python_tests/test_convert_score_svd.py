@@ -139,7 +139,7 @@ def test_budget_scores_the_splits_with_the_same_factorization(key_weight):
     model = tiny_model(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, bias=True)
     calib = _calibration(model)
     measured = measure_split_errors(model, calib, strategy="rotation", svd="activation-score",
-                                    max_cost=40, num_sequences=1,
+                                    max_cost=80, num_sequences=1,
                                     rope_correction="fitted-attention", key_weight=key_weight)
     for r, width in ((1, 8), (3, 16)):
         mla = mla_ext.convert_to_mla(copy.deepcopy(model), mla_ext.MLAConfig(
@@ -160,7 +160,8 @@ def test_budgeted_conversion_runs_and_meets_the_budget(rope_pairs):
     calib = _calibration(model)
     mla = mla_ext.convert_to_mla(copy.deepcopy(model), cfg, calibration=calib, progress=False)
     original = mla_ext.kv_cache_bytes_per_token(model, "bf16")
-    assert 0.4 * original - 16 < mla_ext.kv_cache_bytes_per_token(mla, "bf16") <= 0.4 * original
+    # in its stored formats (bf16 where none is stored)
+    assert 0.4 * original - 16 < mla_ext.kv_cache_bytes_per_token(mla) <= 0.4 * original
     assert torch.isfinite(mla(torch.randint(0, 90, (1, 9))).logits).all()
 
 

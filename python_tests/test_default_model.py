@@ -59,17 +59,17 @@ def test_demo_runs_the_recovery_fine_tune_when_asked(default, capsys, tmp_path, 
     rows = run_demo(device="cpu", eval_tokens=256, calib_sequences=2, recovery_steps=2,
                     recovery_seq_len=128, chat_prompts=3, check_prompts=DEMO_PROMPTS[:2])
     names = [r["name"] for r in rows]
-    assert len(rows) == 6 and names[-1].startswith("ours, step 4: + recovery fine-tune (2 steps")
-    step3, step4 = rows[-2], rows[-1]
+    assert len(rows) == 5 and names[-1].startswith("ours, step 3: + recovery fine-tune (2 steps")
+    step2, step3 = rows[-2], rows[-1]
     # same cache, the weights moved: the perplexity changes, the answer is there
-    assert step4["bytes"] == step3["bytes"]
-    assert step4["ppl"] != step3["ppl"] and step4["ppl"] < float("inf")
-    assert "answer" in step4 and "answer" not in step3
+    assert step3["bytes"] == step2["bytes"]
+    assert step3["ppl"] != step2["ppl"] and step3["ppl"] < float("inf")
+    assert "answer" in step3 and "answer" not in step2
     # both are compared with the original on the check prompts
-    for row in (step3, step4):
+    for row in (step2, step3):
         assert row["matches"]["total"] == 2 and 0 <= row["matches"]["matches"] <= 2
     out = capsys.readouterr().out
-    assert "step 4 adds a short recovery fine-tune" in out
+    assert "step 3 adds a short recovery fine-tune" in out
     assert "chat data: the original's answers to 3 questions about the corpus (generated" in out
     assert "answers as the original on" in out
     assert len(list((tmp_path / "chat").glob("chat-*.jsonl"))) == 1

@@ -39,6 +39,15 @@ fitted RoPE correction); the CPU protocol:
         --shakespeare-tokens 8192 --calib-sequences 16 \
         --out studies/results/quality_score_svd_cpu.json
 
+`--study byte_budget` measures the cache budget in stored bytes at 144 and 96 bytes per token
+and layer (-81.25 %, -87.5 %): the default conversion, + cache formats searched per layer
+(``cache_formats="auto"``), + a shared RoPE key searched per layer (``rope_sharing="auto"``),
+both; every row read back through the LatentCache in its own formats. The CPU protocol:
+
+    OMP_NUM_THREADS=1 python studies/quality_study.py --study byte_budget --max-tokens 8192 \
+        --shakespeare-tokens 8192 --calib-sequences 16 \
+        --out studies/results/quality_byte_budget_cpu.json
+
 One calibration pass (64 x 512 tokens of the calibration part of pydoc_data.topics) serves every
 configuration. Texts: the held-out part of pydoc_data.topics and, when present,
 ../shared/data/tinyshakespeare.txt (its first --shakespeare-tokens tokens).
@@ -115,14 +124,16 @@ def _rope_configs():
     for step in (4, 1):
         for strategy in ("rotation", "greedy"):
             yield "budget", MLAConfig(rope_strategy=strategy, rope_pairs="auto",
-                                      svd="activation", cache_ratio=0.1875, rope_pair_step=step)
+                                      svd="activation", cache_ratio=0.1875, rope_pair_step=step,
+                                      cache_formats="none", rope_sharing="per-head")
 
 
 def _format_configs():
-    """The default conversion, whose cache formats follow (``--study formats``)."""
+    """The default conversion before the formats search, whose cache formats follow
+    (``--study formats``)."""
     from mla_ext import MLAConfig
 
-    yield "budget", MLAConfig()
+    yield "budget", MLAConfig(cache_formats="none", rope_sharing="per-head")
 
 
 def _correction_configs():
@@ -135,7 +146,8 @@ def _correction_configs():
         yield "partial_rope", MLAConfig(rope_strategy="rotation", rope_pairs=4, d_kv=None,
                                         rope_correction=correction)
     for correction in ROPE_CORRECTIONS:
-        yield "budget", MLAConfig(rope_correction=correction)
+        yield "budget", MLAConfig(rope_correction=correction, cache_formats="none",
+                                  rope_sharing="per-head")
 
 
 def _score_svd_configs():
@@ -144,7 +156,7 @@ def _score_svd_configs():
     from mla_ext import MLAConfig
 
     for svd in ("activation", "activation-score"):
-        yield "budget", MLAConfig(svd=svd)
+        yield "budget", MLAConfig(svd=svd, cache_formats="none", rope_sharing="per-head")
 
 
 def _score_balance_configs():
@@ -153,14 +165,33 @@ def _score_balance_configs():
     from mla_ext import MLAConfig
 
     for weight in (0.5, 2.0):
-        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight)
+        yield "budget", MLAConfig(svd="activation-score", svd_key_weight=weight,
+                                  cache_formats="none", rope_sharing="per-head")
+
+
+def _byte_budget_configs():
+    """The cache budget in stored bytes (``--study byte_budget``) at 144 and 96 bytes per token
+    and layer (-81.25 %, -87.5 % of the bf16 K/V cache): the default conversion (bf16 latent
+    and keys), + formats searched per layer, + a shared RoPE key searched per layer, both.
+    Every row is read back through its own cache formats."""
+    from mla_ext import MLAConfig
+
+    for ratio in (0.1875, 0.125):
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="per-head")
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="per-head")
+    for ratio in (0.1875, 0.125):
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="auto", rope_sharing="auto")
+        yield "bytes", MLAConfig(cache_ratio=ratio, cache_formats="none", rope_sharing="auto")
 
 
 STUDIES = {"full": _configs, "rope": lambda quick: _rope_configs(),
            "formats": lambda quick: _format_configs(),
            "correction": lambda quick: _correction_configs(),
            "score_svd": lambda quick: _score_svd_configs(),
-           "score_balance": lambda quick: _score_balance_configs()}
+           "score_balance": lambda quick: _score_balance_configs(),
+           "byte_budget": lambda quick: _byte_budget_configs()}
+# Studies whose converted rows are read back through the cache (each layer's stored format).
+THROUGH_CACHE = ("byte_budget",)
 
 
 def run(args, save=None, argv=None) -> dict:
@@ -177,10 +208,10 @@ def run(args, save=None, argv=None) -> dict:
         texts["shakespeare"] = load_texts(shakespeare)[0]
     limits = {"pydoc": args.max_tokens, "shakespeare": args.shakespeare_tokens}
 
-    def ppl(m, cache_dtype=None):
+    def ppl(m, cache_dtype=None, through_cache=None):
         return {name: mla_ext.perplexity(m, tok, text, context=args.context, stride=args.context,
                                          max_tokens=limits[name], progress=False,
-                                         cache_dtype=cache_dtype,
+                                         cache_dtype=cache_dtype, through_cache=through_cache,
                                          batch_size=eval_batch_size(next(m.parameters()).device))
                 for name, text in texts.items()}
 
@@ -239,8 +270,12 @@ def run(args, save=None, argv=None) -> dict:
                 "convert_s": round(time.time() - start, 1),
                 "layers": [(p["rope_pairs"], p["latent_dim"])
                            for p in mla.config.mla_ext["layers"]],
-                "ppl": ppl(mla),
-                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla, "bf16")
+                "formats": [layer.self_attn.cache_format.spec
+                            if layer.self_attn.cache_format else None
+                            for layer in mla.model.layers],
+                "rope_heads": [layer.self_attn.num_rope_heads for layer in mla.model.layers],
+                "ppl": ppl(mla, through_cache=args.study in THROUGH_CACHE),
+                "bytes_per_token_layer": mla_ext.kv_cache_bytes_per_token(mla)
                 / model.config.num_hidden_layers}
 
     best = None
@@ -277,6 +312,14 @@ def _name(cfg: dict | None) -> str:
     correction = cfg.get("rope_correction", "none")
     if correction != "none":
         return _name({**cfg, "rope_correction": "none"}) + f" {correction}"
+    extras = []
+    if cfg.get("cache_formats") not in (None, "none"):
+        extras.append(f"formats={cfg['cache_formats']}")
+    if cfg.get("rope_sharing", "per-head") != "per-head":
+        extras.append(f"rope_sharing={cfg['rope_sharing']}")
+    if extras:
+        return _name({**cfg, "cache_formats": None, "rope_sharing": "per-head"}) + " " + \
+            " ".join(extras)
     if cfg.get("cache_ratio") is not None:
         step = (f" step {cfg.get('rope_pair_step', 4)}" if cfg["rope_pairs"] == "auto" else "")
         return (f"{cfg['rope_strategy']} r={cfg['rope_pairs']}{step} {cfg['svd']} "
@@ -316,6 +359,8 @@ def render(data: dict) -> str:
     titles = {"original": "Original model", "partial_rope": "1. Partial RoPE only (full-rank latent)",
               "low_rank": "2. Partial RoPE r = 4 + low-rank keys/values",
               "budget": "2b. A cache budget of -81.25 % spread over the layers (ours)",
+              "bytes": "A cache budget in stored bytes: formats and a shared RoPE key per layer "
+                       "(through the LatentCache in each layer's formats, 64-token chunks)",
               "cache_dtype": "3. Cache formats on the best -81.25 % configuration (through the "
                              "LatentCache, 64-token chunks)"}
     for section, title in titles.items():

@@ -62,6 +62,13 @@ def rotation_scores(stats: LayerStats, num_heads: int, num_kv_heads: int) -> tor
     rotation barely moves over the distances the head attends to (``|E| ~ 1``) loses little when
     its rotation is removed, so it scores low; a pair that turns a lot is worth keeping.
     """
+    coherence = rotation_coherence(stats, num_heads, num_kv_heads)
+    return two_norm_scores(stats, num_heads, num_kv_heads) * (1 - coherence)
+
+
+def rotation_coherence(stats: LayerStats, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """``|E_w[exp(i theta_j Delta)]|`` of every pair and KV head, (H_kv, d_h/2) float64: near 1
+    where pair j barely turns over the distances the head's group attends to."""
     if stats.distance_mass is None or stats.inv_freq is None:
         raise ValueError('strategy "rotation" needs stats with distance_mass and inv_freq: '
                          "calibrate(..., collect_distances=True)")
@@ -71,8 +78,7 @@ def rotation_scores(stats: LayerStats, num_heads: int, num_kv_heads: int) -> tor
     w = mass.reshape(num_kv_heads, num_heads // num_kv_heads, -1).mean(1)   # (H_kv, L)
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-300)
     angle = theta[:, None] * torch.arange(w.shape[1], dtype=torch.float64)  # (d_h/2, L)
-    coherence = torch.complex(w @ angle.cos().T, w @ angle.sin().T).abs()   # (H_kv, d_h/2)
-    return two_norm_scores(stats, num_heads, num_kv_heads) * (1 - coherence)
+    return torch.complex(w @ angle.cos().T, w @ angle.sin().T).abs()       # (H_kv, d_h/2)
 
 
 def _greedy_error_terms(sample, g: int, group: int, s: int, chunk: slice):

@@ -47,9 +47,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class MLAAttention(nn.Module):
     """Multi-head latent attention converted from a family's attention module (MHA2MLA).
 
-    Weights (the checkpoint contract, ARCHITECTURE 2.3): q_proj [H d_h, d], kr_proj [H_kv d_r, d],
-    kv_down [D_c, d], k_up [H_kv (d_h - d_r), D_c], v_up [H_kv d_h, D_c], o_proj [d, H d_h],
-    buffer rope_pairs [H_kv, r] int64 (the kept frequency pairs, ascending).
+    Weights (the checkpoint contract, ARCHITECTURE 2.3): q_proj [H (d_r + n), d],
+    kr_proj [H_r d_r, d], kv_down [D_c, d], k_up [H_kv n, D_c], v_up [H_kv d_h, D_c],
+    o_proj [d, H d_h], buffer rope_pairs [H_r, r] int64 (the frequency pair of each stored RoPE
+    pair). ``H_r`` (``rope_heads``) is the number of RoPE keys per token: ``H_kv`` (one per KV
+    head, the default) or 1 (one key shared by every head, ARCHITECTURE 2.5); ``n``
+    (``nope_dim``) the position-free dims per head, ``d_h - d_r`` by default.
+
+    cache_format: the layer's stored cache format (a ``CacheFormat``), the default of a
+    ``LatentCache`` of the model; None: bf16.
 
     biases: which original projections (q, k, v, o) carry a bias; the query's goes to q_proj,
     the key's to kr_proj and k_up, the value's to v_up, the output's to o_proj. Default: the
@@ -57,7 +63,8 @@ class MLAAttention(nn.Module):
     """
 
     def __init__(self, config, layer_idx: int, rope_pairs: int, latent_dim: int,
-                 biases: dict | None = None):
+                 biases: dict | None = None, rope_heads: int | None = None,
+                 nope_dim: int | None = None, cache_format=None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -66,10 +73,19 @@ class MLAAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.num_rope_heads = self.num_kv_heads if rope_heads is None else rope_heads
+        if self.num_rope_heads not in (1, self.num_kv_heads):
+            raise ValueError(f"rope_heads must be 1 (a shared RoPE key) or the {self.num_kv_heads} "
+                             f"KV heads, got {rope_heads}")
         self.rope_pairs_count = rope_pairs
         self.rope_dim = 2 * rope_pairs
-        self.nope_dim = self.head_dim - self.rope_dim
+        self.nope_dim = self.head_dim - self.rope_dim if nope_dim is None else nope_dim
+        if self.nope_dim < 0:
+            raise ValueError(f"{rope_pairs} RoPE pairs leave no room in head_dim {self.head_dim}: "
+                             "give nope_dim")
+        self.query_dim = self.rope_dim + self.nope_dim
         self.latent_dim = latent_dim
+        self.cache_format = cache_format
         self.scaling = self.head_dim ** -0.5
         self.attention_dropout = getattr(config, "attention_dropout", 0.0)
         self.is_causal = True
@@ -85,40 +101,43 @@ class MLAAttention(nn.Module):
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             self._make_projections(config.hidden_size, latent_dim, biases)
         self.register_buffer(
-            "rope_pairs", torch.zeros(self.num_kv_heads, rope_pairs, dtype=torch.long))
+            "rope_pairs", torch.zeros(self.num_rope_heads, rope_pairs, dtype=torch.long))
 
     def _make_projections(self, d, latent_dim, biases):
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=biases["q"])
-        self.kr_proj = nn.Linear(d, self.num_kv_heads * self.rope_dim, bias=biases["k"])
+        self.q_proj = nn.Linear(d, self.num_heads * self.query_dim, bias=biases["q"])
+        self.kr_proj = nn.Linear(d, self.num_rope_heads * self.rope_dim, bias=biases["k"])
         self.kv_down = nn.Linear(d, latent_dim, bias=False)
         self.k_up = nn.Linear(latent_dim, self.num_kv_heads * self.nope_dim, bias=biases["k"])
         self.v_up = nn.Linear(latent_dim, self.num_kv_heads * self.head_dim, bias=biases["v"])
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=biases["o"])
 
     def extra_repr(self) -> str:
+        shared = f", rope_heads={self.num_rope_heads}" if self.num_rope_heads != self.num_kv_heads \
+            else ""
+        fmt = f", cache_format={self.cache_format.spec}" if self.cache_format else ""
         return (f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, rope_pairs={self.rope_pairs_count}, "
-                f"latent_dim={self.latent_dim}")
+                f"head_dim={self.head_dim}, rope_pairs={self.rope_pairs_count}{shared}, "
+                f"nope_dim={self.nope_dim}, latent_dim={self.latent_dim}{fmt}")
 
     # ------------------------------------------------------------------ pieces
 
     def rope_angles(self, position_embeddings):
-        """cos/sin of the kept pairs, (B, T, H_kv, r), gathered from the model's own rotary
+        """cos/sin of the kept pairs, (B, T, H_r, r), gathered from the model's own rotary
         embedding so that every rope scaling type stays exact."""
         cos, sin = position_embeddings
         half = self.head_dim // 2
         return cos[..., :half][..., self.rope_pairs], sin[..., :half][..., self.rope_pairs]
 
     def query(self, hidden_states, cos, sin):
-        """Queries (B, T, H, d_h) with their first d_r dims rotated."""
+        """Queries (B, T, H, d_r + n) with their first d_r dims rotated."""
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(b, t, self.num_heads, self.query_dim)
         return torch.cat([_rope(q[..., :self.rope_dim], cos, sin), q[..., self.rope_dim:]], dim=-1)
 
     def key_latent(self, hidden_states, cos, sin):
-        """Rotated RoPE keys (B, T, H_kv, d_r) and the latent (B, T, D_c)."""
+        """Rotated RoPE keys (B, T, H_r, d_r) and the latent (B, T, D_c)."""
         b, t, _ = hidden_states.shape
-        k_rope = self.kr_proj(hidden_states).view(b, t, self.num_kv_heads, self.rope_dim)
+        k_rope = self.kr_proj(hidden_states).view(b, t, self.num_rope_heads, self.rope_dim)
         return _rope(k_rope, cos, sin), self.kv_down(hidden_states)
 
     def write_new_tokens(self, layer, step, hidden_states, cos, sin) -> None:
@@ -131,10 +150,14 @@ class MLAAttention(nn.Module):
                            step.slots, *layer.tensors(), check_ranges=ops.debug_checks_enabled())
 
     def reconstruct_kv(self, latent, k_rope):
-        """Keys (B, H_kv, T, d_h) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h)."""
+        """Keys (B, H_kv, T, d_r + n) as [k_rope | k_up(c)] and values (B, H_kv, T, d_h); a
+        shared RoPE key serves every KV head."""
         b, t, _ = latent.shape
         k_nope = self.k_up(latent).view(b, t, self.num_kv_heads, self.nope_dim)
-        keys = torch.cat([k_rope.to(k_nope.dtype), k_nope], dim=-1)
+        k_rope = k_rope.to(k_nope.dtype)
+        if self.num_rope_heads != self.num_kv_heads:
+            k_rope = k_rope.expand(b, t, self.num_kv_heads, self.rope_dim)
+        keys = torch.cat([k_rope, k_nope], dim=-1)
         values = self.v_up(latent).view(b, t, self.num_kv_heads, self.head_dim)
         return keys.transpose(1, 2), values.transpose(1, 2)
 

@@ -20,28 +20,12 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .. import ops
 from ..checks import require_model
+from ..cache_format import (CACHE_DTYPES, FLOAT_NAMES as _FLOAT_NAMES, ROPE_DTYPES,
+                            CacheFormat, default_group_size, latent_bytes_per_token)
 from .attention import MLAAttention
 from .sequences import SequenceTable, SteppedCache, WriteStep, valid_tokens
 
-CACHE_DTYPES = {
-    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-    "int8": torch.int8, "int4": torch.uint8, "fp8": torch.float8_e4m3fn,
-}
-ROPE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-               "fp8": torch.float8_e4m3fn}
-_FLOAT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-SCALE_BYTES = 2  # scales and zeros are fp16
 DEFAULT_BLOCK_SIZE = 64
-MAX_GROUP_SIZE = 64
-
-
-def default_group_size(latent_dim: int) -> int:
-    """Largest even divisor of D_c that is at most 64 (ARCHITECTURE 3.3: min(64, D_c) when it
-    divides); even so that an int4 byte never straddles two groups."""
-    for g in range(min(MAX_GROUP_SIZE, latent_dim), 1, -1):
-        if latent_dim % g == 0 and g % 2 == 0:
-            return g
-    raise ValueError(f"latent width {latent_dim} has no even group size <= {MAX_GROUP_SIZE}")
 
 
 def _resolve_dtypes(cache_dtype: str, rope_dtype: str | None, model_dtype: torch.dtype):
@@ -58,20 +42,27 @@ def _resolve_dtypes(cache_dtype: str, rope_dtype: str | None, model_dtype: torch
     return latent, ROPE_DTYPES[rope_dtype]
 
 
-def latent_bytes_per_token(latent_dim: int, num_kv_heads: int, rope_dim: int,
-                           latent_dtype: torch.dtype, rope_dtype: torch.dtype,
-                           group_size: int) -> int:
-    """Bytes one token occupies in one layer's cache, scales and zeros included."""
-    if latent_dtype == torch.uint8:
-        n = latent_dim // 2 + 2 * SCALE_BYTES * (latent_dim // group_size)
-    elif latent_dtype in (torch.int8, torch.float8_e4m3fn):
-        n = latent_dim + SCALE_BYTES * (latent_dim // group_size)
-    else:
-        n = latent_dim * latent_dtype.itemsize
-    n += num_kv_heads * rope_dim * rope_dtype.itemsize
-    if rope_dtype == torch.float8_e4m3fn:
-        n += num_kv_heads * SCALE_BYTES
-    return n
+def layer_format(module, cache_dtype: str | None, rope_dtype: str | None,
+                 group_size: int | None, model_dtype: torch.dtype):
+    """(latent dtype, RoPE-key dtype, group size) of one MLA layer's cache: the format stored
+    with the layer (``module.cache_format``, chosen by a byte-budget conversion; bf16 where
+    none is stored), each part replaced by what the caller gives explicitly. A stored 16-bit
+    float latent follows a 16-bit model's dtype (same bytes; the CUDA kernel reads a float
+    latent in the queries' dtype)."""
+    stored = getattr(module, "cache_format", None) or CacheFormat()
+    if cache_dtype is not None:
+        latent, rope = _resolve_dtypes(cache_dtype, rope_dtype, model_dtype)
+        group = group_size or default_group_size(module.latent_dim)
+        return latent, rope, group
+    if rope_dtype is not None and rope_dtype not in ROPE_DTYPES:
+        raise ValueError(f"rope_dtype must be one of {sorted(ROPE_DTYPES)} or None, got {rope_dtype!r}")
+    latent = CACHE_DTYPES[stored.latent]
+    rope = ROPE_DTYPES[rope_dtype or stored.rope]
+    if model_dtype in (torch.float16, torch.bfloat16):
+        latent = model_dtype if latent in (torch.float16, torch.bfloat16) else latent
+        if rope_dtype is None and rope in (torch.float16, torch.bfloat16):
+            rope = model_dtype
+    return latent, rope, group_size or stored.group_for(module.latent_dim)
 
 
 class LatentCacheLayer(CacheLayerMixin):
@@ -289,11 +280,16 @@ class LatentCache(SteppedCache):
 
     Args:
         model: a model converted by ``mla_ext.convert_to_mla`` (or loaded by ``load_pretrained``).
-        cache_dtype: latent format: "bf16", "fp16", "fp32", "int8", "int4" or "fp8".
-        rope_dtype: RoPE-key format: "bf16", "fp16", "fp32" or "fp8"; None takes the latent's
-            float dtype, or the model's dtype for quantized latents.
+        cache_dtype: latent format of every layer: "bf16", "fp16", "fp32", "int8", "int4" or
+            "fp8"; None (default) takes each layer's stored format (``MLAAttention.cache_format``,
+            chosen by a byte-budget conversion and kept in its checkpoint; bf16 latents and RoPE
+            keys where the model stores none).
+        rope_dtype: RoPE-key format: "bf16", "fp16", "fp32" or "fp8"; None takes, with a
+            cache_dtype, the latent's float dtype (the model's dtype for quantized latents),
+            without one each layer's stored format.
         block_size: tokens per cache block (default 64).
-        group_size: latent channels per quantization group; None picks ``default_group_size``.
+        group_size: latent channels per quantization group; None takes the layer's stored one,
+            else ``default_group_size``.
         max_length: if given, room for this many tokens per sequence is allocated at once and
             never reallocated (a static cache, as CUDA-graph capture and torch.compile need).
         batch_size: with ``max_length``, allocate everything now, on the model's device, for this
@@ -304,11 +300,10 @@ class LatentCache(SteppedCache):
     kernel (``mla_decode`` with per-sequence ``seq_lens``).
     """
 
-    def __init__(self, model, cache_dtype: str = "bf16", rope_dtype: str | None = None,
+    def __init__(self, model, cache_dtype: str | None = None, rope_dtype: str | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, group_size: int | None = None,
                  max_length: int | None = None, batch_size: int | None = None):
         require_model(model)
-        latent_dtype, rope = _resolve_dtypes(cache_dtype, rope_dtype, _model_dtype(model))
         for name, value in (("group_size", group_size), ("max_length", max_length),
                             ("batch_size", batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -318,10 +313,13 @@ class LatentCache(SteppedCache):
             raise ValueError("batch_size allocates a static cache: give max_length too")
         modules = mla_layers(model)
         self.table = SequenceTable(block_size, max_length)
-        layers = [LatentCacheLayer(
-            m.latent_dim, m.num_kv_heads, m.rope_dim, latent_dtype, rope, block_size=block_size,
-            group_size=group_size or default_group_size(m.latent_dim), table=self.table)
-            for m in modules]
+        layers = []
+        for m in modules:
+            latent, rope, group = layer_format(m, cache_dtype, rope_dtype, group_size,
+                                               _model_dtype(model))
+            layers.append(LatentCacheLayer(m.latent_dim, m.num_rope_heads, m.rope_dim, latent,
+                                           rope, block_size=block_size, group_size=group,
+                                           table=self.table))
         super().__init__(layers=layers)
         self.first_layer = modules[0].layer_idx
         self.step = None
@@ -387,15 +385,19 @@ class LatentCache(SteppedCache):
         return sum(layer.bytes_per_token() for layer in self.layers)
 
 
-def kv_cache_bytes_per_token(model, cache_dtype: str = "bf16", rope_dtype: str | None = None,
+def kv_cache_bytes_per_token(model, cache_dtype: str | None = None,
+                             rope_dtype: str | None = None,
                              group_size: int | None = None) -> int:
     """Cache bytes per token summed over all layers, scales and zeros included.
 
-    For a converted model: latent + RoPE keys (+ scales) of every MLA layer. For an original
-    Llama model: its K and V (``2 H_kv d_h`` values per layer) in a float ``cache_dtype``.
+    For a converted model: latent + RoPE keys (+ scales) of every MLA layer, in each layer's
+    stored format unless ``cache_dtype`` / ``rope_dtype`` / ``group_size`` say otherwise (as
+    ``LatentCache``). For an original model: its K and V (``2 H_kv d_h`` values per layer) in a
+    float ``cache_dtype`` (default bf16).
     """
     require_model(model)
     if not any(isinstance(m, MLAAttention) for m in model.modules()):
+        cache_dtype = cache_dtype or "bf16"
         if cache_dtype not in _FLOAT_NAMES.values():
             raise ValueError(f"an unconverted model's cache is counted in a float dtype "
                              f"(fp32/fp16/bf16), got {cache_dtype!r}")
@@ -403,7 +405,10 @@ def kv_cache_bytes_per_token(model, cache_dtype: str = "bf16", rope_dtype: str |
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim
                 * CACHE_DTYPES[cache_dtype].itemsize)
-    latent_dtype, rope = _resolve_dtypes(cache_dtype, rope_dtype, _model_dtype(model))
-    return sum(latent_bytes_per_token(m.latent_dim, m.num_kv_heads, m.rope_dim, latent_dtype, rope,
-                                      group_size or default_group_size(m.latent_dim))
-               for m in mla_layers(model))
+    total = 0
+    for m in mla_layers(model):
+        latent, rope, group = layer_format(m, cache_dtype, rope_dtype, group_size,
+                                           _model_dtype(model))
+        total += latent_bytes_per_token(m.latent_dim, m.num_rope_heads, m.rope_dim, latent, rope,
+                                        group)
+    return total

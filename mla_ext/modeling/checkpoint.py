@@ -25,7 +25,9 @@ from ..staging import staged_directory
 from .cache import mla_layers
 from .patch import CONFIG_KEY, build_mla_structure
 
-FORMAT_VERSION = 1
+# 2: a layer may store its cache format and a shared RoPE key (rope_heads, nope_dim); version 1
+# checkpoints (neither) read as before
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 

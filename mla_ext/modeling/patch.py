@@ -22,12 +22,15 @@ from ..convert.budget import (LATENT_STEP, MAX_COST_FACTOR, allocate_latent_widt
                               measure_split_errors)
 from ..convert.lowrank import joint_spectrum
 from ..convert.rope_correction import layer_query_transform
+from ..convert.rope_mixing import shared_layout, shared_rope
+from ..cache_format import CacheFormat
 from .attention import MLAAttention
 
 # RoPE variants whose cos/sin are rotate-half over the full head (cat(freqs, freqs)); the
 # conversion gathers the kept pairs from the model's own rotary output, so scaling is preserved.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 CONFIG_KEY = "mla_ext"
+BF16_BYTES = 2  # the original K/V cache a budget is a fraction of is counted in bf16
 
 
 def _decoder_layers(model):
@@ -78,6 +81,18 @@ def plan_layers(model, config: MLAConfig) -> list[dict]:
     cfg = model.config
     d_h, h_kv, d = _head_dim(cfg), cfg.num_key_value_heads, cfg.hidden_size
     half = d_h // 2
+    formats = config.format_candidates()
+    stored = {} if formats is None else {"cache_format": formats[0].to_dict()}
+    if config.rope_sharing == "shared":
+        # the NoPE rows (and so the full rank) follow from the mix, at conversion
+        most = h_kv * half
+        k = most if config.rope_pairs is None else config.rope_pairs
+        if k > most:
+            raise ValueError(f"rope_pairs={k} exceeds the {most} mixed pairs of a shared RoPE "
+                             f"key ({h_kv} KV heads x {half} pairs)")
+        latent = None if config.d_kv is None else config.d_kv * h_kv
+        return [{"rope_pairs": k, "latent_dim": latent, "rope_heads": 1, **stored}
+                for _ in range(cfg.num_hidden_layers)]
     r = half if config.rope_pairs is None else config.rope_pairs
     if r > half:
         raise ValueError(f"rope_pairs={r} exceeds the {half} frequency pairs of head_dim {d_h}")
@@ -90,7 +105,7 @@ def plan_layers(model, config: MLAConfig) -> list[dict]:
                          f"(d_kv <= {limit // h_kv}); use d_kv=None for full rank")
     if config.svd.endswith("split") and latent % 2:
         raise ValueError(f"svd={config.svd!r} splits the latent in two halves: D_c={latent} must be even")
-    return [{"rope_pairs": r, "latent_dim": latent} for _ in range(cfg.num_hidden_layers)]
+    return [{"rope_pairs": r, "latent_dim": latent, **stored} for _ in range(cfg.num_hidden_layers)]
 
 
 def _select_pairs(attn, config: MLAConfig, rope_pairs: int | None, stats) -> torch.Tensor:
@@ -108,24 +123,27 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     cfg = model.config
     d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
     layers = _decoder_layers(model)
-    original_values = len(layers) * 2 * h_kv * d_h
+    original_bytes = len(layers) * 2 * h_kv * d_h * BF16_BYTES
+    # int() of the product, as latent_budget does, so both modes share one budget arithmetic
+    budget = config.cache_bytes_per_token or int(config.cache_ratio * original_bytes)
     if config.rope_pairs == "auto":
-        # int() of the product, as latent_budget does, so both modes share one budget arithmetic
-        budget = int(config.cache_ratio * original_values)
         max_cost = int(MAX_COST_FACTOR * budget / len(layers))
+        formats = config.format_candidates()
         candidates = measure_split_errors(model, calibration, strategy=config.rope_strategy,
                                           svd=config.svd, max_cost=max_cost,
                                           rope_pair_step=config.rope_pair_step,
                                           rope_scaling=rope_scaling,
                                           rope_correction=config.rope_correction,
-                                          key_weight=config.svd_key_weight)
-        return [{"rope_pairs": c.rope_pairs, "latent_dim": c.latent_dim}
-                for c in choose_splits(candidates, budget)]
+                                          key_weight=config.svd_key_weight,
+                                          formats=formats or (None,),
+                                          sharing=config.sharings())
+        return [c.sizes() for c in choose_splits(candidates, budget)]
     stats = calibration.layers if calibration is not None else [None] * len(layers)
     r = d_h // 2 if config.rope_pairs is None else config.rope_pairs
     if r > d_h // 2:
         raise ValueError(f"rope_pairs={r} exceeds the {d_h // 2} frequency pairs of head_dim {d_h}")
-    budget = latent_budget(config.cache_ratio, len(layers), h_kv, d_h, [2 * r] * len(layers))
+    budget = latent_budget(budget / original_bytes, len(layers), h_kv, d_h,
+                           [2 * r] * len(layers))
     spectra, maximum = [], []
     for layer, layer_stats in zip(layers, stats):
         attn = layer.self_attn
@@ -145,15 +163,26 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     return [{"rope_pairs": r, "latent_dim": w} for w in widths]
 
 
-def _convert_layer(attn, layer_idx: int, sizes: dict, config: MLAConfig,
-                   stats, rope_scaling: float) -> MLAAttention:
+def shared_key_layout(attn, rope_pairs: int | None, strategy: str, stats):
+    """The shared RoPE key layout (convert/rope_mixing.py) of one original attention layer:
+    ``rope_pairs`` mixed components kept (None: all ``H_kv d_h / 2``)."""
     cfg = attn.config
-    d_h, h = _head_dim(cfg), cfg.num_attention_heads
-    pairs = _select_pairs(attn, config, sizes["rope_pairs"], stats)
-    q_rows, kr_rows, kn_rows, q_nope_rows = converted_layout(pairs, d_h, h)
+    d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    proj = families.projections(attn)
+    kept = h_kv * (d_h // 2) if rope_pairs is None else rope_pairs
+    order_by = "full" if kept == h_kv * (d_h // 2) else strategy
+    shared = shared_rope(stats, proj.q[0], proj.k[0], h, h_kv, d_h, order_by)
+    return shared_layout(shared, kept, h, h_kv, d_h)
 
-    family = families.family_of(attn)
-    proj = family.projections(attn)
+
+def _layout_weights(attn, sizes: dict, config: MLAConfig, stats, rope_scaling: float):
+    """The converted layer's RoPE pairs and projections, float64: (pairs, q weight, q bias,
+    kr weight, kr bias, NoPE key weight, NoPE key bias, kn_rows, nope_dim, row Grams'
+    transform). Per-head keys select rows of the original projections (2.1); a shared key
+    maps them (2.5)."""
+    cfg = attn.config
+    d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
+    proj = families.projections(attn)
 
     def weight(p):
         return p[0].detach().to("cpu", torch.float64)
@@ -161,42 +190,82 @@ def _convert_layer(attn, layer_idx: int, sizes: dict, config: MLAConfig,
     def bias(p):
         return None if p[1] is None else p[1].detach().to("cpu", torch.float64)
 
-    w_q, w_k, w_v = weight(proj.q), weight(proj.k), weight(proj.v)
-    b_q, b_k, b_v = bias(proj.q), bias(proj.k), bias(proj.v)
-    transform = layer_query_transform(stats, config.rope_correction, pairs, h, d_h)
+    w_q, w_k, b_q, b_k = weight(proj.q), weight(proj.k), bias(proj.q), bias(proj.k)
+    if sizes.get("rope_heads", h_kv) == 1:
+        layout = shared_key_layout(attn, sizes["rope_pairs"], config.rope_strategy, stats)
+        # the fitted correction applies to the frequencies with no component kept
+        for_transform = layout.kept_pairs(h_kv, d_h)
+        pairs, kn_rows = layout.pairs, layout.kn_rows(h_kv, d_h)
+    else:
+        layout = None
+        pairs = for_transform = _select_pairs(attn, config, sizes["rope_pairs"], stats)
+        q_rows, kr_rows, kn_rows, q_nope_rows = converted_layout(pairs, d_h, h)
+    transform = layer_query_transform(stats, config.rope_correction, for_transform, h, d_h)
     if transform is not None:
         # the fitted M of each dropped pair: the query's pair becomes M^T q[j]
         w_q = (transform @ w_q.view(h, d_h, -1)).reshape(h * d_h, -1)
         if b_q is not None:
             b_q = (transform @ b_q.view(h, d_h, 1)).reshape(h * d_h)
-    xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
-    grams = layer_row_grams(attn, stats, config.svd, kn_rows, transform, rope_scaling)
-    low = factorize_kv(w_k[kn_rows], w_v, sizes["latent_dim"], config.svd, xtx=xtx,
-                       row_grams=grams, key_weight=config.svd_key_weight)
-
-    new_q_w, new_q_b = w_q[q_rows].clone(), None if b_q is None else b_q[q_rows].clone()
+    if layout is None:
+        new_q_w, new_q_b = w_q[q_rows].clone(), None if b_q is None else b_q[q_rows].clone()
+        kr_w, kr_b = w_k[kr_rows], None if b_k is None else b_k[kr_rows]
+        kn_w, kn_b = w_k[kn_rows], None if b_k is None else b_k[kn_rows]
+        nope_dim = d_h - pairs.shape[1] * 2
+    else:
+        nope_dim, d_r = layout.nope_dim, 2 * layout.rope_pairs
+        q_heads = w_q.view(h, d_h, -1)
+        new_q_w = torch.cat([layout.q_rope @ q_heads, q_heads[:, layout.nope_dims]],
+                            dim=1).reshape(h * (d_r + nope_dim), -1)
+        new_q_b = None if b_q is None else torch.cat(
+            [layout.q_rope @ b_q.view(h, d_h, 1), b_q.view(h, d_h, 1)[:, layout.nope_dims]],
+            dim=1).reshape(-1)
+        q_nope_rows = (torch.arange(h)[:, None] * (d_r + nope_dim) + d_r
+                       + torch.arange(nope_dim)).reshape(-1)
+        kr_w, kr_b = layout.k_rope @ w_k, None if b_k is None else layout.k_rope @ b_k
+        kn_w, kn_b = layout.k_nope @ w_k, None if b_k is None else layout.k_nope @ b_k
     if rope_scaling != 1.0:
         # Scaled RoPE (yarn, longrope) multiplies every rotated q and k by the same factor; the
         # NoPE dims lose the rotation but keep that factor, folded into q once (squared).
         new_q_w[q_nope_rows] *= rope_scaling ** 2
         if new_q_b is not None:
             new_q_b[q_nope_rows] *= rope_scaling ** 2
+    return (pairs, new_q_w, new_q_b, kr_w, kr_b, kn_w, kn_b, kn_rows, nope_dim, transform)
+
+
+def _convert_layer(attn, layer_idx: int, sizes: dict, config: MLAConfig,
+                   stats, rope_scaling: float) -> MLAAttention:
+    cfg = attn.config
+    proj = families.projections(attn)
+    (pairs, new_q_w, new_q_b, kr_w, kr_b, kn_w, kn_b, kn_rows, nope_dim,
+     transform) = _layout_weights(attn, sizes, config, stats, rope_scaling)
+    w_v = proj.v[0].detach().to("cpu", torch.float64)
+    b_v = proj.v[1]
+    xtx = getattr(stats, "xtx", None) if config.svd.startswith("activation") else None
+    grams = layer_row_grams(attn, stats, config.svd, kn_rows, transform, rope_scaling)
+    latent = sizes["latent_dim"]
+    if latent is None:  # full rank of a shared key's layout
+        latent = max_rank(config.svd, kn_w.shape[0], w_v.shape[0], cfg.hidden_size)
+    low = factorize_kv(kn_w, w_v, latent, config.svd, xtx=xtx,
+                       row_grams=grams, key_weight=config.svd_key_weight)
 
     param = proj.q[0]
     biases = {p: getattr(proj, p)[1] is not None for p in families.PROJECTIONS}
-    mla = MLAAttention(cfg, layer_idx, sizes["rope_pairs"], sizes["latent_dim"], biases=biases)
+    fmt = sizes.get("cache_format")
+    mla = MLAAttention(cfg, layer_idx, pairs.shape[1], latent, biases=biases,
+                       rope_heads=pairs.shape[0], nope_dim=nope_dim,
+                       cache_format=None if fmt is None else CacheFormat.parse(fmt))
     with torch.no_grad():
         mla.q_proj.weight.copy_(new_q_w)
-        mla.kr_proj.weight.copy_(w_k[kr_rows])
+        mla.kr_proj.weight.copy_(kr_w)
         mla.kv_down.weight.copy_(low.w_down)
         mla.k_up.weight.copy_(low.w_uk)
         mla.v_up.weight.copy_(low.w_uv)
         mla.o_proj.weight.copy_(proj.o[0])
-        if b_q is not None:
+        if new_q_b is not None:
             mla.q_proj.bias.copy_(new_q_b)
-        if b_k is not None:
-            mla.kr_proj.bias.copy_(b_k[kr_rows])
-            mla.k_up.bias.copy_(b_k[kn_rows])
+        if kr_b is not None:
+            mla.kr_proj.bias.copy_(kr_b)
+            mla.k_up.bias.copy_(kn_b)
         if b_v is not None:
             mla.v_up.bias.copy_(b_v)
         if proj.o[1] is not None:
@@ -227,7 +296,7 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
         raise TypeError(f"calibration must be what mla_ext.calibrate returns, got "
                         f"{type(calibration).__name__}")
     _check_model(model)
-    plan = None if config.cache_ratio is not None else plan_layers(model, config)
+    plan = None if config.has_budget else plan_layers(model, config)
     layers = _decoder_layers(model)
     if config.needs_calibration:
         if calibration is None:
@@ -259,8 +328,11 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
         _convert_layer(layer.self_attn, i, plan[i], config, stats[i], rope_scaling)
         for i, layer in enumerate(tqdm(layers, desc="converting layers", disable=not progress))
     ]
-    for layer, mla in zip(layers, converted):  # swap only once every layer converted
+    for layer, mla, sizes in zip(layers, converted, plan):  # swap once every layer converted
         layer.self_attn = mla
+        sizes["latent_dim"] = mla.latent_dim
+        if mla.num_rope_heads != mla.num_kv_heads:
+            sizes.update(rope_heads=mla.num_rope_heads, nope_dim=mla.nope_dim)
     setattr(model.config, CONFIG_KEY, {"mla_config": config.to_dict(), "layers": plan})
     return model
 
@@ -273,6 +345,11 @@ def build_mla_structure(model, layer_sizes: list[dict]) -> None:
         raise ValueError(f"{len(layer_sizes)} layer sizes for a model of {len(layers)} layers")
     for i, (layer, sizes) in enumerate(zip(layers, layer_sizes)):
         old = next(layer.self_attn.parameters())
-        mla = MLAAttention(model.config, i, int(sizes["rope_pairs"]), int(sizes["latent_dim"]))
+        fmt = sizes.get("cache_format")
+        nope = sizes.get("nope_dim")
+        mla = MLAAttention(model.config, i, int(sizes["rope_pairs"]), int(sizes["latent_dim"]),
+                           rope_heads=sizes.get("rope_heads"),
+                           nope_dim=None if nope is None else int(nope),
+                           cache_format=None if fmt is None else CacheFormat.parse(fmt))
         mla.train(layer.self_attn.training)
         layer.self_attn = mla.to(device=old.device, dtype=old.dtype)
