@@ -88,7 +88,7 @@ def compare_answers(answers, reference_answers, prompts=DEMO_PROMPTS) -> dict:
 def check_recovery(model, tokenizer, *, original=None, original_answers=None, baseline=None,
                    text=None, prompts=DEMO_PROMPTS, min_matches: int = MIN_MATCHES,
                    max_ppl_ratio: float = MAX_PPL_RATIO, max_new_tokens: int = ANSWER_TOKENS,
-                   cache_dtype: str | None = "bf16", context: int = 512,
+                   cache_dtype: str | None = None, context: int = 512,
                    eval_tokens: int | None = None, batch_size: int = 16,
                    progress: bool = False) -> dict:
     """Check a recovered model against its original (module docstring).
@@ -98,7 +98,7 @@ def check_recovery(model, tokenizer, *, original=None, original_answers=None, ba
     same tokens; with it the perplexities of ``text`` (default: the held-out part of
     pydoc_data.topics; windows of ``context``, the first ``eval_tokens`` tokens) are compared,
     without it only the answers are. cache_dtype: the converted model's latent cache format for
-    the answers. Returns {"answers": compare_answers(...), "min_matches", "answers_pass",
+    the answers (default: each layer's stored format). Returns {"answers": compare_answers(...), "min_matches", "answers_pass",
     "perplexity": {"model", "baseline", "ratio", "max_ratio"} or None, "ppl_pass", "passed"}."""
     from .data import default_evaluation_text
     from .eval import chat_answers, perplexity

@@ -363,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-ratio", type=positive_number, default=MAX_PPL_RATIO,
                    help=f"largest perplexity of --model over --baseline's (default "
                         f"{MAX_PPL_RATIO})")
-    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
-                   help="latent cache format of a converted --model (default bf16)")
+    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default=None,
+                   help="latent cache format of a converted --model (default: each layer's "
+                        "stored format)")
     p.add_argument("--text", default=None, help="perplexity text: a file, directory or JSONL "
                                                  "(default: the held-out part of "
                                                  "pydoc_data.topics)")

@@ -63,8 +63,9 @@ def test_study_runs_on_cpu(tmp_path):
     for r in rows.values():
         assert set(r["ppl"]) == {"pydoc", "shakespeare"}
         assert all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
-    assert rows["converted, training-free"]["cache_bytes_per_token_layer"] == \
-        rows["original"]["cache_bytes_per_token_layer"] * 0.1875
+    # the default's byte budget: -81.25 %, filled from below within a few bytes
+    budget = rows["original"]["cache_bytes_per_token_layer"] * 0.1875
+    assert 0.95 * budget <= rows["converted, training-free"]["cache_bytes_per_token_layer"] <= budget
     assert len(rows["original"]["answers"]) == 10
     assert all(r["train"]["steps"] == 1 for r in (rows["converted, recovered"],
                                                     rows["original fine-tuned on the same "

@@ -153,8 +153,9 @@ def test_study_runs_on_cpu(tmp_path):
     assert start["original"] < start["ours_cache8"] < start["paper_dkv8"] / 10
     # two steps of fine-tuning already recover part of what the paper's conversion lost
     assert rows["paper_dkv8"]["points"][-1]["ppl"]["pydoc"] < start["paper_dkv8"]
-    assert rows["ours_cache8"]["cache_bytes_per_token_layer"] == \
-        rows["paper_dkv8"]["cache_bytes_per_token_layer"] < \
+    # the byte budget fills the paper's cache size from below (within a few bytes)
+    paper = rows["paper_dkv8"]["cache_bytes_per_token_layer"]
+    assert 0.95 * paper <= rows["ours_cache8"]["cache_bytes_per_token_layer"] <= paper < \
         rows["original"]["cache_bytes_per_token_layer"]
     assert rows["paper_dkv8"]["mla_config"]["svd"] == "joint"
     assert data["protocol"]["train"]["steps"] == 2

@@ -137,7 +137,7 @@ def _study(args, work: Path) -> Path:
             "recovered": {"model": "converted, recovered"}}
     for key, m in (("original", original), ("training_free", model)):
         rows[key]["cache_bytes_per_token_layer"] = (
-            mla_ext.kv_cache_bytes_per_token(m, "bf16") / original.config.num_hidden_layers)
+            mla_ext.kv_cache_bytes_per_token(m) / original.config.num_hidden_layers)
     check = dict(max_new_tokens=ANSWER_TOKENS, cache_dtype=args.cache_dtype,
                  context=args.context, progress=False)
     with phases("evaluate before training"):
@@ -196,7 +196,8 @@ def _study(args, work: Path) -> Path:
                                for k in texts},
                      "answers": f"{len(DEMO_PROMPTS)} demo prompts (mla_ext.assistant), "
                                 f"greedy, {ANSWER_TOKENS} new tokens at most, fp32, converted "
-                                f"model over a {args.cache_dtype} latent cache",
+                                f"model over a {args.cache_dtype or 'stored-format'} latent "
+                                "cache",
                      "ppl_ratio_checked_on": "pydoc"},
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
                                      if device.type == "cuda" else ""),
@@ -256,8 +257,9 @@ def parse_args(argv=None):
                         "directory or .jsonl")
     p.add_argument("--calib-sequences", type=positive_int, default=64,
                    help="calibration sequences of 512 tokens (default 64)")
-    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default="bf16",
-                   help="latent cache format of the converted model's answers (default bf16)")
+    p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default=None,
+                   help="latent cache format of the converted model's answers (default: each "
+                        "layer's stored format)")
     p.add_argument("--eval-tokens", type=positive_int, default=None,
                    help="first tokens of the held-out pydoc text evaluated (default: all)")
     p.add_argument("--shakespeare", type=Path, default=None,

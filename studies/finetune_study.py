@@ -254,7 +254,8 @@ def _run_config(study, row, model, cfg, calib, data, steps, eval_every, ppl, dev
     t0 = time.monotonic()
     if cfg is not None:
         mla_ext.convert_to_mla(model, cfg, calibration=calib, progress=False)
-    row["cache_bytes_per_token_layer"] = (mla_ext.kv_cache_bytes_per_token(model, "bf16")
+    # stored bytes: a converted model's own cache formats, the original's bf16 K/V
+    row["cache_bytes_per_token_layer"] = (mla_ext.kv_cache_bytes_per_token(model)
                                           / model.config.num_hidden_layers)
     timing = row["timing"] = {"convert_s": round(time.monotonic() - t0, 2), "eval_s": 0.0}
     last_eval_s = 0.0
