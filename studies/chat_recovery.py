@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import eval_batch_size, write_results  # noqa: E402
-from studies import RESULTS  # noqa: E402
+from studies import RESULTS, add_evaluation_args, check_evaluation_args  # noqa: E402
 from studies.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import fraction_arg, positive_int, positive_number  # noqa: E402
 
@@ -255,29 +255,16 @@ def parse_args(argv=None):
     p.add_argument("--data", default="default",
                    help="the text the chat is mixed into: 'default' or a text file, "
                         "directory or .jsonl")
-    p.add_argument("--calib-sequences", type=positive_int, default=64,
-                   help="calibration sequences of 512 tokens (default 64)")
     p.add_argument("--cache-dtype", choices=CACHE_CHOICES, default=None,
                    help="latent cache format of the converted model's answers (default: each "
                         "layer's stored format)")
-    p.add_argument("--eval-tokens", type=positive_int, default=None,
-                   help="first tokens of the held-out pydoc text evaluated (default: all)")
-    p.add_argument("--shakespeare", type=Path, default=None,
-                   help="tinyshakespeare.txt (default: ../shared/data/tinyshakespeare.txt when "
-                        "present, else pydoc only)")
-    p.add_argument("--shakespeare-tokens", type=positive_int, default=65536,
-                   help="first tokens of Shakespeare evaluated (default 65536)")
-    p.add_argument("--context", type=positive_int, default=512,
-                   help="perplexity window and stride (default 512)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output (default %(default)s)")
     p.add_argument("--work", default=None,
                    help="directory for the packed data (default: a temporary directory)")
-    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_evaluation_args(p)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.shakespeare is not None and not args.shakespeare.is_file():
-        p.error(f"--shakespeare {args.shakespeare} is not a file")
+    check_evaluation_args(p, args)
     return args
 
 

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import earlier_results, eval_batch_size, write_results  # noqa: E402
-from studies import RESULTS  # noqa: E402
+from studies import RESULTS, add_evaluation_args, check_evaluation_args  # noqa: E402
 from studies.quality_study import SHAKESPEARE_CANDIDATES  # noqa: E402
 from mla_ext.train.cli import count_arg, positive_int, positive_number  # noqa: E402
 
@@ -357,32 +357,19 @@ def parse_args(argv=None):
                    help="keep the rows of the other configurations already in --out (measured "
                         "with the same tokens, data, evaluation and calibration): one table "
                         "from several shorter runs")
-    p.add_argument("--shakespeare", type=Path, default=None,
-                   help="tinyshakespeare.txt (default: ../shared/data/tinyshakespeare.txt when "
-                        "present, else pydoc only)")
-    p.add_argument("--shakespeare-tokens", type=positive_int, default=65536,
-                   help="first tokens of Shakespeare evaluated (default 65536)")
-    p.add_argument("--eval-tokens", type=positive_int, default=None,
-                   help="first tokens of the held-out pydoc text evaluated (default: all)")
-    p.add_argument("--context", type=positive_int, default=512,
-                   help="perplexity window and stride (default 512)")
-    p.add_argument("--calib-sequences", type=positive_int, default=64,
-                   help="calibration sequences of 512 tokens (default 64)")
     p.add_argument("--data", default="default",
                    help="training data: 'default', a text file/directory/.jsonl, or a packed "
                         "directory (mla-ext pack) of this --seq-len")
     p.add_argument("--work", default=None,
                    help="directory for the packed data and the run logs (default: a new "
                         "temporary directory)")
-    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_evaluation_args(p)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.tokens < args.seq_len * args.batch_size:
         p.error(f"--tokens {args.tokens} is less than one step of --seq-len x --batch-size = "
                 f"{args.seq_len * args.batch_size} tokens")
-    if args.shakespeare is not None and not args.shakespeare.is_file():
-        p.error(f"--shakespeare {args.shakespeare} is not a file")
+    check_evaluation_args(p, args)
     return args
 
 
