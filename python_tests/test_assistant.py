@@ -16,12 +16,7 @@ from tiny import converted, tiny_model
 TEXT = "the quick brown fox jumps over the lazy dog. " * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_prompts_are_ten_fixed_questions_and_eight_must_match():

@@ -17,14 +17,7 @@ SMALL = dict(seq_len=16, batch_size=2, lr=3e-3, warmup=0.2, decay=0.3, progress=
              plot=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared machine a spinning thread pool
-    # can cost seconds per step.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
