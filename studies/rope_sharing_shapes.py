@@ -18,6 +18,11 @@ each set gives
 The error is the search's: the squared change of the layer's attention output over the squared
 residual stream. Ratios are auto or shared over per-head (below 1: the shared key helps).
 
+The defaults (one layer, ``rope_pair_step=8``, 4 x 128 calibration tokens) bound the search's
+cost: at the default step 1 it factors 48 RoPE keys per layer, each a float64 SVD of up to
+8192 x 4096 for the Llama-2 shape (30-50 s on a 2-core CPU); the default run takes about 35
+minutes there, most of it the Llama-2 shape.
+
     OMP_NUM_THREADS=2 python studies/rope_sharing_shapes.py \\
         --out studies/results/rope_sharing_shapes_cpu.json
     python studies/rope_sharing_shapes.py --tiny --models llama2-7b   # small shapes, seconds
