@@ -46,14 +46,22 @@ def default_model_file() -> Path:
     raise FileNotFoundError(f"no .gguf file in the {DEFAULT_MODEL_PACKAGE} package")
 
 
-def load_default_model(dtype: torch.dtype = torch.float32, device=None):
-    """(model, tokenizer) of SmolLM2-135M-Instruct as a transformers LlamaForCausalLM, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_default_tokenizer():
+    """The tokenizer of SmolLM2-135M-Instruct, offline, without its weights."""
+    from transformers import AutoTokenizer
 
-    require_float_dtype(dtype)
     file = default_model_file()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer) of SmolLM2-135M-Instruct as a transformers LlamaForCausalLM, offline."""
+    from transformers import AutoModelForCausalLM
+
+    require_float_dtype(dtype)
+    tokenizer = load_default_tokenizer()
+    file = default_model_file()
     model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
     model.eval()
     if device is not None:

@@ -115,6 +115,40 @@ def _select_pairs(attn, config: MLAConfig, rope_pairs: int | None, stats) -> tor
                              num_kv_heads=cfg.num_key_value_heads, stats=stats)
 
 
+def model_rope_scaling(model) -> float:
+    """The factor scaled RoPE (yarn, longrope) multiplies rotated q and k by (1 otherwise)."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    return float(getattr(rotary, "attention_scaling", 1.0))
+
+
+def cache_budget(model, config: MLAConfig) -> tuple[int, int]:
+    """``(budget, max_cost)`` of ``config``'s cache budget for ``model``: bytes per token summed
+    over the layers, and the most one layer's candidate may cost in the split search."""
+    cfg = model.config
+    layers = len(_decoder_layers(model))
+    original_bytes = layers * 2 * cfg.num_key_value_heads * _head_dim(cfg) * BF16_BYTES
+    # int() of the product, as latent_budget does, so both modes share one budget arithmetic
+    budget = config.cache_bytes_per_token or int(config.cache_ratio * original_bytes)
+    return budget, int(MAX_COST_FACTOR * budget / layers)
+
+
+def split_search(model, config: MLAConfig, calibration,
+                 rope_scaling: float | None = None) -> list[list]:
+    """Every layer's split candidates of ``config``'s budget search (``rope_pairs="auto"``:
+    RoPE keys, latent widths, cache formats and sharings, up to ``cache_budget``'s max_cost),
+    each with its error measured on the calibration sequences (``measure_split_errors``)."""
+    _, max_cost = cache_budget(model, config)
+    formats = config.format_candidates()
+    return measure_split_errors(model, calibration, strategy=config.rope_strategy,
+                                svd=config.svd, max_cost=max_cost,
+                                rope_pair_step=config.rope_pair_step,
+                                rope_scaling=(model_rope_scaling(model) if rope_scaling is None
+                                              else rope_scaling),
+                                rope_correction=config.rope_correction,
+                                key_weight=config.svd_key_weight,
+                                formats=formats or (None,), sharing=config.sharings())
+
+
 def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0) -> list[dict]:
     """Per-layer sizes under ``config.cache_ratio`` (convert/budget.py). ``rope_pairs="auto"``:
     each layer's split between RoPE pairs and latent width is chosen by the error it adds on
@@ -124,19 +158,9 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
     layers = _decoder_layers(model)
     original_bytes = len(layers) * 2 * h_kv * d_h * BF16_BYTES
-    # int() of the product, as latent_budget does, so both modes share one budget arithmetic
-    budget = config.cache_bytes_per_token or int(config.cache_ratio * original_bytes)
+    budget, _ = cache_budget(model, config)
     if config.rope_pairs == "auto":
-        max_cost = int(MAX_COST_FACTOR * budget / len(layers))
-        formats = config.format_candidates()
-        candidates = measure_split_errors(model, calibration, strategy=config.rope_strategy,
-                                          svd=config.svd, max_cost=max_cost,
-                                          rope_pair_step=config.rope_pair_step,
-                                          rope_scaling=rope_scaling,
-                                          rope_correction=config.rope_correction,
-                                          key_weight=config.svd_key_weight,
-                                          formats=formats or (None,),
-                                          sharing=config.sharings())
+        candidates = split_search(model, config, calibration, rope_scaling)
         return [c.sizes() for c in choose_splits(candidates, budget)]
     stats = calibration.layers if calibration is not None else [None] * len(layers)
     r = d_h // 2 if config.rope_pairs is None else config.rope_pairs
@@ -319,8 +343,7 @@ def convert_to_mla(model, config: MLAConfig | None = None, calibration=None,
             raise ValueError(f"rope_correction={config.rope_correction!r} needs the fit's "
                              "statistics: calibrate with collect_rope_fit=True")
     stats = calibration.layers if calibration is not None else [None] * len(layers)
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    rope_scaling = model_rope_scaling(model)
     if plan is None:
         plan = budget_plan(model, config, calibration, rope_scaling)
 
