@@ -121,15 +121,19 @@ def model_rope_scaling(model) -> float:
     return float(getattr(rotary, "attention_scaling", 1.0))
 
 
+def original_cache_bytes(model) -> int:
+    """Bytes per token of ``model``'s original K/V cache in bf16, summed over the layers: what
+    a ``cache_ratio`` is a fraction of."""
+    cfg = model.config
+    return len(_decoder_layers(model)) * 2 * cfg.num_key_value_heads * _head_dim(cfg) * BF16_BYTES
+
+
 def cache_budget(model, config: MLAConfig) -> tuple[int, int]:
     """``(budget, max_cost)`` of ``config``'s cache budget for ``model``: bytes per token summed
     over the layers, and the most one layer's candidate may cost in the split search."""
-    cfg = model.config
-    layers = len(_decoder_layers(model))
-    original_bytes = layers * 2 * cfg.num_key_value_heads * _head_dim(cfg) * BF16_BYTES
     # int() of the product, as latent_budget does, so both modes share one budget arithmetic
-    budget = config.cache_bytes_per_token or int(config.cache_ratio * original_bytes)
-    return budget, int(MAX_COST_FACTOR * budget / layers)
+    budget = config.cache_bytes_per_token or int(config.cache_ratio * original_cache_bytes(model))
+    return budget, int(MAX_COST_FACTOR * budget / len(_decoder_layers(model)))
 
 
 def split_search(model, config: MLAConfig, calibration,
@@ -157,7 +161,6 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     cfg = model.config
     d_h, h, h_kv = _head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
     layers = _decoder_layers(model)
-    original_bytes = len(layers) * 2 * h_kv * d_h * BF16_BYTES
     budget, _ = cache_budget(model, config)
     if config.rope_pairs == "auto":
         candidates = split_search(model, config, calibration, rope_scaling)
@@ -166,7 +169,7 @@ def budget_plan(model, config: MLAConfig, calibration, rope_scaling: float = 1.0
     r = d_h // 2 if config.rope_pairs is None else config.rope_pairs
     if r > d_h // 2:
         raise ValueError(f"rope_pairs={r} exceeds the {d_h // 2} frequency pairs of head_dim {d_h}")
-    budget = latent_budget(budget / original_bytes, len(layers), h_kv, d_h,
+    budget = latent_budget(budget / original_cache_bytes(model), len(layers), h_kv, d_h,
                            [2 * r] * len(layers))
     spectra, maximum = [], []
     for layer, layer_stats in zip(layers, stats):
