@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import metadata  # noqa: E402
 
 from studies import RESULTS  # noqa: E402
+from mla_ext.train.cli import positive_int  # noqa: E402
 
 DEFAULT_JSON = RESULTS / "rope_sharing_shapes.json"
 RATIOS = (0.1875, 0.125)   # -81.25 %, -87.5 % of the bf16 K/V cache
@@ -178,21 +179,18 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_JSON), help="JSON output (default %(default)s)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--layers", type=int, default=1,
+    p.add_argument("--layers", type=positive_int, default=1,
                    help="decoder layers of the random models (default %(default)s)")
     p.add_argument("--tiny", action="store_true",
                    help="random models of test size with the same head layouts")
-    p.add_argument("--calib-sequences", type=int, default=4,
+    p.add_argument("--calib-sequences", type=positive_int, default=4,
                    help="calibration sequences (default %(default)s; the first 2 are scored)")
-    p.add_argument("--calib-length", type=int, default=128,
+    p.add_argument("--calib-length", type=positive_int, default=128,
                    help="tokens per calibration sequence (default %(default)s)")
-    p.add_argument("--rope-pair-step", type=int, default=8,
+    p.add_argument("--rope-pair-step", type=positive_int, default=8,
                    help="RoPE pairs searched in multiples of this (MLAConfig.rope_pair_step; "
                         "the default conversion's is 1; default %(default)s)")
     args = p.parse_args(argv)
-    for name in ("layers", "calib_sequences", "calib_length", "rope_pair_step"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
     result = run(args, argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
