@@ -2,16 +2,11 @@
 the host: native/choose_kernel_check.cpp is built here with the host compiler against csrc/ and
 torch's headers and given calls (shapes, the kernel request, a device described as data). The GPU
 tests run the kernels it picks; this one covers the choice on any machine."""
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import include_paths
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = Path(__file__).resolve().parent / "native" / "choose_kernel_check.cpp"
+from native_build import ROOT, build_native_check
 
 FLOAT, INT8, FP8, INT4 = 0, 1, 2, 3  # traits.h FormatKind
 SAME_DTYPE_KEYS, OTHER_DTYPE_KEYS, FP8_KEYS = 0, 1, 2  # traits.h RopePath
@@ -22,15 +17,7 @@ A100 = dict(major=8, sms=108, optin=166912, per_sm=167936, sm90a=0)
 
 @pytest.fixture(scope="module")
 def checker(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler to build the choice check")
-    exe = tmp_path_factory.mktemp("choose") / "choose_kernel_check"
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{ROOT / 'csrc'}"]
-    build = subprocess.run([cxx, "-std=c++17", "-O1", *includes, str(SOURCE), "-o", str(exe)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
-    return exe
+    return build_native_check("choose_kernel_check", tmp_path_factory.mktemp("choose"))
 
 
 def choose(exe, calls):

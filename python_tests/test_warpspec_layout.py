@@ -3,29 +3,17 @@ configure_warpspec takes for every shape its host side accepts places its region
 aligned and inside the allocation (native/warpspec_layout_check.cpp, built here with the host
 compiler against csrc/ and torch's headers). The GPU tests run the kernel; this one covers every
 shape, GPU or not."""
-import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import include_paths
 
-ROOT = Path(__file__).resolve().parent.parent
-SOURCE = Path(__file__).resolve().parent / "native" / "warpspec_layout_check.cpp"
+from native_build import build_native_check
 
 
 @pytest.fixture(scope="module")
 def layout_report(tmp_path_factory):
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        pytest.skip("no C++ compiler to build the layout check")
-    exe = tmp_path_factory.mktemp("layout") / "warpspec_layout_check"
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{ROOT / 'csrc'}"]
-    build = subprocess.run([cxx, "-std=c++17", "-O1", *includes, str(SOURCE), "-o", str(exe)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
+    exe = build_native_check("warpspec_layout_check", tmp_path_factory.mktemp("layout"))
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     return run.returncode, run.stdout
 
