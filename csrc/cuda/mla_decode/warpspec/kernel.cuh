@@ -394,11 +394,17 @@ struct WarpSpecializedDecode {
     const int visible_end = len - p.s_q + row0 / p.H + 1;
 
     for (int it = cg; it < n_tiles; it += kConsumers) {
-      const int slot = it % L.num_stages;
+      const int slot = it % L.num_stages, use = it / L.num_stages;
       const uint32_t lat = ring + slot * L.stage_bytes;  // the RoPE keys follow at L.st_rope
       const int tok0 = (tile_begin + it) * kTileTokens;
       const int valid = min(kTileTokens, len - tok0);
-      mbar_wait(full + 8 * slot, (it / L.num_stages) & 1);
+      // A parity names a barrier's phase only modulo 2: waiting for phase `use` passes at once
+      // while phase use - 1 is still pending. With an odd number of slots the slot's previous
+      // tile (it - num_stages) is the other consumer's and its copy may still be landing (TMA
+      // copies complete out of order), so first wait until that tile was consumed, which implies
+      // it landed. With an even number it is this consumer's own and the wait passes at once.
+      if (use > 0) mbar_wait(empty + 8 * slot, (use - 1) & 1);
+      mbar_wait(full + 8 * slot, use & 1);
       if (valid < kTileTokens) {
         // rows past the end: whatever the page holds (or an earlier tile) times P = 0 could be
         // NaN; their scores are masked below
