@@ -1,4 +1,5 @@
-"""NaN and infinity through every op: the CPU kernels propagate them as reference.py defines (ARCHITECTURE 3.4, "Non-finite values"), and the expected NaN positions follow from how
+"""NaN and infinity through every op: the CPU and CUDA kernels propagate them as reference.py
+defines (ARCHITECTURE 3.4, "Non-finite values"), and the expected NaN positions follow from how
 each input was built, not from any implementation.
 
 - partial_rope: IEEE arithmetic of the rotation; a NaN in a pair's x or angle makes both
@@ -24,7 +25,7 @@ LATENT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch
                  torch.float8_e4m3fn]
 QUANTIZED = (torch.int8, torch.uint8, torch.float8_e4m3fn)
 ROPE_DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
-DEVICES = ["cpu"]  # the CUDA kernels do not follow these rules yet (ARCHITECTURE 3.4)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def assert_same(got, want, what, tol=0.0):
@@ -214,34 +215,36 @@ H, LENS, BLOCK = 4, (5, 20, 9), 16
 
 def place_nonfinite(q_lat, q_rope, c, k, s_q, lens):
     """NaNs and infinities at known places of the queries and the context; returns the query
-    rows (B, s_q, H) that must come out NaN."""
+    rows (B, s_q, heads) that must come out NaN."""
+    heads, d_r = q_lat.shape[2], q_rope.shape[3]
     start = [sum(lens[:i]) for i in range(len(lens))]
-    expect = torch.zeros(len(lens), s_q, H, dtype=torch.bool)
+    expect = torch.zeros(len(lens), s_q, heads, dtype=torch.bool)
     q_lat[0, 0, 1, 3] = NAN                # one query row
     expect[0, 0, 1] = True
     q_rope[2, s_q - 1, 0, 0] = INF         # one query row, through its RoPE part
     expect[2, s_q - 1, 0] = True
     c[start[1] + 7, 2] = NAN               # a token every row of sequence 1 sees
     expect[1] = True
-    k[start[2] + 1, 1, 4] = -INF           # KV head 1 of sequence 2: query heads 2 and 3
-    expect[2, :, 2:] = True
+    k[start[2] + 1, 1, d_r // 2] = -INF    # KV head 1 of sequence 2: the second half of the heads
+    expect[2, :, heads // 2:] = True
     c[start[0] + lens[0] - 1, 9] = INF     # sequence 0's last token: only its last query sees it
     expect[0, s_q - 1] = True
     return expect
 
 
-def decode_case(latent_dtype, rope_dtype, q_dtype, s_q, device, nonfinite=True, lens=LENS):
-    """Three sequences (lens) of random queries and context, with place_nonfinite's values
-    unless nonfinite is False; returns (args of mla_decode on device, the same on the CPU, the
-    query rows expected NaN)."""
+def decode_case(latent_dtype, rope_dtype, q_dtype, s_q, device, nonfinite=True, lens=LENS,
+                heads=H, d_r=D_R):
+    """Three sequences (lens) of random queries (heads query heads over H_KV KV heads) and
+    context (d_r RoPE dims), with place_nonfinite's values unless nonfinite is False; returns
+    (args of mla_decode on device, the same on the CPU, the query rows expected NaN)."""
     gen = torch.Generator().manual_seed(3)
     b = len(lens)
     c = torch.randn(sum(lens), D_C, generator=gen)
-    k = torch.randn(sum(lens), H_KV, D_R, generator=gen)
-    q_lat = torch.randn(b, s_q, H, D_C, generator=gen)
-    q_rope = torch.randn(b, s_q, H, D_R, generator=gen)
+    k = torch.randn(sum(lens), H_KV, d_r, generator=gen)
+    q_lat = torch.randn(b, s_q, heads, D_C, generator=gen)
+    q_rope = torch.randn(b, s_q, heads, d_r, generator=gen)
     expect = (place_nonfinite(q_lat, q_rope, c, k, s_q, lens) if nonfinite
-              else torch.zeros(b, s_q, H, dtype=torch.bool))
+              else torch.zeros(b, s_q, heads, dtype=torch.bool))
     n_blocks = [-(-n // BLOCK) for n in lens]
     table = torch.full((b, max(n_blocks)), 0, dtype=torch.int32)
     slots, used = [], 0
@@ -249,7 +252,7 @@ def decode_case(latent_dtype, rope_dtype, q_dtype, s_q, device, nonfinite=True, 
         table[i, :n_blocks[i]] = torch.arange(used, used + n_blocks[i], dtype=torch.int32)
         slots.append(used * BLOCK + torch.arange(n))
         used += n_blocks[i]
-    cache = empty_cache(used * BLOCK, D_C, GROUP, H_KV, D_R, latent_dtype, rope_dtype, "cpu")
+    cache = empty_cache(used * BLOCK, D_C, GROUP, H_KV, d_r, latent_dtype, rope_dtype, "cpu")
     cache = [t.view(used, BLOCK, *t.shape[2:]) if t is not None else None for t in cache]
     reference.latent_cache_write(c, k, torch.cat(slots), *cache)
     cpu_args = (q_lat.to(q_dtype), q_rope.to(q_dtype), *cache, table,
@@ -279,10 +282,57 @@ def test_mla_decode_nonfinite_cpu(latent_dtype, rope_dtype, s_q):
                  f"mla_decode {latent_dtype} / {rope_dtype} s_q {s_q}", 1e-5)
 
 
-def test_mla_decode_all_scores_minus_inf_is_nan():
+# The CUDA kernels' formats: 16-bit queries, a latent in their dtype or quantized, RoPE keys in
+# their dtype or fp8. Each kernel at shapes it takes: mma at the module's shapes, ws at 8 query
+# heads and 16 RoPE dims (it needs multiples of 8 and 16, and RoPE keys in the queries' dtype).
+CUDA_FORMATS = [(lat, rope) for lat in (torch.bfloat16, torch.float16, torch.int8, torch.uint8,
+                                        torch.float8_e4m3fn)
+                for rope in ("q", torch.float8_e4m3fn)]
+CUDA_KERNELS = {"mma": dict(heads=H, d_r=D_R), "ws": dict(heads=8, d_r=16)}
+
+
+def skip_unless_kernel_runs(kernel):
+    if kernel == "ws" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the ws decode kernel needs a compute capability 9.0 GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", sorted(CUDA_KERNELS))
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("latent_dtype, rope_dtype", CUDA_FORMATS)
+def test_mla_decode_nonfinite_cuda(latent_dtype, rope_dtype, s_q, kernel):
+    skip_unless_kernel_runs(kernel)
+    q_dtype = latent_dtype if latent_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    rope_dtype = q_dtype if rope_dtype == "q" else rope_dtype
+    if kernel == "ws" and rope_dtype != q_dtype:
+        pytest.skip("the ws decode kernel takes RoPE keys in the queries' dtype only")
+    args, cpu_args, expect = decode_case(latent_dtype, rope_dtype, q_dtype, s_q, "cuda",
+                                         **CUDA_KERNELS[kernel])
+    with ops.decode_kernel(kernel):
+        out = ops.mla_decode(*args)
+    check_decode(out, cpu_args, expect, f"mla_decode {kernel} {latent_dtype} / {rope_dtype} "
+                 f"s_q {s_q}", 3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", sorted(CUDA_KERNELS))
+def test_mla_decode_nonfinite_cuda_split(kernel):
+    """Sequences of thousands of tokens are split: a NaN in one split reaches its merged rows
+    (the merge keeps a NaN split) and the other rows stay finite."""
+    skip_unless_kernel_runs(kernel)
+    bf16 = torch.bfloat16
+    args, cpu_args, expect = decode_case(bf16, bf16, bf16, 1, "cuda", lens=(3000, 40, 2500),
+                                         **CUDA_KERNELS[kernel])
+    with ops.decode_kernel(kernel):
+        out = ops.mla_decode(*args)
+    check_decode(out, cpu_args, expect, f"mla_decode {kernel} split", 3e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mla_decode_all_scores_minus_inf_is_nan(device):
     """An infinite query whose every score is -inf: NaN, not the "no token" answer (lse -inf)."""
-    args, cpu_args, _ = decode_case(torch.float32, torch.float32, torch.float32, 1, "cpu",
-                                    nonfinite=False)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    args, cpu_args, _ = decode_case(dtype, dtype, dtype, 1, device, nonfinite=False)
     q_lat = torch.zeros_like(args[0])
     q_rope = torch.zeros_like(args[1])
     q_rope[0, 0, 0, 0] = -INF

@@ -96,22 +96,29 @@ __device__ __forceinline__ void store_float(void* base, FloatKind kind, int64_t 
   }
 }
 
+// Warp max and min that propagate NaN (fmaxf and fminf drop it), so that a NaN reaches its
+// group's scale.
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = kWarpSize / 2; o > 0; o /= 2) {
+    v = quant::max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  }
   return v;
 }
 
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o /= 2) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = kWarpSize / 2; o > 0; o /= 2) {
+    v = quant::min_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  }
   return v;
 }
 
-// The scale of a group from its amax. IEEE division (not the fast-math approximation) so that
-// the fp16 scale is the very value reference.py and the CPU kernel compute.
+// The scale of a group from its amax (NaN for a group that cannot be represented: quant.h).
+// IEEE division (not the fast-math approximation) so that the fp16 scale is the very value
+// reference.py and the CPU kernel compute.
 __device__ __forceinline__ float scale_from(float range, float qmax) {
-  return quant::to_scale(__fdiv_rn(range, qmax));
+  return quant::group_scale(__fdiv_rn(range, qmax));
 }
 
 // Quantize and store latent channels [ch0, ch0 + count) of the token at `slot`.
@@ -136,9 +143,9 @@ __device__ void store_latent_slice(const CachePtrs& p, int64_t slot, const float
       const float* x = vals + grp * g;
       float lo = INFINITY, hi = -INFINITY, amax = 0.f;
       for (int j = lane; j < g; j += kWarpSize) {
-        lo = fminf(lo, x[j]);
-        hi = fmaxf(hi, x[j]);
-        amax = fmaxf(amax, fabsf(x[j]));
+        lo = quant::min_nan(lo, x[j]);
+        hi = quant::max_nan(hi, x[j]);
+        amax = quant::max_nan(amax, fabsf(x[j]));
       }
       float scale, zero = 0.f;
       if constexpr (F == LatentFormat::kInt4) {
@@ -195,7 +202,9 @@ __device__ inline void store_rope_heads(const CachePtrs& p, int64_t slot, const 
   const int warp = tid / kWarpSize, lane = tid % kWarpSize, n_warps = n_threads / kWarpSize;
   for (int h = warp; h < heads; h += n_warps) {
     float amax = 0.f;
-    for (int j = lane; j < p.d_r; j += kWarpSize) amax = fmaxf(amax, fabsf(vals[h * p.d_r + j]));
+    for (int j = lane; j < p.d_r; j += kWarpSize) {
+      amax = quant::max_nan(amax, fabsf(vals[h * p.d_r + j]));
+    }
     const float scale = scale_from(warp_max(amax), quant::kFp8Max);
     if (lane == 0) {
       p.k_rope_scale[slot * p.h_kv + head0 + h] = static_cast<c10::Half>(scale);

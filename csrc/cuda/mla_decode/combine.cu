@@ -41,7 +41,8 @@ __global__ void __launch_bounds__(kCombineThreads)
       sum += l == -INFINITY ? 0.f : __expf(l - mx);
     }
     for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    const float total = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+    // sum = 0: no split saw a token; a NaN split (fmaxf drops it from mx) makes sum NaN.
+    const float total = sum == 0.f ? -INFINITY : mx + logf(sum);
     for (int s = lane; s < n; s += 32) {
       const float l = p.ws_lse[static_cast<int64_t>(first + s) * p.rows + row];
       weights[s] = total == -INFINITY || l == -INFINITY ? 0.f : __expf(l - total);

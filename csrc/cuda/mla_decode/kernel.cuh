@@ -598,7 +598,7 @@ struct DecodeKernel {
             float dot = 0.f;
 #pragma unroll
             for (int w = 0; w < kKSplit; ++w) dot += spart[(w * kTile + t) * kSpartLd + my_row];
-            v = dot * p.softmax_scale_log2;
+            v = visible_score(dot * p.softmax_scale_log2);
           }
           s[k] = v;
           tile_max = fmaxf(tile_max, v);
@@ -694,7 +694,8 @@ struct DecodeKernel {
     }
     cp_async_wait<0>();
 
-    // Finalize: o = acc / l, lse = row_lse(m, l); o = 0, lse = -inf where nothing was visible.
+    // Finalize: o = acc / l, lse = row_lse(m, l); o = 0, lse = -inf where nothing was visible
+    // (l = 0); a NaN l (a NaN score) makes both NaN.
     float* l_s = reinterpret_cast<float*>(smem + L.stats) + kRows;
     if (my_sub == 0) l_s[my_row] = l_run;
     __syncthreads();
@@ -708,7 +709,7 @@ struct DecodeKernel {
       for (int c = 0; c < 2; ++c) {
         const int r = nt * 8 + 2 * tq + c;
         const float l = l_s[r];
-        inv_l[nt][c] = l > 0.f ? 1.f / l : 0.f;
+        inv_l[nt][c] = l == 0.f ? 0.f : 1.f / l;
         row_off[nt][c] = r < rows_here ? r * p.D_c : -1;
       }
     T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;

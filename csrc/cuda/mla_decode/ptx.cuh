@@ -108,6 +108,11 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
   return __float2half_rn(x);
 }
 
+// A visible token's score. Finite inputs give a finite score; -inf comes only from an infinite
+// query or key, and becomes NaN so that the row's output is NaN, as reference.mla_decode defines
+// (the softmax gives a -inf score weight 0, as it does a masked token's).
+__device__ __forceinline__ float visible_score(float s) { return s == -INFINITY ? NAN : s; }
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>

@@ -17,9 +17,9 @@ constexpr double kLog2e = 1.4426950408889634;
 constexpr float kLn2 = 0.69314718056f;
 
 // The natural log-sum-exp of a row from its base-2 running maximum m and sum l; -inf where the
-// row saw no token.
+// row saw no token (l = 0), NaN where a score was NaN (l NaN).
 C10_HOST_DEVICE inline float row_lse(float m, float l) {
-  return l > 0.f ? kLn2 * (m + log2f(l)) : -INFINITY;
+  return l == 0.f ? -INFINITY : kLn2 * (m + log2f(l));
 }
 
 enum FormatKind : int { kFmtFloat = 0, kFmtInt8 = 1, kFmtFp8 = 2, kFmtInt4 = 3 };

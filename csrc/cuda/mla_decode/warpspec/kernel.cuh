@@ -457,7 +457,7 @@ struct WarpSpecializedDecode {
         // every row sees the whole tile: no mask (rows past rows_here then get finite scores,
         // but nothing of theirs is written)
 #pragma unroll
-        for (int i = 0; i < 16; ++i) s[i / 4][i % 4] = sacc[i] * p.softmax_scale_log2;
+        for (int i = 0; i < 16; ++i) s[i / 4][i % 4] = visible_score(sacc[i] * p.softmax_scale_log2);
         write_row_max(s, red_max, wwarp, lane);
       } else {
         masked_row_max(s, sacc, in_a, pos_a, in_b, pos_b, last_visible, p.softmax_scale_log2,
@@ -538,7 +538,7 @@ struct WarpSpecializedDecode {
           l1 += sum1[w * kRows + r];
         }
         const float l = l0 * sc0[j][c] + l1 * sc1[j][c];
-        inv_l[j][c] = l > 0.f ? 1.f / l : 0.f;
+        inv_l[j][c] = l == 0.f ? 0.f : 1.f / l;  // a NaN l (a NaN score): NaN
         row_off[j][c] = r < rows_here ? r * p.D_c : -1;
         if (wwarp == 0 && g == 0 && r < rows_here) {
           const float lse = row_lse(m, l);

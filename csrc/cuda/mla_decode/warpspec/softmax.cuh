@@ -42,8 +42,9 @@ __device__ __forceinline__ void masked_row_max(float (&s)[kRowTiles][4], const f
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int lv = last_visible[j][c];
-      s[j][c] = in_a && pos_a <= lv ? sacc[4 * j + c] * scale_log2 : -INFINITY;
-      s[j][2 + c] = in_b && pos_b <= lv ? sacc[4 * j + 2 + c] * scale_log2 : -INFINITY;
+      s[j][c] = in_a && pos_a <= lv ? visible_score(sacc[4 * j + c] * scale_log2) : -INFINITY;
+      s[j][2 + c] = in_b && pos_b <= lv ? visible_score(sacc[4 * j + 2 + c] * scale_log2)
+                                        : -INFINITY;
     }
   write_row_max(s, red_max, warp, lane);
 }
