@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "core/split_plan.h"
+#include "cuda/mla_decode/cta_work.cuh"
 #include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/rope_queries.cuh"
@@ -310,15 +311,10 @@ struct DecodeKernel {
     extern __shared__ __align__(16) uint8_t smem[];
     const SmemLayout& L = p.smem;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int part = blockIdx.x / p.row_chunks, chunk = blockIdx.x % p.row_chunks;
-    const int32_t* work = p.plan + kPlanHeader + 4 * part;
-    const int b = work[0];
-    if (b < 0) return;
-    const int tile_begin = work[1], tile_end = work[2];
-    const int num_splits = p.plan[kPlanHeader + 4 * plan_capacity(p.B) + 2 * b + 1];
-    const int len = p.seq_lens[b];
-    const int row0 = chunk * p.rows_per_cta;
-    const int rows_here = min(p.rows_per_cta, p.rows - row0);
+    CtaWork w;
+    if (!read_cta_work(p, w)) return;
+    const int b = w.b, tile_begin = w.tile_begin, tile_end = w.tile_end, len = w.len;
+    const int row0 = w.row0, rows_here = w.rows_here;
     const int group = p.H / p.H_kv;
     constexpr bool quant = kQuant;
     const int num_stages = L.num_stages;
@@ -362,7 +358,7 @@ struct DecodeKernel {
     // Queries of this CTA's rows (zero rows and channels past the end): MMA fragments in
     // registers, or a shared-memory tile; RoPE queries in the dtype of the RoPE MMA (fp16 for fp8
     // keys, else the queries' dtype), padded with zeros to d_r_pad.
-    const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
+    const int64_t q_row_base = w.q_row_base;
     const T* q_lat = reinterpret_cast<const T*>(p.q_lat);
     T* q_s = reinterpret_cast<T*>(smem + L.q);
     uint32_t qf[kQRegs ? kKSteps : 1][2];
@@ -699,7 +695,6 @@ struct DecodeKernel {
     float* l_s = reinterpret_cast<float*>(smem + L.stats) + kRows;
     if (my_sub == 0) l_s[my_row] = l_run;
     __syncthreads();
-    const bool split = num_splits > 1;
     // Per accumulator row (two per row tile): 1 / l, and its offset in the output rows.
     float inv_l[kRowTiles][2];
     int row_off[kRowTiles][2];
@@ -709,11 +704,10 @@ struct DecodeKernel {
       for (int c = 0; c < 2; ++c) {
         const int r = nt * 8 + 2 * tq + c;
         const float l = l_s[r];
-        inv_l[nt][c] = l == 0.f ? 0.f : 1.f / l;
+        inv_l[nt][c] = row_inv_sum(l);
         row_off[nt][c] = r < rows_here ? r * p.D_c : -1;
       }
-    T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;
-    float* ws_out = p.ws_o + (static_cast<int64_t>(part) * p.rows + row0) * p.D_c;
+    const CtaOutput<T> out(p, w);
 #pragma unroll
     for (int mt = 0; mt < kChanTiles; ++mt) {
       const int c0 = (warp + kWarps * mt) * 16;
@@ -727,23 +721,11 @@ struct DecodeKernel {
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             if (row_off[nt][c] < 0) continue;
-            const float v = acc[mt][nt][2 * h + c] * inv_l[nt][c];
-            if (split) {
-              ws_out[row_off[nt][c] + chan] = v;
-            } else {
-              o_out[row_off[nt][c] + chan] = from_float<T>(v);
-            }
+            out.store(row_off[nt][c] + chan, acc[mt][nt][2 * h + c] * inv_l[nt][c]);
           }
       }
     }
-    if (my_sub == 0 && my_row_valid) {
-      const float lse = row_lse(m_run, l_run);
-      if (split) {
-        p.ws_lse[static_cast<int64_t>(part) * p.rows + my_grow] = lse;
-      } else {
-        p.lse[q_row_base + my_row] = lse;
-      }
-    }
+    if (my_sub == 0 && my_row_valid) store_row_lse(p, w, my_row, row_lse(m_run, l_run));
   }
 };
 

@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "core/split_plan.h"
+#include "cuda/mla_decode/cta_work.cuh"
 #include "cuda/mla_decode/dequant.cuh"
 #include "cuda/mla_decode/ptx.cuh"
 #include "cuda/mla_decode/warpspec/layout.h"
@@ -283,16 +284,9 @@ struct WarpSpecializedDecode {
     uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     const SmemLayout& L = p.smem;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int part = blockIdx.x / p.row_chunks, chunk = blockIdx.x % p.row_chunks;
-    const int32_t* work = p.plan + kPlanHeader + 4 * part;
-    const int b = work[0];
-    if (b < 0) return;
-    const int tile_begin = work[1], n_tiles = work[2] - work[1];
-    const int num_splits = p.plan[kPlanHeader + 4 * plan_capacity(p.B) + 2 * b + 1];
-    const int len = p.seq_lens[b];
-    const int row0 = chunk * p.rows_per_cta;
-    const int rows_here = min(p.rows_per_cta, p.rows - row0);
-    const int64_t q_row_base = static_cast<int64_t>(b) * p.rows + row0;
+    CtaWork w;
+    if (!read_cta_work(p, w)) return;
+    const int b = w.b, len = w.len, tile_begin = w.tile_begin, n_tiles = w.tile_end - w.tile_begin;
     const uint32_t ring = smem_addr(smem + L.stages);
     const uint32_t full = smem_addr(smem + L.mbar), empty = full + 8 * kMaxSlots;
 
@@ -331,12 +325,11 @@ struct WarpSpecializedDecode {
       }
     } else {
       // the queries load while the first tiles do (their latency was the producer's to wait)
-      load_queries(p, smem, tid, row0, rows_here, q_row_base);
+      load_queries(p, smem, tid, w.row0, w.rows_here, w.q_row_base);
       fence_proxy_async();
       named_barrier(3, 128 * kConsumers);
       setmaxnreg_inc<kConsumerRegisters>();
-      consume(p, smem, ring, full, empty, part, b, len, tile_begin, n_tiles, num_splits, row0,
-              rows_here, q_row_base);
+      consume(p, smem, ring, full, empty, w);
     }
 #else
     __trap();  // launched only where the sm_90a code exists (api.cpp checks the binary)
@@ -346,10 +339,10 @@ struct WarpSpecializedDecode {
   // The two consumer warpgroups: alternate tiles, then the merge and the output.
   static __device__ __forceinline__ void consume(const MlaDecodeParams& p, uint8_t* smem,
                                                  uint32_t ring, uint32_t full, uint32_t empty,
-                                                 int part, int b, int len, int tile_begin,
-                                                 int n_tiles, int num_splits, int row0,
-                                                 int rows_here, int64_t q_row_base) {
+                                                 const CtaWork& w) {
     const SmemLayout& L = p.smem;
+    const int len = w.len, tile_begin = w.tile_begin, n_tiles = w.tile_end - w.tile_begin;
+    const int row0 = w.row0, rows_here = w.rows_here;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     int win[kRowTiles];  // indexed by unrolled loops only: registers
 #pragma unroll
@@ -520,7 +513,6 @@ struct WarpSpecializedDecode {
     // The first consumer merges: m = max(m0, m1), each side scaled by 2^(m_i - m).
     const float* sum0 = red_sum;
     const float* sum1 = red_sum + 4 * kRows;
-    const bool split = num_splits > 1;
     float sc0[kRowTiles][2], sc1[kRowTiles][2], inv_l[kRowTiles][2];
     int row_off[kRowTiles][2];
 #pragma unroll
@@ -538,19 +530,11 @@ struct WarpSpecializedDecode {
           l1 += sum1[w * kRows + r];
         }
         const float l = l0 * sc0[j][c] + l1 * sc1[j][c];
-        inv_l[j][c] = l == 0.f ? 0.f : 1.f / l;  // a NaN l (a NaN score): NaN
+        inv_l[j][c] = row_inv_sum(l);
         row_off[j][c] = r < rows_here ? r * p.D_c : -1;
-        if (wwarp == 0 && g == 0 && r < rows_here) {
-          const float lse = row_lse(m, l);
-          if (split) {
-            p.ws_lse[static_cast<int64_t>(part) * p.rows + row0 + r] = lse;
-          } else {
-            p.lse[q_row_base + r] = lse;
-          }
-        }
+        if (wwarp == 0 && g == 0 && r < rows_here) store_row_lse(p, w, r, row_lse(m, l));
       }
-    T* o_out = reinterpret_cast<T*>(p.o_lat) + q_row_base * p.D_c;
-    float* ws_out = p.ws_o + (static_cast<int64_t>(part) * p.rows + row0) * p.D_c;
+    const CtaOutput<T> out(p, w);
 #pragma unroll
     for (int mb = 0; mb < kBlocks; ++mb) {
 #pragma unroll
@@ -562,13 +546,9 @@ struct WarpSpecializedDecode {
           for (int c = 0; c < 2; ++c) {
             if (row_off[j][c] < 0) continue;
             const int k = 4 * j + 2 * h + c;
-            const float v = (acc[mb][k] * sc0[j][c] + xfer[(mb * 16 + k) * 128 + wt] * sc1[j][c]) *
-                            inv_l[j][c];
-            if (split) {
-              ws_out[row_off[j][c] + chan] = v;
-            } else {
-              o_out[row_off[j][c] + chan] = from_float<T>(v);
-            }
+            out.store(row_off[j][c] + chan,
+                      (acc[mb][k] * sc0[j][c] + xfer[(mb * 16 + k) * 128 + wt] * sc1[j][c]) *
+                          inv_l[j][c]);
           }
       }
     }
