@@ -241,7 +241,7 @@ def place_nonfinite(q_lat, q_rope, c, k, s_q, lens):
 
 def decode_case(latent_dtype, rope_dtype, q_dtype, s_q, device, nonfinite=True, lens=LENS,
                 heads=H, d_r=D_R):
-    """Three sequences (lens) of random queries (heads query heads over H_KV KV heads) and
+    """Sequences (lens) of random queries (heads query heads over H_KV KV heads) and
     context (d_r RoPE dims), with place_nonfinite's values unless nonfinite is False; returns
     (args of mla_decode on device, the same on the CPU, the query rows expected NaN, the
     sequences whose cache holds a non-finite value)."""
